@@ -1,0 +1,186 @@
+"""The `vlp` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from vlp.config import ConfigError, from_dict
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> None:
+    from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
+
+    fields = {k: getattr(args, k) for k in ("seed", "image_size", "train", "test", "web", "classify",
+                                            "web_noise", "shards") if getattr(args, k) is not None}
+    manifest = make_shapes_world(args.out, from_dict(ShapesWorldConfig, fields))
+    print(f"shapes world written to {args.out}: "
+          + ", ".join(f"{s} {manifest[s]['images']} images" for s in ("train", "test", "web", "classify")))
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from vlp.data.pipeline import DataConfig, training_captions
+    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+    from vlp.config import apply_overrides, read_mapping
+
+    data = read_mapping(args.config).get("tokenizer", {}) if args.config else {}
+    data = apply_overrides({"tokenizer": data}, args.set)["tokenizer"]
+    cfg = from_dict(TokenizerConfig, data, prefix="tokenizer")
+    tokenizer = train_tokenizer(training_captions(DataConfig(train=args.data, images=args.images)), cfg)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {tokenizer.save(args.out)}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from vlp.train.loop import load_run_config, train
+
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.images:
+        overrides.append(f"data.images={args.images}")
+    cfg = load_run_config(args.config, overrides)
+    print(f"last checkpoint: {train(cfg, args.out, resume=args.resume)}")
+
+
+def _predictor(args: argparse.Namespace):
+    from vlp.serve.predictors import DualEncoderPredictor
+
+    return DualEncoderPredictor.from_checkpoint(args.checkpoint)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot, format_table, write_result
+
+    if args.task == "zeroshot":
+        result = evaluate_zeroshot(_predictor(args), args.data, args.classnames, args.templates)
+    else:
+        result = evaluate_retrieval(_predictor(args), args.data, args.images)
+    print(format_table(result))
+    write_result(result, args.out)
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    predictor = _predictor(args)
+    if args.images:
+        embeddings = predictor.embed_images(args.images)
+    else:
+        texts = list(args.texts or [])
+        if args.texts_file:
+            texts += [line.strip() for line in Path(args.texts_file).read_text().splitlines() if line.strip()]
+        if not texts:
+            raise ConfigError("vlp embed needs --images, --texts or --texts-file")
+        embeddings = predictor.embed_texts(texts)
+    np.save(args.out, embeddings.numpy())
+    print(f"{tuple(embeddings.shape)} embeddings written to {args.out}")
+
+
+def _cmd_classify(args: argparse.Namespace) -> None:
+    from vlp.evals.zeroshot import class_embeddings, read_lines
+
+    predictor = _predictor(args)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    templates = read_lines(args.templates) if args.templates else ["a photo of a {}."]
+    classifier = class_embeddings(predictor.embed_texts, labels, templates)
+    probs = (100.0 * predictor.embed_images(args.image) @ classifier.T).softmax(dim=-1)
+    for path, row in zip(args.image, probs):
+        ranked = sorted(zip(labels, row.tolist()), key=lambda x: -x[1])
+        print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked[:5]))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from vlp.demo import run_demo
+
+    report = run_demo(out=Path(args.out), data=Path(args.data), configs=Path(args.configs), overrides=args.set)
+    print(f"report written to {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make datasets").add_subparsers(dest="what", required=True)
+    shapes = data.add_parser("shapes", help="write the shapes world")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--seed", type=int)
+    shapes.add_argument("--image-size", type=int)
+    for split in ("train", "test", "web", "classify"):
+        shapes.add_argument(f"--{split}", type=int, help=f"number of {split} images")
+    shapes.add_argument("--web-noise", type=float, help="share of noisy web captions")
+    shapes.add_argument("--shards", type=int, help="WebDataset shards per split")
+    shapes.set_defaults(func=_cmd_data_shapes)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="what", required=True)
+    tok_train = tok.add_parser("train", help="train a tokenizer on captions")
+    tok_train.add_argument("--data", required=True, help="CSV, COCO captions JSON or WebDataset shards")
+    tok_train.add_argument("--images", help="folder image paths resolve against")
+    tok_train.add_argument("--out", required=True, help="folder for tokenizer.json")
+    tok_train.add_argument("--config", help="a run config whose 'tokenizer' section to use")
+    tok_train.add_argument("--set", action="append", default=[], metavar="tokenizer.KEY=VALUE")
+    tok_train.set_defaults(func=_cmd_tokenizer_train)
+
+    tr = sub.add_parser("train", help="train a model")
+    tr.add_argument("--config", required=True)
+    tr.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    tr.add_argument("--data", help="training data (sets data.train)")
+    tr.add_argument("--images", help="folder image paths resolve against (sets data.images)")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--resume", help="'latest' or a checkpoint folder")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
+    zs = ev.add_parser("zeroshot", help="zero-shot classification")
+    zs.add_argument("--data", required=True, help="ImageFolder directory or CSV with filepath,label")
+    zs.add_argument("--classnames", required=True)
+    zs.add_argument("--templates", required=True)
+    rt = ev.add_parser("retrieval", help="image-text retrieval")
+    rt.add_argument("--data", required=True, help="COCO captions JSON or CSV (several captions per image)")
+    rt.add_argument("--images")
+    for p in (zs, rt):
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--out", help="write results JSON here")
+        p.set_defaults(func=_cmd_eval)
+
+    em = sub.add_parser("embed", help="embed images or texts to a .npy")
+    em.add_argument("--checkpoint", required=True)
+    em.add_argument("--images", nargs="+")
+    em.add_argument("--texts", nargs="+")
+    em.add_argument("--texts-file")
+    em.add_argument("--out", required=True)
+    em.set_defaults(func=_cmd_embed)
+
+    cl = sub.add_parser("classify", help="zero-shot classify images")
+    cl.add_argument("image", nargs="+")
+    cl.add_argument("--checkpoint", required=True)
+    cl.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog"')
+    cl.add_argument("--templates", help="templates file, one per line with {}")
+    cl.set_defaults(func=_cmd_classify)
+
+    demo = sub.add_parser("demo", help="shapes world -> tiny CLIP and SigLIP -> evaluation -> report")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--data", default="data/shapes")
+    demo.add_argument("--configs", default="configs")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override for both training runs")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from vlp.checkpoint import CheckpointError
+    from vlp.data.sources import DataError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation tasks. Each receives predict functions and returns named metrics."""

@@ -1,0 +1,46 @@
+"""Zero-shot image-text retrieval with CLIP_benchmark's metric names (several captions per image)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+EmbedFn = Callable[[Sequence], torch.Tensor]
+
+
+def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
+    """Share of queries (rows) with at least one positive among their top-k columns."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return positives.gather(1, top).any(dim=1).float().mean().item()
+
+
+def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """similarity: [T, I] text x image; text_to_image: [T] the image index of each caption."""
+    positives = torch.zeros_like(similarity, dtype=torch.bool)
+    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = recall_at_k(similarity, positives, k)
+    for k in ks:
+        metrics[f"text_retrieval_recall@{k}"] = recall_at_k(similarity.T, positives.T, k)
+    return metrics
+
+
+def zeroshot_retrieval(
+    embed_images: EmbedFn,
+    embed_texts: EmbedFn,
+    images: Sequence,
+    captions: Sequence[Sequence[str]],
+    ks: Sequence[int] = (1, 5, 10),
+) -> tuple[dict[str, float], torch.Tensor]:
+    """images[i] has captions[i]. Returns (metrics, similarity [T, I])."""
+    texts = [c for caps in captions for c in caps]
+    text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    image_features = F.normalize(embed_images(images).float(), dim=-1)
+    text_features = F.normalize(embed_texts(texts).float(), dim=-1)
+    similarity = text_features @ image_features.T
+    return retrieval_metrics(similarity, text_to_image, ks), similarity

@@ -1,0 +1,39 @@
+"""File-level evaluation: read a dataset, call an evaluator with predict functions, name the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlp.data.sources import read_captions
+from vlp.evals.retrieval import zeroshot_retrieval
+from vlp.evals.zeroshot import read_classification_data, read_lines, zeroshot_classification
+
+
+def evaluate_zeroshot(predictor: Any, data: str | Path, classnames: str | Path, templates: str | Path) -> dict:
+    names = read_lines(classnames)
+    paths, labels = read_classification_data(data, names)
+    metrics, _ = zeroshot_classification(predictor.embed_images, predictor.embed_texts, paths, labels, names,
+                                         read_lines(templates))
+    return {"task": "zeroshot_classification", "dataset": str(data), "metrics": metrics}
+
+
+def evaluate_retrieval(predictor: Any, data: str | Path, images_dir: str | Path | None = None) -> dict:
+    items = read_captions(str(data), images_dir=images_dir)
+    metrics, _ = zeroshot_retrieval(predictor.embed_images, predictor.embed_texts, [i.path for i in items],
+                                    [i.captions for i in items])
+    return {"task": "zeroshot_retrieval", "dataset": str(data), "metrics": metrics}
+
+
+def format_table(result: dict) -> str:
+    rows = [(name, f"{value:.4f}") for name, value in result["metrics"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{result['task']} on {result['dataset']}"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_result(result: dict, out: str | Path | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))

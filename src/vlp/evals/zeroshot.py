@@ -1,0 +1,96 @@
+"""Zero-shot classification with CLIP_benchmark's protocol and metric names."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlp.data.sources import IMAGE_EXTENSIONS, DataError
+
+EmbedFn = Callable[[Sequence], torch.Tensor]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path} is empty")
+    return lines
+
+
+def read_classification_data(data: str | Path, classnames: list[str]) -> tuple[list[Path], list[int]]:
+    """An ImageFolder directory (one subfolder per class) or a CSV with `filepath,label` columns."""
+    data = Path(data)
+    index = {name: i for i, name in enumerate(classnames)}
+    paths, labels = [], []
+    if data.is_dir():
+        folders = sorted(p for p in data.iterdir() if p.is_dir())
+        if not folders:
+            raise DataError(f"{data} has no class subfolders")
+        for folder in folders:
+            label = index.get(folder.name, index.get(folder.name.replace("_", " ")))
+            if label is None:
+                raise DataError(f"class folder '{folder.name}' in {data} is not among the class names")
+            for file in sorted(folder.iterdir()):
+                if file.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                    paths.append(file)
+                    labels.append(label)
+    elif data.is_file():
+        with data.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"filepath", "label"} <= set(reader.fieldnames or []):
+                raise DataError(f"{data} must have columns filepath,label (has {reader.fieldnames})")
+            for row_no, row in enumerate(reader, start=2):
+                name = row["label"]
+                label = index.get(name)
+                if label is None and name.isdigit() and int(name) < len(classnames):
+                    label = int(name)
+                if label is None:
+                    raise DataError(f"{data} line {row_no}: label '{name}' is not among the class names")
+                file = Path(row["filepath"])
+                paths.append(file if file.is_absolute() else data.parent / file)
+                labels.append(label)
+    else:
+        raise DataError(f"classification data not found: {data}")
+    if not paths:
+        raise DataError(f"{data} holds no images")
+    return paths, labels
+
+
+def class_embeddings(embed_texts: EmbedFn, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """[C, E]: per class, the renormalised mean of its normalised template embeddings."""
+    texts = [t.replace("{c}", name).replace("{}", name) for name in classnames for t in templates]
+    emb = F.normalize(embed_texts(texts).float(), dim=-1).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """acc1, acc5 and mean_per_class_recall (balanced accuracy)."""
+    num_classes = logits.shape[1]
+    topk = logits.topk(min(5, num_classes), dim=1).indices
+    acc1 = (topk[:, 0] == labels).float().mean().item()
+    acc5 = (topk == labels[:, None]).any(dim=1).float().mean().item()
+    predictions = topk[:, 0]
+    recalls = [(predictions[labels == c] == c).float().mean().item() for c in labels.unique()]
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def zeroshot_classification(
+    embed_images: EmbedFn,
+    embed_texts: EmbedFn,
+    images: Sequence,
+    labels: Sequence[int],
+    classnames: list[str],
+    templates: list[str],
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Returns (metrics, logits [N, C]). Logits use CLIP_benchmark's fixed scale of 100."""
+    classifier = class_embeddings(embed_texts, classnames, templates)
+    image_features = F.normalize(embed_images(images).float(), dim=-1)
+    logits = 100.0 * image_features @ classifier.T
+    return classification_metrics(logits, torch.as_tensor(list(labels))), logits

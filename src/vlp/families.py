@@ -1,0 +1,44 @@
+"""The model families vlp trains: each names its config, model, objective config and objective.
+
+A static table, not a registry filled by import side effects: adding a family is one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from vlp.config import ConfigError, from_dict
+from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_cls: type
+    model_cls: Callable[[Any], nn.Module]
+    objective_config_cls: type
+    objective_cls: Callable[[Any, Any], Any]
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family("clip", DualEncoderConfig, DualEncoder, ContrastiveObjectiveConfig, ContrastiveObjective),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"config key 'model.family': unknown family '{name}'; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def parse_model_config(data: dict[str, Any]) -> tuple[Family, Any]:
+    """{'family': name, ...} -> (family, typed architecture config)."""
+    data = dict(data)
+    if "family" not in data:
+        raise ConfigError("missing config key 'model.family'")
+    family = get_family(data.pop("family"))
+    return family, from_dict(family.config_cls, data, prefix="model")

@@ -1,0 +1,66 @@
+"""Multi-head attention through `scaled_dot_product_attention`, for self- and cross-attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """[B, Lk] (1 = real token) -> boolean attention mask [B, 1, 1, Lk] (True = may attend)."""
+    return key_mask.bool()[:, None, None, :]
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """Boolean [L, L] lower-triangular mask (True = may attend)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class Attention(nn.Module):
+    """Self-attention with one fused q/k/v projection, or cross-attention to a context of `context_dim`.
+
+    Fusing q/k/v into one matmul is faster and matches the packed `in_proj_weight` layout of
+    open_clip and OpenAI CLIP; converters split it for Hugging Face checkpoints.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.q_proj = nn.Linear(dim, dim, bias=bias)
+            self.kv_proj = nn.Linear(context_dim, 2 * dim, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, -1).transpose(1, 2)  # [B, H, N, Dh]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """x: [B, N, D]; context: [B, M, Dc] for cross-attention; attn_mask: bool, True = may attend."""
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            q = self.q_proj(x)
+            k, v = self.kv_proj(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if is_causal and attn_mask is not None:
+            attn_mask = attn_mask & causal_mask(q.shape[2], q.device)
+            is_causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))

@@ -1,0 +1,42 @@
+"""Patch and position embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided convolution: [B, 3, H, W] -> [B, (H/p)(W/p), D]."""
+
+    def __init__(self, patch_size: int, dim: int, *, in_channels: int = 3, bias: bool = False):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+    """Bicubically resize a learned [N_prefix + g*g, D] position table to a new patch grid.
+
+    Prefix rows (the class token) are kept as they are; the patch rows are treated as a square image.
+    """
+    prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
+    old = int(math.isqrt(patches.shape[0]))
+    if old * old != patches.shape[0]:
+        raise ValueError(f"position table of {patches.shape[0]} patch rows is not a square grid")
+    if (old, old) == tuple(grid):
+        return pos_embed
+    dim = patches.shape[-1]
+    image = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    image = F.interpolate(image, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    patches = image.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=0)

@@ -1,0 +1,1 @@
+"""Model families, one file each: `clip` (CLIP, SigLIP, ALIGN-style dual encoders)."""

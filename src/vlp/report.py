@@ -1,0 +1,83 @@
+"""The demo report: a Markdown page with metric tables and plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def plot_curves(runs: dict[str, Path], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, run_dir in runs.items():
+        records = read_metrics(run_dir)
+        steps = [r["step"] for r in records]
+        axes[0].plot(steps, [r["loss"] for r in records], label=name)
+        axes[1].plot(steps, [r.get("logit_scale", float("nan")) for r in records], label=name)
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].set(title="learned logit scale", xlabel="step")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_recall(results: dict[str, dict[str, dict]], key: str, out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, direction in zip(axes, ("image_retrieval", "text_retrieval")):
+        for name, tasks in results.items():
+            metrics = tasks[key]["metrics"]
+            ks = sorted(int(m.split("@")[1]) for m in metrics if m.startswith(direction))
+            ax.plot(ks, [metrics[f"{direction}_recall@{k}"] for k in ks], marker="o", label=name)
+        ax.set(title=f"{direction.replace('_', ' ')} ({'text → image' if direction == 'image_retrieval' else 'image → text'})",
+               xlabel="k", ylabel="recall@k", ylim=(0, 1.02))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_retrieval_grid(images: list[Path], top_captions: list[list[str]], truths: list[list[str]],
+                        out: Path) -> Path:
+    """Test images with their top retrieved captions (a tick marks a caption written for that image)."""
+    cols = 4
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows))
+    for ax, path, captions, truth in zip(axes.flat, images, top_captions, truths):
+        ax.imshow(Image.open(path).convert("RGB"))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        lines = [("✓ " if c in truth else "✗ ") + textwrap.shorten(c, 48) for c in captions]
+        ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
+    for ax in list(axes.flat)[len(images):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def metrics_table(results: dict[str, dict[str, dict]], key: str, names: list[str]) -> str:
+    header = "| model | " + " | ".join(names) + " |"
+    lines = [header, "|" + "---|" * (len(names) + 1)]
+    for model, tasks in results.items():
+        metrics = tasks[key]["metrics"]
+        lines.append(f"| {model} | " + " | ".join(f"{metrics[n]:.3f}" for n in names) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Serving: predict functions built from checkpoints."""

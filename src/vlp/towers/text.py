@@ -1,0 +1,89 @@
+"""The text transformer shared by every family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from vlp.layers import Activation, TransformerBlock, padding_mask
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: Activation = "gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True
+    # Bidirectional towers attend only to real tokens; a causal tower pooled at the end-of-text token
+    # never sees the padding after it, so it can skip the mask and use the fused causal kernel.
+    mask_padding: bool = False
+    pool: Literal["eot", "last", "first"] = "eot"
+    cross_attention_width: int | None = None  # set to the image width for image-grounded text
+    grad_checkpointing: bool = False
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps,
+                context_dim=cfg.cross_attention_width,
+            )
+            for _ in range(cfg.layers)
+        )
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward_features(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        *,
+        image_tokens: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """text: [B, L] ids; text_mask: [B, L] (1 = real token). Returns normalised tokens [B, L, D]."""
+        length = text.shape[1]
+        if length > self.cfg.context_length:
+            raise ValueError(f"text of {length} tokens exceeds context_length {self.cfg.context_length}")
+        x = self.token_embedding(text) + self.pos_embed[:length].to(self.token_embedding.weight.dtype)
+        mask = padding_mask(text_mask) if self.cfg.mask_padding and text_mask is not None else None
+        context_mask = padding_mask(image_mask) if image_mask is not None else None
+        for block in self.blocks:
+            kwargs = dict(attn_mask=mask, is_causal=self.cfg.causal, context=image_tokens,
+                          context_mask=context_mask)
+            if self.cfg.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
+            else:
+                x = block(x, **kwargs)
+        return self.ln_final(x)
+
+    def pool_tokens(self, tokens: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """Tokens [B, L, D] -> pooled [B, D] at the end-of-text, last or first token."""
+        if self.cfg.pool == "first":
+            return tokens[:, 0]
+        if self.cfg.pool == "last" or text_mask is None:
+            return tokens[:, -1]
+        # The tokenizer ends every text with its end-of-text token, so it sits at the last real position.
+        eot = text_mask.long().sum(dim=1).clamp(min=1) - 1
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
+
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None, **cross: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (pooled [B, D], tokens [B, L, D])."""
+        tokens = self.forward_features(text, text_mask, **cross)
+        return self.pool_tokens(tokens, text_mask), tokens

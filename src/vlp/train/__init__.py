@@ -1,0 +1,1 @@
+"""Training: one generic loop for every family, its optimiser and schedule."""

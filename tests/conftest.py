@@ -1,0 +1,37 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shapes_world(tmp_path_factory):
+    """A small shapes world shared by the data, training and CLI tests."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_world(root, ShapesWorldConfig(seed=3, image_size=32, train=1500, test=100, web=100, classify=150,
+                                              shards=4))
+    return root
+
+
+def tiny_run_overrides(data: str, steps: int, **extra: object) -> list[str]:
+    """A dual encoder small enough to learn the shapes world in well under a minute on 2 cores."""
+    values = {
+        "model.family": "clip", "model.embed_dim": 64,
+        "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 64,
+        "model.vision.layers": 2, "model.vision.heads": 2,
+        "model.text.vocab_size": 512, "model.text.context_length": 24, "model.text.width": 64,
+        "model.text.layers": 2, "model.text.heads": 2,
+        "tokenizer.vocab_size": 512, "tokenizer.context_length": 24,
+        "image.size": 32, "data.train": data, "data.num_workers": 0,
+        "train.steps": steps, "train.batch_size": 64, "train.lr": 2e-3, "train.warmup_steps": 20,
+        "train.weight_decay": 0.05, "train.log_every": 10, "train.save_every": 1000, "train.progress": False,
+        "train.precision": "fp32",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

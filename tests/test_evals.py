@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from vlp.data.sources import DataError
+from vlp.evals.retrieval import retrieval_metrics, zeroshot_retrieval
+from vlp.evals.zeroshot import class_embeddings, classification_metrics, read_classification_data
+
+
+def test_retrieval_counts_a_hit_when_any_positive_is_in_top_k():
+    # 2 images, captions 0,1 -> image 0, caption 2 -> image 1
+    sim = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    m = retrieval_metrics(sim, torch.tensor([0, 0, 1]), ks=(1, 2))
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)  # caption 1 retrieves image 1 first
+    assert m["image_retrieval_recall@2"] == 1.0
+    # image 0's best caption is caption 0 (its own); image 1's best is caption 1 (image 0's), then caption 2
+    assert m["text_retrieval_recall@1"] == 0.5
+    assert m["text_retrieval_recall@2"] == 1.0
+
+
+def test_zeroshot_retrieval_with_predict_functions():
+    table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "x": [0.9, 0.1], "y": [0.1, 0.9]}
+    embed = lambda items: torch.tensor([table[i] for i in items])
+    metrics, sim = zeroshot_retrieval(embed, embed, ["a", "b"], [["x"], ["y", "x"]], ks=(1,))
+    assert sim.shape == (3, 2)
+    assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert metrics["text_retrieval_recall@1"] == 1.0
+
+
+def test_classification_metrics_and_template_averaging():
+    logits = torch.tensor([[3.0, 1, 0], [0, 2, 1], [1, 0, 2], [2, 1, 0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    m = classification_metrics(logits, labels)
+    assert m["acc1"] == 0.5
+    assert m["acc5"] == 1.0
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+    def embed(texts):
+        return torch.tensor([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts]) + torch.tensor(
+            [[0.0, 0.1] if t.startswith("a") else [0.1, 0.0] for t in texts])
+
+    emb = class_embeddings(embed, ["cat", "dog"], ["a {}.", "the {}"])
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    assert emb[0, 0] > 0.99 and emb[1, 1] > 0.99
+
+
+def test_classification_data_from_folders_and_csv(tmp_path):
+    for name in ("cat", "big_dog"):
+        (tmp_path / "f" / name).mkdir(parents=True)
+        (tmp_path / "f" / name / "1.png").write_bytes(b"")
+    paths, labels = read_classification_data(tmp_path / "f", ["big dog", "cat"])
+    assert labels == [0, 1]
+    (tmp_path / "d.csv").write_text("filepath,label\nx.png,cat\ny.png,1\n")
+    paths, labels = read_classification_data(tmp_path / "d.csv", ["cat", "dog"])
+    assert labels == [0, 1] and paths[0] == tmp_path / "x.png"
+    (tmp_path / "e.csv").write_text("filepath,label\nx.png,bird\n")
+    with pytest.raises(DataError, match="line 2: label 'bird'"):
+        read_classification_data(tmp_path / "e.csv", ["cat"])

@@ -1,0 +1,79 @@
+import csv
+import hashlib
+import json
+
+from vlp.data.shapes import HELDOUT_PAIRS, ShapesWorldConfig, make_shapes_world
+from vlp.data.sources import read_coco_captions, read_csv
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
+    cfg = ShapesWorldConfig(seed=5, image_size=32, train=20, test=10, web=10, classify=30, shards=2)
+    make_shapes_world(tmp_path / "a", cfg)
+    make_shapes_world(tmp_path / "b", cfg)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    cfg.seed = 6
+    make_shapes_world(tmp_path / "c", cfg)
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_heldout_pairs_never_in_training_captions_but_in_test(shapes_world):
+    heldout = [f"{c} {s}" for c, s in HELDOUT_PAIRS]
+    for split in ("train", "web"):
+        captions = json.loads((shapes_world / f"captions_{split}.json").read_text())["annotations"]
+        assert not any(h in c["caption"] for c in captions for h in heldout)
+        objects = json.loads((shapes_world / f"instances_{split}.json").read_text())["annotations"]
+        assert not any(o["name"] in heldout for o in objects)
+    test = json.loads((shapes_world / "captions_test_heldout.json").read_text())
+    assert test["images"] and all(any(h in c["caption"] for h in heldout) or True for c in test["annotations"])
+    objects = json.loads((shapes_world / "instances_test.json").read_text())["annotations"]
+    assert any(o["name"] in heldout for o in objects)
+
+
+def test_formats_agree_and_captions_per_split(shapes_world):
+    coco = read_coco_captions(shapes_world / "captions_train.json")
+    csv_items = read_csv(shapes_world / "train.csv")
+    assert [(i.path, i.captions) for i in coco] == [(i.path, i.captions) for i in csv_items]
+    assert all(len(i.captions) == 3 and i.path.is_file() for i in coco)
+    assert all(len(i.captions) == 5 for i in read_coco_captions(shapes_world / "captions_test.json"))
+    assert all(len(i.captions) == 1 for i in read_coco_captions(shapes_world / "captions_web.json"))
+    assert len(list((shapes_world / "shards").glob("train-*.tar"))) == 4
+
+
+def test_boxes_questions_refs_and_web_truth(shapes_world):
+    instances = json.loads((shapes_world / "instances_test.json").read_text())
+    assert {c["name"] for c in instances["categories"]} == {"circle", "square", "triangle", "star", "cross"}
+    for ann in instances["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 32 and y + h <= 32
+    questions = json.loads((shapes_world / "vqa" / "questions_test.json").read_text())["questions"]
+    answers = json.loads((shapes_world / "vqa" / "annotations_test.json").read_text())["annotations"]
+    assert len(questions) == len(answers) and all(len(a["answers"]) == 10 for a in answers)
+    assert {a["answer_type"] for a in answers} <= {"number", "yes/no", "other"}
+    refs = json.loads((shapes_world / "refs_test.json").read_text())
+    assert all(r["sentences"] and len(r["bbox"]) == 4 for r in refs)
+    truth = json.loads((shapes_world / "web_truth.json").read_text())
+    kinds = {t["kind"] for t in truth}
+    assert kinds == {"clean", "junk", "swapped"}
+    noisy = sum(t["noisy"] for t in truth) / len(truth)
+    assert 0.2 < noisy < 0.6
+    web = {i.key: i.captions[0] for i in read_coco_captions(shapes_world / "captions_web.json")}
+    assert all(web[t["file_name"]] == t["caption"] for t in truth)
+    assert all(t["caption"] == t["clean_caption"] for t in truth if not t["noisy"])
+
+
+def test_zeroshot_sets(shapes_world):
+    with (shapes_world / "zeroshot" / "shape.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 150 and {r["label"] for r in rows} == {"circle", "square", "triangle", "star", "cross"}
+    classes = (shapes_world / "zeroshot" / "color_shape_classnames.txt").read_text().split("\n")
+    with (shapes_world / "zeroshot" / "color_shape_heldout.csv").open() as f:
+        heldout = list(csv.DictReader(f))
+    assert heldout and all(r["label"] in classes for r in heldout)
