@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow bench clean
 
 install: $(STAMP)
 
@@ -29,3 +29,6 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs data $(VENV)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/precision.py configs/clip-tiny.yaml

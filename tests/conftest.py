@@ -14,17 +14,19 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def shapes_world(tmp_path_factory):
     """A small shapes world shared by the data, training and CLI tests."""
     root = tmp_path_factory.mktemp("shapes")
-    make_shapes_world(root, ShapesWorldConfig(seed=3, image_size=32, train=1500, test=100, web=100, classify=150,
+    make_shapes_world(root, ShapesWorldConfig(seed=3, image_size=48, train=1500, test=100, web=100, classify=150,
                                               shards=4))
     return root
+
+
+TINY_VIT = "{kind: vit, image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2}"
 
 
 def tiny_run_overrides(data: str, steps: int, **extra: object) -> list[str]:
     """A dual encoder small enough to learn the shapes world in well under a minute on 2 cores."""
     values = {
         "model.family": "clip", "model.embed_dim": 64,
-        "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 64,
-        "model.vision.layers": 2, "model.vision.heads": 2,
+        "model.vision": "{kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
         "model.text.vocab_size": 512, "model.text.context_length": 24, "model.text.width": 64,
         "model.text.layers": 2, "model.text.heads": 2,
         "tokenizer.vocab_size": 512, "tokenizer.context_length": 24,

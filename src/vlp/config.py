@@ -26,6 +26,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _kind(cls: Any) -> str | None:
+    field = next((f for f in dataclasses.fields(cls) if f.name == "kind"), None)
+    return field.default if field is not None and isinstance(field.default, str) else None
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -36,14 +41,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if type(None) in options:
                 return None
             raise ConfigError(f"config key '{key}': null is not allowed, expected {_type_name(tp)}")
-        errors = []
+        tagged = {_kind(o): o for o in options if dataclasses.is_dataclass(o) and _kind(o) is not None}
+        if tagged and isinstance(value, dict):
+            # A union of configs is told apart by its `kind` key, defaulting to the first option.
+            kind = value.get("kind", next(iter(tagged)))
+            if kind not in tagged:
+                raise ConfigError(f"config key '{key}.kind': {kind!r} is not one of {', '.join(map(repr, tagged))}")
+            return from_dict(tagged[kind], value, prefix=key)
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{key}': {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.towers import TextConfig, TextTransformer, VisionConfig, VisionTransformer
+from vlp.towers import ImageTowerConfig, TextConfig, TextTransformer, VisionConfig, build_image_tower
 
 
 @dataclass
 class DualEncoderConfig:
     embed_dim: int = 512
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: ImageTowerConfig = field(default_factory=VisionConfig)  # kind: vit (default) or convnet
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # SigLIP: log(10)
     init_logit_bias: float | None = None  # SigLIP: -10; None = no bias parameter
@@ -46,7 +46,7 @@ class DualEncoder(nn.Module):
     def __init__(self, cfg: DualEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision)
+        self.visual = build_image_tower(cfg.vision)
         self.text = TextTransformer(cfg.text)
         self.visual_projection = (
             nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False) if cfg.vision_projection else nn.Identity()

@@ -1,6 +1,18 @@
-"""Encoders built from the shared blocks: the vision and the text transformer."""
+"""Encoders built from the shared blocks: the vision transformer, a compact ConvNet, the text transformer."""
 
+from torch import nn
+
+from vlp.towers.convnet import ConvNet, ConvNetConfig
 from vlp.towers.text import TextConfig, TextTransformer
 from vlp.towers.vision import VisionConfig, VisionTransformer
 
-__all__ = ["TextConfig", "TextTransformer", "VisionConfig", "VisionTransformer"]
+ImageTowerConfig = VisionConfig | ConvNetConfig
+
+
+def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
+    """The image tower a config names by its `kind`."""
+    return ConvNet(cfg) if isinstance(cfg, ConvNetConfig) else VisionTransformer(cfg)
+
+
+__all__ = ["ConvNet", "ConvNetConfig", "ImageTowerConfig", "TextConfig", "TextTransformer", "VisionConfig",
+           "VisionTransformer", "build_image_tower"]

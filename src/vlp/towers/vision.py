@@ -14,6 +14,7 @@ from vlp.layers import Activation, AttentionPool, PatchEmbed, TransformerBlock, 
 
 @dataclass
 class VisionConfig:
+    kind: Literal["vit"] = "vit"
     image_size: int = 224
     patch_size: int = 16
     width: int = 768
