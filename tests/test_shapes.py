@@ -52,7 +52,7 @@ def test_boxes_questions_refs_and_web_truth(shapes_world):
     assert {c["name"] for c in instances["categories"]} == {"circle", "square", "triangle", "star", "cross"}
     for ann in instances["annotations"]:
         x, y, w, h = ann["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= 32 and y + h <= 32
+        assert 0 <= x and 0 <= y and x + w <= 48 and y + h <= 48
     questions = json.loads((shapes_world / "vqa" / "questions_test.json").read_text())["questions"]
     answers = json.loads((shapes_world / "vqa" / "annotations_test.json").read_text())["annotations"]
     assert len(questions) == len(answers) and all(len(a["answers"]) == 10 for a in answers)
