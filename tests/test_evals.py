@@ -19,7 +19,8 @@ def test_retrieval_counts_a_hit_when_any_positive_is_in_top_k():
 
 def test_zeroshot_retrieval_with_predict_functions():
     table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "x": [0.9, 0.1], "y": [0.1, 0.9]}
-    embed = lambda items: torch.tensor([table[i] for i in items])
+    def embed(items):
+        return torch.tensor([table[i] for i in items])
     metrics, sim = zeroshot_retrieval(embed, embed, ["a", "b"], [["x"], ["y", "x"]], ks=(1,))
     assert sim.shape == (3, 2)
     assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 3)

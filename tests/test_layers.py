@@ -17,7 +17,8 @@ def naive_attention(attn: Attention, x, context=None, mask=None):
         q = attn.q_proj(x)
         k, v = attn.kv_proj(context).split(dim, dim=-1)
     heads = attn.num_heads
-    split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
     q, k, v = split(q), split(k), split(v)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if mask is not None:

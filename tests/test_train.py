@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_VIT, tiny_run_overrides
-from vlp.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from vlp.checkpoint import CheckpointError, load_checkpoint, load_weights
 from vlp.evals.runner import evaluate_zeroshot
 from vlp.serve.predictors import DualEncoderPredictor
 from vlp.train.loop import load_run_config, train

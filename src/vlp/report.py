@@ -39,13 +39,13 @@ def plot_curves(runs: dict[str, Path], out: Path) -> Path:
 
 def plot_recall(results: dict[str, dict[str, dict]], key: str, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    for ax, direction in zip(axes, ("image_retrieval", "text_retrieval")):
+    titles = {"image_retrieval": "image retrieval (text → image)", "text_retrieval": "text retrieval (image → text)"}
+    for ax, direction in zip(axes, titles):
         for name, tasks in results.items():
             metrics = tasks[key]["metrics"]
             ks = sorted(int(m.split("@")[1]) for m in metrics if m.startswith(direction))
             ax.plot(ks, [metrics[f"{direction}_recall@{k}"] for k in ks], marker="o", label=name)
-        ax.set(title=f"{direction.replace('_', ' ')} ({'text → image' if direction == 'image_retrieval' else 'image → text'})",
-               xlabel="k", ylabel="recall@k", ylim=(0, 1.02))
+        ax.set(title=titles[direction], xlabel="k", ylabel="recall@k", ylim=(0, 1.02))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -16,7 +16,7 @@ import yaml
 from tqdm import tqdm
 
 from vlp.checkpoint import (
-    CHECKPOINTS_DIR, OPTIMIZER_FILE, STATE_FILE, CheckpointError, list_checkpoints, load_checkpoint,
+    CHECKPOINTS_DIR, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, CheckpointError, list_checkpoints, load_weights,
     resolve_checkpoint, save_checkpoint,
 )
 from vlp.config import ConfigError, apply_overrides, from_dict, read_mapping, to_dict
@@ -149,7 +149,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
     model = family.model_cls(model_cfg)
     start_step = 0
     if resume_from is not None:
-        model.load_state_dict(load_checkpoint(resume_from).model.state_dict())
+        load_weights(model, resume_from / WEIGHTS_FILE)
         start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
@@ -193,7 +193,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
                 raise RuntimeError(f"{family.name} objective returned no '*_loss' value: {sorted(values)}")
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} })")
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                raise FloatingPointError(f"step {step}: the loss is not finite ({terms})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = None
