@@ -1,0 +1,1 @@
+"""Data: tokenizers, image transforms, caption sources and the training pipeline."""

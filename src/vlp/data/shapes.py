@@ -1,0 +1,388 @@
+"""The shapes world: vlp's bundled dataset of 2-D scenes, deterministic by seed.
+
+Each scene holds 1-3 coloured shapes of two sizes on a varied background. One generator writes every
+format the library reads (CSV, COCO captions, WebDataset) and the files later tasks need: COCO
+instances (boxes), VQAv2-style questions with 10 answers, referring expressions with boxes, a noisy
+`web` split with its truth file, and zero-shot classification sets. Some colour-shape pairs never
+appear in `train` or `web`, so generalisation to new compositions can be measured on `test`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 225),
+    "yellow": (240, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (250, 140, 30),
+}
+SIZES = {"small": 0.14, "large": 0.22}  # radius as a share of the image side
+# Never in train or web captions: one pair per shape, so each shape and colour is still seen otherwise.
+HELDOUT_PAIRS = (("blue", "circle"), ("yellow", "square"), ("red", "triangle"), ("green", "star"),
+                 ("purple", "cross"))
+JUNK_ALT_TEXT = (
+    "IMG_{n:04d}.JPG", "DSC{n:05d}", "click here to enlarge", "free shipping on all orders over $50",
+    "stock photo {n}", "untitled", "image", "best price guaranteed", "view full size", "product photo {n}",
+    "screenshot {n}", "thumbnail", "photo by user{n}", "logo", "banner ad",
+)
+TEMPLATES = ("a {}.", "a large {}.", "a small {}.", "a picture of a {}.", "there is a {} in the picture")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass
+class ShapeObject:
+    shape: str
+    color: str
+    size: str
+    cx: float
+    cy: float
+    radius: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def bbox(self) -> list[float]:
+        """COCO [x, y, w, h] in pixels."""
+        return [round(self.cx - self.radius, 2), round(self.cy - self.radius, 2),
+                round(2 * self.radius, 2), round(2 * self.radius, 2)]
+
+
+@dataclass
+class Scene:
+    objects: list[ShapeObject]
+    background: str  # a word for captions: "light", "dark", "gradient", "noisy"
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                 cy + (r if i % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+    if shape == "cross":
+        t = r * 0.35
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
+                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
+                (cx - r, cy - t), (cx - t, cy - t)]
+    raise ValueError(shape)
+
+
+def _background(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    """Light backgrounds of varied tint and texture. Small ViTs trained from scratch learn shape far
+    more slowly when backgrounds also vary in brightness, so the shapes stay the salient thing."""
+    kind = rng.choice(("plain", "pastel", "gradient", "grainy"))
+    grey = rng.randint(190, 240)
+    if kind == "plain":
+        return Image.new("RGB", (size, size), tuple(grey + rng.randint(-6, 6) for _ in range(3))), kind
+    if kind == "pastel":
+        return Image.new("RGB", (size, size), tuple(min(255, grey + rng.randint(-25, 15)) for _ in range(3))), kind
+    if kind == "gradient":
+        top = [min(255, grey + rng.randint(-15, 15)) for _ in range(3)]
+        bottom = [min(255, max(0, t + rng.randint(-30, 30))) for t in top]
+        gradient = Image.linear_gradient("L").resize((size, size))
+        return Image.composite(Image.new("RGB", (size, size), tuple(bottom)),
+                               Image.new("RGB", (size, size), tuple(top)), gradient), kind
+    # Seeded from the scene's generator: PIL's own noise would break determinism by seed.
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(grey, 8, (size, size)).clip(0, 255)
+    return Image.fromarray(noise.astype(np.uint8)).convert("RGB"), kind
+
+
+def sample_scene(rng: random.Random, image_size: int, *, allow_heldout: bool, num_objects: int | None = None) -> Scene:
+    count = num_objects or rng.choice((1, 2, 2, 3, 3))
+    objects: list[ShapeObject] = []
+    used: set[tuple[str, str]] = set()
+    while len(objects) < count:
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        if (color, shape) in used or (not allow_heldout and (color, shape) in HELDOUT_PAIRS):
+            continue
+        size = rng.choice(list(SIZES))
+        radius = SIZES[size] * image_size
+        for _ in range(50):
+            cx = rng.uniform(radius + 1, image_size - radius - 1)
+            cy = rng.uniform(radius + 1, image_size - radius - 1)
+            if all(math.hypot(cx - o.cx, cy - o.cy) > radius + o.radius + 1 for o in objects):
+                objects.append(ShapeObject(shape, color, size, cx, cy, radius))
+                used.add((color, shape))
+                break
+        else:
+            break  # no room left: keep the scene with fewer objects
+    return Scene(objects, background="")
+
+
+def render(scene: Scene, rng: random.Random, image_size: int) -> Image.Image:
+    """Draw at twice the size and downsample, for smooth edges."""
+    scale = 2
+    image, scene.background = _background(rng, image_size * scale)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx, cy, r = obj.cx * scale, obj.cy * scale, obj.radius * scale
+        if obj.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[obj.color])
+        else:
+            draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=COLORS[obj.color])
+    return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _relation(a: ShapeObject, b: ShapeObject) -> str:
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def describe(scene: Scene, rng: random.Random, count: int) -> list[str]:
+    """`count` distinct human-style captions of a scene."""
+    objs = sorted(scene.objects, key=lambda o: o.cx)
+    full = [_article(f"{o.size} {o.color} {o.shape}") for o in objs]
+    plain = [_article(o.name) for o in objs]
+    n = len(objs)
+    listing = full[0] if n == 1 else ", ".join(full[:-1]) + " and " + full[-1]
+    plain_listing = plain[0] if n == 1 else ", ".join(plain[:-1]) + " and " + plain[-1]
+    options = [listing, plain_listing, f"{listing} on a {scene.background} background"]
+    if n == 1:
+        o = objs[0]
+        options += [f"a single {o.color} {o.shape}", f"one {o.size} {o.shape}, coloured {o.color}",
+                    f"{_article(o.name)} on its own", f"there is {full[0]} in the picture"]
+    else:
+        a, b = rng.sample(objs, 2)
+        options += [
+            f"{NUMBER_WORDS[n]} shapes: {plain_listing}",
+            f"{_article(f'{a.color} {a.shape}')} {_relation(a, b)} {_article(f'{b.color} {b.shape}')}",
+            f"{_article(f'{a.size} {a.color} {a.shape}')} {_relation(a, b)} {_article(f'{b.size} {b.color} {b.shape}')}",
+            f"{NUMBER_WORDS[n]} coloured shapes, including {_article(a.name)}",
+            f"a picture of {plain_listing}",
+        ]
+    rng.shuffle(options)
+    captions = list(dict.fromkeys(options))[:count]
+    return captions
+
+
+def _questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question, answer, answer_type) triples about a scene."""
+    objs = scene.objects
+    out = [("how many shapes are there?", str(len(objs)), "number")]
+    shapes = [o.shape for o in objs]
+    colors = [o.color for o in objs]
+    for o in objs:
+        if shapes.count(o.shape) == 1:
+            out.append((f"what color is the {o.shape}?", o.color, "other"))
+        if colors.count(o.color) == 1:
+            out.append((f"what shape is the {o.color} object?", o.shape, "other"))
+        out.append((f"what size is the {o.color} {o.shape}?", o.size, "other"))
+    present = {(o.color, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+    else:
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    out.append((f"is there a {color} {shape}?", "yes" if (color, shape) in present else "no", "yes/no"))
+    rng.shuffle(out)
+    return out[:4]
+
+
+def _annotator_answers(answer: str, kind: str, rng: random.Random) -> list[str]:
+    """Ten answers, most of them right, as VQAv2's annotators give."""
+    pool = {"number": ["1", "2", "3", "4"], "yes/no": ["yes", "no"]}.get(kind)
+    if pool is None:
+        pool = list(COLORS) if answer in COLORS else list(SHAPES) if answer in SHAPES else list(SIZES)
+    return [answer if rng.random() < 0.85 else rng.choice(pool) for _ in range(10)]
+
+
+def _referring(obj: ShapeObject, scene: Scene) -> list[str]:
+    others = [o for o in scene.objects if o is not obj]
+    sentences = [f"the {obj.color} {obj.shape}", f"the {obj.size} {obj.color} {obj.shape}"]
+    if all(o.shape != obj.shape for o in others):
+        sentences.append(f"the {obj.shape}")
+    if others:
+        xs = sorted(o.cx for o in scene.objects)
+        if obj.cx == xs[0]:
+            sentences.append(f"the {obj.shape} on the left")
+        elif obj.cx == xs[-1]:
+            sentences.append(f"the {obj.shape} on the right")
+    return sentences
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_shards(folder: Path, prefix: str, samples: list[tuple[str, bytes, str, dict]], num_shards: int) -> str:
+    """img2dataset layout: per sample `<key>.png`, `<key>.txt`, `<key>.json`. Returns the brace pattern."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard = math.ceil(len(samples) / num_shards)
+    for shard in range(num_shards):
+        with tarfile.open(folder / f"{prefix}-{shard:06d}.tar", "w") as tar:
+            for key, png, caption, meta in samples[shard * per_shard:(shard + 1) * per_shard]:
+                for ext, payload in (("png", png), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    info.mtime = 0  # byte-identical shards for the same seed
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"{folder.name}/{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
+
+
+@dataclass
+class ShapesWorldConfig:
+    seed: int = 0
+    image_size: int = 64
+    train: int = 5000
+    test: int = 1000
+    web: int = 3000
+    classify: int = 1000
+    train_captions: int = 3
+    test_captions: int = 5
+    web_noise: float = 0.4  # share of web captions replaced by alt-text junk or another image's caption
+    shards: int = 8
+
+
+def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
+    """Write the shapes world under `out`; returns the manifest (also written as manifest.json)."""
+    out = Path(out)
+    rng = random.Random(cfg.seed)
+    manifest: dict = {"seed": cfg.seed, "image_size": cfg.image_size, "shapes": list(SHAPES),
+                      "colors": list(COLORS), "sizes": list(SIZES),
+                      "heldout_pairs": [f"{c} {s}" for c, s in HELDOUT_PAIRS], "files": {}}
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    for split in ("train", "test", "web"):
+        count = getattr(cfg, split)
+        folder = out / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, captions, instances, refs, questions, answers = [], [], [], [], [], []
+        scenes: list[Scene] = []
+        pngs: list[bytes] = []
+        for index in range(count):
+            image_id = index + 1
+            scene = sample_scene(rng, cfg.image_size, allow_heldout=split == "test")
+            picture = render(scene, rng, cfg.image_size)
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+            file_name = f"images/{split}/{image_id:06d}.png"
+            (out / file_name).write_bytes(pngs[-1])
+            scenes.append(scene)
+            images.append({"id": image_id, "file_name": file_name, "width": cfg.image_size,
+                           "height": cfg.image_size})
+            n_caps = {"train": cfg.train_captions, "test": cfg.test_captions, "web": 1}[split]
+            for caption in describe(scene, rng, n_caps):
+                captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption})
+            for obj in scene.objects:
+                ann_id = len(instances) + 1
+                instances.append({"id": ann_id, "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
+                                  "bbox": obj.bbox, "area": round(obj.bbox[2] * obj.bbox[3], 2), "iscrowd": 0,
+                                  "color": obj.color, "size": obj.size, "name": obj.name})
+                refs.append({"ref_id": len(refs) + 1, "ann_id": ann_id, "image_id": image_id,
+                             "file_name": file_name, "bbox": obj.bbox, "category_id": SHAPES.index(obj.shape) + 1,
+                             "sentences": _referring(obj, scene)})
+            for q_index, (question, answer, kind) in enumerate(_questions(scene, rng)):
+                qid = image_id * 10 + q_index
+                questions.append({"question_id": qid, "image_id": image_id, "question": question})
+                answers.append({"question_id": qid, "image_id": image_id, "answer_type": kind,
+                                "question_type": " ".join(question.split()[:2]), "multiple_choice_answer": answer,
+                                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                            for i, a in enumerate(_annotator_answers(answer, kind, rng))]})
+        if split == "web":
+            captions, truth = _corrupt_web(captions, images, cfg.web_noise, rng)
+            (out / "web_truth.json").write_text(json.dumps(truth, indent=1))
+        info = {"description": f"vlp shapes world, {split} split", "seed": cfg.seed}
+        (out / f"captions_{split}.json").write_text(json.dumps(
+            {"info": info, "images": images, "annotations": captions}))
+        _write_csv(out / f"{split}.csv", ("filepath", "title"),
+                   [(images[c["image_id"] - 1]["file_name"], c["caption"]) for c in captions])
+        (out / f"instances_{split}.json").write_text(json.dumps(
+            {"info": info, "images": images, "annotations": instances, "categories": categories}))
+        (out / f"refs_{split}.json").write_text(json.dumps(refs))
+        vqa = out / "vqa"
+        vqa.mkdir(exist_ok=True)
+        (vqa / f"questions_{split}.json").write_text(json.dumps({"info": info, "questions": questions}))
+        (vqa / f"annotations_{split}.json").write_text(json.dumps({"info": info, "annotations": answers}))
+        if split != "test":  # shards are a training format
+            shard_samples = [
+                (f"{c['image_id']:06d}_{c['id']:07d}", pngs[c["image_id"] - 1], c["caption"],
+                 {"image_id": c["image_id"], "caption": c["caption"]}) for c in captions]
+            manifest["files"][f"shards_{split}"] = _write_shards(out / "shards", split, shard_samples, cfg.shards)
+        if split == "test":
+            heldout = {f"{c} {s}" for c, s in HELDOUT_PAIRS}
+            keep = {i + 1 for i, s in enumerate(scenes) if any(o.name in heldout for o in s.objects)}
+            (out / "captions_test_heldout.json").write_text(json.dumps({
+                "info": info, "images": [i for i in images if i["id"] in keep],
+                "annotations": [c for c in captions if c["image_id"] in keep]}))
+        manifest[split] = {"images": count, "captions": len(captions), "objects": len(instances),
+                           "questions": len(questions)}
+    _write_zeroshot(out, cfg, rng)
+    manifest["classify"] = {"images": cfg.classify}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _corrupt_web(captions: list[dict], images: list[dict], noise: float,
+                 rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Replace a share of web captions by junk alt-text or another image's caption; keep the truth."""
+    clean = [c["caption"] for c in captions]
+    truth = []
+    for c in captions:
+        kind = "clean"
+        if rng.random() < noise:
+            if rng.random() < 0.5:
+                kind = "junk"
+                c["caption"] = rng.choice(JUNK_ALT_TEXT).format(n=rng.randint(1, 99999))
+            else:
+                kind = "swapped"
+                other = rng.randrange(len(captions) - 1)
+                other += other >= c["image_id"] - 1
+                c["caption"] = clean[other]
+        truth.append({"image_id": c["image_id"], "file_name": images[c["image_id"] - 1]["file_name"],
+                      "caption": c["caption"], "clean_caption": clean[c["image_id"] - 1],
+                      "noisy": kind != "clean", "kind": kind})
+    return captions, truth
+
+
+def _write_zeroshot(out: Path, cfg: ShapesWorldConfig, rng: random.Random) -> None:
+    """Single-shape images labelled by shape and by colour + shape, for `vlp eval zeroshot`."""
+    folder = out / "zeroshot"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    pairs = [(c, s) for s in SHAPES for c in COLORS]
+    rows_shape, rows_pair, rows_heldout = [], [], []
+    for index in range(cfg.classify):
+        color, shape = pairs[index % len(pairs)]
+        size = rng.choice(list(SIZES))
+        radius = SIZES[size] * cfg.image_size
+        cx = rng.uniform(radius + 1, cfg.image_size - radius - 1)
+        cy = rng.uniform(radius + 1, cfg.image_size - radius - 1)
+        scene = Scene([ShapeObject(shape, color, size, cx, cy, radius)], background="")
+        name = f"images/{index + 1:06d}.png"
+        render(scene, rng, cfg.image_size).save(folder / name)
+        rows_shape.append((name, shape))
+        rows_pair.append((name, f"{color} {shape}"))
+        if (color, shape) in HELDOUT_PAIRS:
+            rows_heldout.append((name, f"{color} {shape}"))
+    _write_csv(folder / "shape.csv", ("filepath", "label"), rows_shape)
+    _write_csv(folder / "color_shape.csv", ("filepath", "label"), rows_pair)
+    _write_csv(folder / "color_shape_heldout.csv", ("filepath", "label"), rows_heldout)
+    (folder / "shape_classnames.txt").write_text("\n".join(SHAPES) + "\n")
+    (folder / "color_shape_classnames.txt").write_text("\n".join(f"{c} {s}" for c, s in pairs) + "\n")
+    (folder / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")

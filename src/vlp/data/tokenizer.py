@@ -1,0 +1,128 @@
+"""Tokenizers trained and run by the `tokenizers` library, at a fixed context length.
+
+The whole tokenizer (vocabulary, normaliser, special-token template, padding and truncation to the
+context length) is one `tokenizer.json`, saved inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "wordpiece"] = "bpe"
+    vocab_size: int = 4096
+    context_length: int = 32
+    lowercase: bool = True
+    bos_token: str | None = "<start_of_text>"
+    eos_token: str = "<end_of_text>"
+    # SigLIP pads with its end-of-text token ("sticky" EOS) so the last position is always EOS.
+    pad_token: str = "<pad>"
+    unk_token: str = "<unk>"
+    path: str | None = None  # an existing tokenizer.json or a folder holding one; None = train one
+
+
+class Tokenizer:
+    """Text -> (ids [B, L], mask [B, L]) at a fixed length L, with special tokens added."""
+
+    def __init__(self, backend: BackendTokenizer):
+        if backend.padding is None or backend.padding.get("length") is None:
+            raise ValueError("tokenizer.json has no fixed padding length; vlp tokenizers pad to a context length")
+        self.backend = backend
+        self.context_length: int = backend.padding["length"]
+        self.pad_id: int = backend.padding["pad_id"]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer found at {path}")
+        return cls(BackendTokenizer.from_file(str(path)))
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / TOKENIZER_FILE
+        self.backend.save(str(path))
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        encodings = self.backend.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+
+def _special_tokens(cfg: TokenizerConfig) -> list[str]:
+    tokens = [cfg.pad_token, cfg.unk_token, cfg.bos_token, cfg.eos_token]
+    return list(dict.fromkeys(t for t in tokens if t))  # de-duplicated, order kept
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    """Train a byte-level BPE or a WordPiece tokenizer on `texts` and fix it to the context length."""
+    specials = _special_tokens(cfg)
+    norm = [normalizers.NFC()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
+    if cfg.kind == "bpe":
+        backend = BackendTokenizer(models.BPE())
+        backend.normalizer = normalizers.Sequence(norm)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+    else:
+        backend = BackendTokenizer(models.WordPiece(unk_token=cfg.unk_token))
+        backend.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size, special_tokens=specials, show_progress=False
+        )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return configure_tokenizer(backend, cfg)
+
+
+def configure_tokenizer(backend: BackendTokenizer, cfg: TokenizerConfig) -> Tokenizer:
+    """Add the special-token template and fixed-length padding and truncation to a trained backend."""
+    for token in _special_tokens(cfg):
+        if backend.token_to_id(token) is None:
+            raise ValueError(f"special token '{token}' is not in the vocabulary")
+    eos = (cfg.eos_token, backend.token_to_id(cfg.eos_token))
+    if cfg.bos_token:
+        bos = (cfg.bos_token, backend.token_to_id(cfg.bos_token))
+        template = processors.TemplateProcessing(
+            single=f"{bos[0]} $A {eos[0]}", pair=f"{bos[0]} $A {eos[0]} $B {eos[0]}", special_tokens=[bos, eos]
+        )
+    else:
+        template = processors.TemplateProcessing(
+            single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B {eos[0]}", special_tokens=[eos]
+        )
+    backend.post_processor = template
+    # Truncation leaves room for the template's special tokens, so the end-of-text token survives.
+    backend.enable_truncation(max_length=cfg.context_length)
+    backend.enable_padding(
+        length=cfg.context_length, pad_id=backend.token_to_id(cfg.pad_token), pad_token=cfg.pad_token
+    )
+    return Tokenizer(backend)
