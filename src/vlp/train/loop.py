@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
     last = resume_from
     sums: dict[str, float] = {}
     interval_samples, interval_start, run_start = 0, time.perf_counter(), time.perf_counter()
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not tc.progress, unit="step", dynamic_ncols=True)
+    # Redrawn less often when stderr is a log file rather than a terminal.
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not tc.progress, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     with metrics_path.open("a") as metrics_file:
         for step in range(start_step + 1, tc.steps + 1):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
