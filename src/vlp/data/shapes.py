@@ -168,10 +168,11 @@ def describe(scene: Scene, rng: random.Random, count: int) -> list[str]:
                     f"{_article(o.name)} on its own", f"there is {full[0]} in the picture"]
     else:
         a, b = rng.sample(objs, 2)
+        sized_a, sized_b = _article(f"{a.size} {a.name}"), _article(f"{b.size} {b.name}")
         options += [
             f"{NUMBER_WORDS[n]} shapes: {plain_listing}",
-            f"{_article(f'{a.color} {a.shape}')} {_relation(a, b)} {_article(f'{b.color} {b.shape}')}",
-            f"{_article(f'{a.size} {a.color} {a.shape}')} {_relation(a, b)} {_article(f'{b.size} {b.color} {b.shape}')}",
+            f"{_article(a.name)} {_relation(a, b)} {_article(b.name)}",
+            f"{sized_a} {_relation(a, b)} {sized_b}",
             f"{NUMBER_WORDS[n]} coloured shapes, including {_article(a.name)}",
             f"a picture of {plain_listing}",
         ]
