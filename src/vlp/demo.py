@@ -60,7 +60,7 @@ def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str
     plot_recall(results, "retrieval_test", out / "recall_at_k.png")
     all_items = read_captions(str(data / "captions_test.json"))
     items = all_items[:8]
-    texts = [c for item in all_items for c in item.captions]
+    texts = list(dict.fromkeys(c for item in all_items for c in item.captions))  # distinct captions
     predictor = DualEncoderPredictor.from_checkpoint(runs["clip"])
     image_features = predictor.embed_images([i.path for i in items])
     scores = image_features @ predictor.embed_texts(texts).T  # [8, all test captions]
