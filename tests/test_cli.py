@@ -80,7 +80,7 @@ def test_embed_and_classify(trained_run, shapes_world, tmp_path, capsys):
     assert str(images[0]) in out and "circle" in out
 
 
-def test_errors_are_clear_and_exit_2(shapes_world, tmp_path, capsys):
+def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  family: clip\ntrain:\n  stpes: 3\n")
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "r")]) == 2

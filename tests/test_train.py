@@ -91,7 +91,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(shap
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5)
 
 
-def test_no_weight_decay_on_biases_norms_embeddings_and_scalars(shapes_world):
+def test_no_weight_decay_on_biases_norms_embeddings_and_scalars():
     cfg = load_run_config(None, tiny_run_overrides("unused.csv", steps=1, **{**SIGLIP, "model.vision": TINY_VIT}))
     family, model_cfg, _ = cfg.family_configs()
     model = family.model_cls(model_cfg)

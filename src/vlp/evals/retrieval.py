@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-EmbedFn = Callable[[Sequence], torch.Tensor]
+from vlp.evals import EmbedFn
 
 
 def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from vlp.data.sources import IMAGE_EXTENSIONS, DataError
+from vlp.evals import EmbedFn
 
-EmbedFn = Callable[[Sequence], torch.Tensor]
+from vlp.data.sources import IMAGE_EXTENSIONS, DataError
 
 
 def read_lines(path: str | Path) -> list[str]:
