@@ -6,6 +6,10 @@ context length) is one `tokenizer.json`, saved inside every checkpoint.
 
 from __future__ import annotations
 
+import html
+import json
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -15,6 +19,37 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 TOKENIZER_FILE = "tokenizer.json"
+# Python-side text cleaning that a tokenizer.json cannot express (ftfy, HTML entities), kept beside it.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# none: the backend's own normaliser only.
+# whitespace: open_clip's Hugging Face tokenizers (ftfy, HTML unescaped twice, whitespace collapsed).
+# lower: open_clip's CLIP tokenizer (the same, lowercased).
+# canonicalize: open_clip / big_vision SigLIP (as lower, then "_" -> " " and ASCII punctuation removed).
+# canonicalize_hf: transformers' SiglipTokenizer (lowercased, ASCII punctuation removed, whitespace collapsed).
+TextClean = Literal["none", "whitespace", "lower", "canonicalize", "canonicalize_hf"]
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _fix_text(text: str) -> str:
+    import ftfy  # imported here: only the CLIP and SigLIP cleanings need it
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def clean_text(text: str, mode: TextClean) -> str:
+    if mode == "none":
+        return text
+    if mode == "whitespace":
+        return " ".join(_fix_text(text).split())
+    if mode == "lower":
+        return " ".join(_fix_text(text).split()).lower()
+    if mode == "canonicalize":
+        text = _fix_text(text).replace("_", " ").translate(_PUNCTUATION).lower()
+        return " ".join(text.split())
+    if mode == "canonicalize_hf":
+        return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
+    raise ValueError(f"unknown text cleaning '{mode}'; expected none, whitespace, lower, canonicalize or canonicalize_hf")
 
 
 @dataclass
@@ -29,15 +64,18 @@ class TokenizerConfig:
     pad_token: str = "<pad>"
     unk_token: str = "<unk>"
     path: str | None = None  # an existing tokenizer.json or a folder holding one; None = train one
+    clean: TextClean = "none"
 
 
 class Tokenizer:
     """Text -> (ids [B, L], mask [B, L]) at a fixed length L, with special tokens added."""
 
-    def __init__(self, backend: BackendTokenizer):
+    def __init__(self, backend: BackendTokenizer, clean: TextClean = "none"):
         if backend.padding is None or backend.padding.get("length") is None:
             raise ValueError("tokenizer.json has no fixed padding length; vlp tokenizers pad to a context length")
+        clean_text("", clean)  # rejects an unknown mode now rather than at the first call
         self.backend = backend
+        self.clean = clean
         self.context_length: int = backend.padding["length"]
         self.pad_id: int = backend.padding["pad_id"]
 
@@ -48,11 +86,14 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer found at {path}")
-        return cls(BackendTokenizer.from_file(str(path)))
+        settings = path.with_name(TOKENIZER_CONFIG_FILE)
+        clean = json.loads(settings.read_text()).get("clean", "none") if settings.is_file() else "none"
+        return cls(BackendTokenizer.from_file(str(path)), clean)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE
         self.backend.save(str(path))
+        path.with_name(TOKENIZER_CONFIG_FILE).write_text(json.dumps({"clean": self.clean}, indent=1))
         return path
 
     @property
@@ -65,13 +106,16 @@ class Tokenizer:
     def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
-        encodings = self.backend.encode_batch(list(texts))
+        encodings = self.backend.encode_batch([clean_text(t, self.clean) for t in texts])
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
     def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=True)
+        ids = list(ids)
+        while ids and ids[-1] == self.pad_id:  # the pad token may be an ordinary one (open_clip pads with "!")
+            ids.pop()
+        return self.backend.decode(ids, skip_special_tokens=True).strip()
 
 
 def _special_tokens(cfg: TokenizerConfig) -> list[str]:
@@ -100,7 +144,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         trainer = trainers.WordPieceTrainer(
             vocab_size=cfg.vocab_size, special_tokens=specials, show_progress=False
         )
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend.train_from_iterator((clean_text(t, cfg.clean) for t in texts), trainer=trainer)
     return configure_tokenizer(backend, cfg)
 
 
@@ -120,9 +164,15 @@ def configure_tokenizer(backend: BackendTokenizer, cfg: TokenizerConfig) -> Toke
             single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B {eos[0]}", special_tokens=[eos]
         )
     backend.post_processor = template
+    return fix_length(backend, cfg.context_length, cfg.pad_token, cfg.clean)
+
+
+def fix_length(backend: BackendTokenizer, context_length: int, pad_token: str, clean: TextClean) -> Tokenizer:
+    """Pad and truncate every text to `context_length`."""
+    pad_id = backend.token_to_id(pad_token)
+    if pad_id is None:
+        raise ValueError(f"pad token '{pad_token}' is not in the vocabulary")
     # Truncation leaves room for the template's special tokens, so the end-of-text token survives.
-    backend.enable_truncation(max_length=cfg.context_length)
-    backend.enable_padding(
-        length=cfg.context_length, pad_id=backend.token_to_id(cfg.pad_token), pad_token=cfg.pad_token
-    )
-    return Tokenizer(backend)
+    backend.enable_truncation(max_length=context_length)
+    backend.enable_padding(length=context_length, pad_id=pad_id, pad_token=pad_token)
+    return Tokenizer(backend, clean)

@@ -26,7 +26,10 @@ class TextConfig:
     # Bidirectional towers attend only to real tokens; a causal tower pooled at the end-of-text token
     # never sees the padding after it, so it can skip the mask and use the fused causal kernel.
     mask_padding: bool = False
-    pool: Literal["eot", "last", "first"] = "eot"
+    # eot: the end-of-text token (the first `eot_token_id`, else the last real token by the mask);
+    # argmax: the largest id, open_clip's default, where end-of-text is the highest id in the vocabulary.
+    pool: Literal["eot", "argmax", "last", "first"] = "eot"
+    eot_token_id: int | None = None
     cross_attention_width: int | None = None  # set to the image width for image-grounded text
     grad_checkpointing: bool = False
 
@@ -71,19 +74,26 @@ class TextTransformer(nn.Module):
                 x = block(x, **kwargs)
         return self.ln_final(x)
 
-    def pool_tokens(self, tokens: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
-        """Tokens [B, L, D] -> pooled [B, D] at the end-of-text, last or first token."""
+    def pool_tokens(
+        self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Tokens [B, L, D] -> pooled [B, D] at the end-of-text, largest-id, last or first token."""
         if self.cfg.pool == "first":
             return tokens[:, 0]
-        if self.cfg.pool == "last" or text_mask is None:
+        if self.cfg.pool == "argmax":
+            position = text.argmax(dim=-1)
+        elif self.cfg.pool == "eot" and self.cfg.eot_token_id is not None:
+            position = (text == self.cfg.eot_token_id).int().argmax(dim=-1)
+        elif self.cfg.pool == "eot" and text_mask is not None:
+            # The tokenizer ends every text with its end-of-text token, so it sits at the last real position.
+            position = text_mask.long().sum(dim=1).clamp(min=1) - 1
+        else:
             return tokens[:, -1]
-        # The tokenizer ends every text with its end-of-text token, so it sits at the last real position.
-        eot = text_mask.long().sum(dim=1).clamp(min=1) - 1
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), position]
 
     def forward(
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None, **cross: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (pooled [B, D], tokens [B, L, D])."""
         tokens = self.forward_features(text, text_mask, **cross)
-        return self.pool_tokens(tokens, text_mask), tokens
+        return self.pool_tokens(tokens, text, text_mask), tokens

@@ -1,0 +1,136 @@
+"""Declarative key maps between vlp state dicts and other libraries', and safe weight reading.
+
+A `Rule` says that vlp's tensors `ours`, concatenated along dim 0, equal the foreign tensors `theirs`,
+concatenated along dim 0 and transformed. That one form covers renames, fused q/k/v projections
+split into three (or packed into one `in_proj_weight`), transposed projection matrices and scalars
+stored as [1]-vectors. Both directions run the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from safetensors.torch import load_file
+
+from vlp.checkpoint import CheckpointError
+
+Transform = Literal["copy", "transpose", "vector"]  # vector: a [1]-shaped tensor abroad, a scalar in vlp
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+    transform: Transform = "copy"
+
+
+def rule(ours: str | tuple[str, ...], theirs: str | tuple[str, ...], transform: Transform = "copy") -> Rule:
+    as_tuple = lambda keys: (keys,) if isinstance(keys, str) else tuple(keys)  # noqa: E731
+    return Rule(as_tuple(ours), as_tuple(theirs), transform)
+
+
+def prefixed(rules: Iterable[Rule], ours: str, theirs: str) -> list[Rule]:
+    """The same rules under a vlp prefix and a foreign prefix."""
+    return [
+        Rule(tuple(ours + k for k in r.ours), tuple(theirs + k for k in r.theirs), r.transform) for r in rules
+    ]
+
+
+def _describe(keys: tuple[str, ...]) -> str:
+    return " + ".join(f"'{k}'" for k in keys)
+
+
+def to_vlp(
+    state: dict[str, torch.Tensor],
+    rules: list[Rule],
+    expected: dict[str, torch.Tensor],
+    *,
+    source: str,
+    ignore: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Foreign state dict -> vlp state dict, checked against the model's own `expected` shapes.
+
+    Keys ending in one of `ignore` (buffers such as position ids) are dropped; any other foreign key
+    no rule reads is an error, so a checkpoint of the wrong architecture is not half-loaded.
+    """
+    used = {k for r in rules for k in r.theirs}
+    missing = sorted(k for k in used if k not in state)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(k for k in state if k not in used and not k.endswith(ignore))
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
+            "the checkpoint does not match the architecture in its config"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for r in rules:
+        parts = [state[k] for k in r.theirs]
+        try:
+            tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        except RuntimeError:
+            shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+            raise CheckpointError(f"{source}: {_describe(r.theirs)} have shapes {shapes} that do not stack") from None
+        if r.transform == "transpose":
+            tensor = tensor.t()
+        want = [expected[k].shape for k in r.ours]
+        if r.transform == "vector":
+            tensor = tensor.reshape(want[0])
+        sizes = [s[0] if len(s) else 1 for s in want]
+        total = torch.Size([sum(sizes), *want[0][1:]]) if len(want) > 1 else want[0]
+        if tensor.shape != total:
+            raise CheckpointError(
+                f"{source}: {_describe(r.theirs)} has shape {tuple(tensor.shape)} (as vlp lays it out); "
+                f"vlp's {_describe(r.ours)} expects {tuple(total)}"
+            )
+        chunks = tensor.split(sizes, dim=0) if len(r.ours) > 1 else (tensor,)
+        for key, chunk in zip(r.ours, chunks):
+            out[key] = chunk.contiguous()
+    return out
+
+
+def from_vlp(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
+    """vlp state dict -> foreign state dict; a many-key foreign side is split into equal parts."""
+    out: dict[str, torch.Tensor] = {}
+    for r in rules:
+        parts = [state[k] for k in r.ours]
+        tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if r.transform == "transpose":
+            tensor = tensor.t()
+        elif r.transform == "vector":
+            tensor = tensor.reshape(1)
+        chunks = tensor.chunk(len(r.theirs), dim=0) if len(r.theirs) > 1 else (tensor,)
+        for key, chunk in zip(r.theirs, chunks):
+            out[key] = chunk.detach().cpu().contiguous()
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a torch pickle, never running pickled code.
+
+    Training checkpoints' {"state_dict": ...} wrappers and DDP / torch.compile prefixes are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for pickles it refuses or cannot read
+            raise CheckpointError(
+                f"{path}: cannot be read as plain tensors ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                "vlp loads only safetensors or weights-only torch files"
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

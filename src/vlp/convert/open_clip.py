@@ -1,0 +1,299 @@
+"""open_clip checkpoints: a model config (`embed_dim`, `vision_cfg`, `text_cfg`) and a state dict.
+
+Accepted forms: a folder with `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) and
+`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, as open_clip's `save_for_hf` writes it;
+or any state-dict file with the model config JSON given beside it (e.g. `ViT-B-32-quickgelu.json`).
+Built-in ViT image towers and text transformers are supported; timm and Hugging Face towers, ResNets,
+LayerScale and attentional pooling are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from vlp.checkpoint import CheckpointError, Pretrained
+from vlp.convert.hf import ConversionError, end_of_text_id
+from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp
+from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
+from vlp.data.tokenizer import Tokenizer
+from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
+from vlp.families import FAMILIES
+from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.towers import TextConfig, VisionConfig
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# OpenAI's original state dicts carry these non-tensor-like extras; the causal mask is a buffer.
+IGNORED_KEYS = ("attn_mask", "input_resolution", "context_length", "vocab_size")
+
+# Options whose default is the only behaviour vlp implements: refuse a config that sets them otherwise.
+_VISION_DEFAULTS = dict(ls_init_value=None, attentional_pool=False, pos_embed_type="learnable", timm_model_name=None,
+                        qk_norm=False, scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
+                        scale_attn=False, scale_fc=False)
+_TEXT_DEFAULTS = dict(ls_init_value=None, embed_cls=False, final_ln_after_pool=False, proj_type="linear",
+                      hf_model_name=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+                      scale_attn_inner=False, scale_attn=False, scale_fc=False, tokenizer_mode=None)
+_POOL = {"argmax": "argmax", "eos": "eot", "last": "last", "first": "first"}
+
+
+def is_open_clip_folder(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def _check_defaults(cfg: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
+    for key, default in defaults.items():
+        if cfg.get(key, default) != default:
+            raise ConversionError(f"open_clip {where}.{key} = {cfg[key]!r} is not supported by vlp (only {default!r})")
+
+
+def _activation(model_cfg: dict[str, Any], tower: dict[str, Any], where: str) -> str:
+    kwargs = tower.get("act_kwargs") or {}
+    if kwargs.get("approximate") == "tanh":
+        return "gelu_tanh"
+    if set(kwargs) - {"approximate"}:
+        raise ConversionError(f"open_clip {where}.act_kwargs {kwargs} is not supported")
+    return "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+
+
+def _eps(tower: dict[str, Any], where: str) -> float:
+    kwargs = tower.get("norm_kwargs") or {}
+    if set(kwargs) - {"eps"}:
+        raise ConversionError(f"open_clip {where}.norm_kwargs {kwargs} is not supported")
+    return float(kwargs.get("eps", 1e-5))
+
+
+def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
+    if "multimodal_cfg" in model_cfg:
+        raise ConversionError("open_clip CoCa configs (multimodal_cfg) are not dual encoders")
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    _check_defaults(vision, _VISION_DEFAULTS, "vision_cfg")
+    _check_defaults(text, _TEXT_DEFAULTS, "text_cfg")
+    layers = vision.get("layers", 12)
+    if not isinstance(layers, int):
+        raise ConversionError(f"open_clip vision_cfg.layers {layers} is a ModifiedResNet, which vlp does not build")
+    pool_type = vision.get("pool_type", "tok")
+    if pool_type not in ("tok", "avg"):
+        raise ConversionError(f"open_clip vision_cfg.pool_type '{pool_type}' is not supported (tok or avg)")
+    if vision.get("final_ln_after_pool") and pool_type == "avg":
+        raise ConversionError("open_clip vision_cfg.final_ln_after_pool with avg pooling is not supported")
+    width = vision.get("width", 768)
+    image_size = vision.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            raise ConversionError(f"open_clip vision_cfg.image_size {image_size} is not square")
+        image_size = image_size[0]
+    vision_cfg = VisionConfig(
+        image_size=image_size, patch_size=vision.get("patch_size", 16), width=width, layers=layers,
+        heads=width // vision.get("head_width", 64), mlp_ratio=vision.get("mlp_ratio", 4.0),
+        act=_activation(model_cfg, vision, "vision_cfg"), norm_eps=_eps(vision, "vision_cfg"),
+        class_token=True, patch_bias=False, ln_pre=not vision.get("no_ln_pre", False),
+        pool="cls" if pool_type == "tok" else "mean",
+    )
+    pool = text.get("pool_type", "argmax")
+    if pool not in _POOL:
+        raise ConversionError(f"open_clip text_cfg.pool_type '{pool}' is not supported ({', '.join(_POOL)})")
+    causal = not text.get("no_causal_mask", False)
+    text_cfg = TextConfig(
+        vocab_size=text.get("vocab_size", 49408), context_length=text.get("context_length", 77),
+        width=text.get("width", 512), layers=text.get("layers", 12), heads=text.get("heads", 8),
+        mlp_ratio=text.get("mlp_ratio", 4.0), act=_activation(model_cfg, text, "text_cfg"),
+        norm_eps=_eps(text, "text_cfg"), causal=causal, mask_padding=bool(text.get("use_pad_mask")) and not causal,
+        pool=_POOL[pool], eot_token_id=text.get("eos_id", 2) if pool == "eos" else None,
+    )
+    bias = model_cfg.get("init_logit_bias")
+    return DualEncoderConfig(
+        embed_dim=model_cfg["embed_dim"], vision=vision_cfg, text=text_cfg, init_logit_scale=math.log(1 / 0.07),
+        init_logit_bias=float(bias) if bias is not None else None, vision_projection=True,
+        text_projection_bias=bool(text.get("proj_bias", False)),
+    )
+
+
+def _block_rules(layers: int) -> list[Rule]:
+    rules = []
+    for i in range(layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.resblocks.{i}."
+        pairs = [("norm1", "ln_1"), ("attn.out_proj", "attn.out_proj"), ("norm2", "ln_2"),
+                 ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+        rules += [rule(f"{ours}{a}.{p}", f"{theirs}{b}.{p}") for a, b in pairs for p in ("weight", "bias")]
+        rules += [rule(ours + "attn.qkv_proj.weight", theirs + "attn.in_proj_weight"),
+                  rule(ours + "attn.qkv_proj.bias", theirs + "attn.in_proj_bias")]
+    return rules
+
+
+def _norm(ours: str, theirs: str) -> list[Rule]:
+    return [rule(f"{ours}.weight", f"{theirs}.weight"), rule(f"{ours}.bias", f"{theirs}.bias")]
+
+
+def open_clip_rules(cfg: DualEncoderConfig, custom_text: bool) -> list[Rule]:
+    vision = [rule("patch_embed.proj.weight", "conv1.weight"), rule("class_embedding", "class_embedding"),
+              rule("pos_embed", "positional_embedding"), *_block_rules(cfg.vision.layers), *_norm("ln_post", "ln_post")]
+    if cfg.vision.ln_pre:
+        vision += _norm("ln_pre", "ln_pre")
+    text = [rule("token_embedding.weight", "token_embedding.weight"), rule("pos_embed", "positional_embedding"),
+            *_block_rules(cfg.text.layers), *_norm("ln_final", "ln_final")]
+    text_prefix = "text." if custom_text else ""
+    rules = prefixed(vision, "visual.", "visual.") + prefixed(text, "text.", text_prefix)
+    rules.append(rule("visual_projection.weight", "visual.proj", "transpose"))
+    if cfg.text_projection_bias:  # an nn.Linear in open_clip, laid out as vlp's
+        rules += _norm("text_projection", text_prefix + "text_projection")
+    else:  # a [width, embed] matrix used as x @ proj
+        rules.append(rule("text_projection.weight", text_prefix + "text_projection", "transpose"))
+    rules.append(rule("logit_scale", "logit_scale"))
+    if cfg.init_logit_bias is not None:
+        rules.append(rule("logit_bias", "logit_bias"))
+    return rules
+
+
+def _read_model_cfg(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = json.loads(path.read_text())
+    if "model_cfg" in data:
+        return data["model_cfg"], data.get("preprocess_cfg", {})
+    if "embed_dim" not in data:
+        raise CheckpointError(f"{path} is not an open_clip model config (no embed_dim or model_cfg)")
+    return data, data.get("preprocess_cfg", {})
+
+
+def image_config_from_open_clip(preprocess: dict[str, Any], image_size: int) -> ImageConfig:
+    mode = preprocess.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        raise ConversionError(f"open_clip resize_mode '{mode}' is not supported (shortest or squash)")
+    interpolation = preprocess.get("interpolation", "bicubic")
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ConversionError(f"open_clip interpolation '{interpolation}' is not supported (bicubic or bilinear)")
+    size = preprocess.get("size", image_size)
+    return ImageConfig(
+        size=size[0] if isinstance(size, (list, tuple)) else size,
+        mean=tuple(preprocess.get("mean", CLIP_MEAN)), std=tuple(preprocess.get("std", CLIP_STD)),
+        interpolation=interpolation, resize_mode=mode,
+    )
+
+
+def _tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: str | Path | None) -> Tokenizer:
+    text = model_cfg.get("text_cfg", {})
+    context_length = text.get("context_length", 77)
+    if tokenizer is not None:
+        return tokenizer_from_path(tokenizer, context_length=context_length)
+    if text.get("hf_tokenizer_name"):
+        name = Path(text["hf_tokenizer_name"])
+        for candidate in (name, folder / name if folder else None, folder):
+            if candidate is not None and candidate.is_dir() and any(
+                    (candidate / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
+                loaded = hf_tokenizer(candidate, context_length=context_length, model_type="clip")
+                return Tokenizer(loaded.backend, (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace"))
+        raise CheckpointError(
+            f"open_clip text_cfg.hf_tokenizer_name '{name}' is not a local folder; pass the tokenizer "
+            "folder (tokenizer.json or vocab.json + merges.txt) with --tokenizer"
+        )
+    vocab = find_open_clip_vocab()
+    if vocab is None:
+        raise CheckpointError(
+            "this open_clip model uses the CLIP BPE tokenizer: pass its vocabulary with --tokenizer "
+            "(bpe_simple_vocab_16e6.txt.gz, or a Hugging Face CLIP folder with vocab.json + merges.txt), "
+            "or install open_clip_torch, which ships it"
+        )
+    return open_clip_bpe(vocab, context_length)
+
+
+def load_open_clip(
+    path: Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None
+) -> Pretrained:
+    """An open_clip folder, or a state-dict file with `config` (a model config JSON)."""
+    if path.is_dir():
+        folder = path
+        config_path = Path(config) if config else folder / CONFIG_FILE
+        weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{folder} holds {CONFIG_FILE} but none of {', '.join(WEIGHTS_FILES)}")
+    else:
+        if config is None:
+            raise CheckpointError(
+                f"{path} is a bare state dict: give its open_clip model config JSON too (--config ViT-B-32.json)"
+            )
+        folder, config_path, weights = path.parent, Path(config), path
+    model_cfg, preprocess = _read_model_cfg(config_path)
+    cfg = config_from_open_clip(model_cfg)
+    model = DualEncoder(cfg)
+    state = read_state_dict(weights)
+    rules = open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
+    model.load_state_dict(to_vlp(state, rules, model.state_dict(), source=str(weights), ignore=IGNORED_KEYS))
+    model.eval()
+    image_config = image_config_from_open_clip(preprocess, cfg.vision.image_size)
+    return Pretrained(FAMILIES["clip"], cfg, model, image_config, _tokenizer(model_cfg, folder, tokenizer), path)
+
+
+def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    v, t = cfg.vision, cfg.text
+    if not isinstance(v, VisionConfig):
+        raise ConversionError(f"the image tower is a {v.kind}; only ViT towers have an open_clip equivalent")
+    needs = {"vision.class_token": (v.class_token, True), "vision.patch_bias": (v.patch_bias, False),
+             "vision_projection": (cfg.vision_projection, True)}
+    wrong = [f"{k}={a} (needs {b})" for k, (a, b) in needs.items() if a != b]
+    if v.pool not in ("cls", "mean"):
+        wrong.append(f"vision.pool={v.pool} (needs cls or mean)")
+    if v.act != t.act:
+        wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip uses one activation)")
+    if wrong:
+        raise ConversionError("the model has no open_clip built-in layout: " + ", ".join(wrong))
+    if v.width % v.heads:
+        raise ConversionError(f"vision width {v.width} is not divisible by {v.heads} heads")
+
+    def norm(eps: float) -> dict[str, Any]:
+        return {"norm_kwargs": {"eps": eps}} if eps != 1e-5 else {}
+
+    act = {"act_kwargs": {"approximate": "tanh"}} if v.act == "gelu_tanh" else {}
+    vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                  head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio, no_ln_pre=not v.ln_pre,
+                  pool_type="tok" if v.pool == "cls" else "avg", **norm(v.norm_eps), **act)
+    pool = {"argmax": "argmax", "eot": "eos", "last": "last", "first": "first"}[t.pool]
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                layers=t.layers, mlp_ratio=t.mlp_ratio, no_causal_mask=not t.causal, pool_type=pool,
+                proj_bias=cfg.text_projection_bias, pad_id=tokenizer.pad_id, **norm(t.norm_eps), **act)
+    if t.pool == "eot":
+        text["eos_id"] = t.eot_token_id if t.eot_token_id is not None else end_of_text_id(tokenizer)
+    if t.mask_padding and not t.causal:
+        text["use_pad_mask"] = True
+    config: dict[str, Any] = {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
+    if v.act == "quick_gelu":
+        config["quick_gelu"] = True
+    if cfg.init_logit_bias is not None:
+        config["init_logit_bias"] = cfg.init_logit_bias
+    return config
+
+
+def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
+    """Write open_clip's `save_for_hf` layout: open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
+    cfg = pretrained.config
+    if not isinstance(cfg, DualEncoderConfig):
+        raise ConversionError(f"family '{pretrained.family.name}' has no open_clip export yet")
+    tokenizer = pretrained.tokenizer
+    model_cfg = open_clip_config_from_vlp(cfg, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    # open_clip's own CLIP BPE needs no files; any other tokenizer travels as a Hugging Face tokenizer folder.
+    if not _is_open_clip_bpe(tokenizer):
+        tokenizer.backend.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.context_length,
+            "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
+            "eos_token": tokenizer.backend.id_to_token(end_of_text_id(tokenizer)),
+            "vlp_text_clean": tokenizer.clean}, indent=1))
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
+        clean = tokenizer.clean if tokenizer.clean in ("whitespace", "lower", "canonicalize") else "whitespace"
+        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
+    state = from_vlp(pretrained.model.state_dict(), open_clip_rules(cfg, custom_text=False))
+    save_file(state, str(out / WEIGHTS_FILES[0]), metadata={"format": "pt"})
+    image = pretrained.image_config
+    preprocess = {"size": image.size, "mean": list(image.mean), "std": list(image.std),
+                  "interpolation": image.interpolation, "resize_mode": image.resize_mode}
+    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=1))
+    return out
+
+
+def _is_open_clip_bpe(tokenizer: Tokenizer) -> bool:
+    backend = tokenizer.backend
+    return (tokenizer.clean == "lower" and backend.get_vocab_size() == 49408
+            and backend.token_to_id("<start_of_text>") == 49406 and backend.token_to_id("<end_of_text>") == 49407)
