@@ -21,9 +21,9 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from vlp.config import apply_overrides, read_mapping
     from vlp.data.pipeline import DataConfig, training_captions
     from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-    from vlp.config import apply_overrides, read_mapping
 
     data = read_mapping(args.config).get("tokenizer", {}) if args.config else {}
     data = apply_overrides({"tokenizer": data}, args.set)["tokenizer"]
@@ -90,6 +90,14 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     for path, row in zip(args.image, probs):
         ranked = sorted(zip(labels, row.tolist()), key=lambda x: -x[1])
         print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked[:5]))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from vlp.convert import export_pretrained, load_pretrained
+
+    pretrained = load_pretrained(args.src, config=args.config, tokenizer=args.tokenizer)
+    out = export_pretrained(pretrained, args.to, args.out)
+    print(f"{args.src} -> {args.to} checkpoint in {out}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -161,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--templates", help="templates file, one per line with {}")
     cl.set_defaults(func=_cmd_classify)
 
+    cv = sub.add_parser("convert", help="convert a checkpoint between vlp, Hugging Face and open_clip")
+    cv.add_argument("src", help="vlp / Hugging Face / open_clip folder, or an open_clip state-dict file")
+    cv.add_argument("--to", required=True, choices=["vlp", "hf", "open_clip"])
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--config", help="open_clip model config JSON, for a bare state-dict file")
+    cv.add_argument("--tokenizer", help="tokenizer to use instead of the one beside the weights")
+    cv.set_defaults(func=_cmd_convert)
+
     demo = sub.add_parser("demo", help="shapes world -> tiny CLIP and SigLIP -> evaluation -> report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/shapes")
@@ -176,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from vlp.checkpoint import CheckpointError
+    from vlp.convert import ConversionError
     from vlp.data.sources import DataError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -65,8 +65,14 @@ def export_pretrained(pretrained: Pretrained, fmt: Format, out: str | Path) -> P
     if fmt == "open_clip":
         return export_open_clip(pretrained, out)
     if fmt == "vlp":
-        return save_checkpoint(out, family=pretrained.family, model_config=pretrained.config, model=pretrained.model,
-                               image_config=pretrained.image_config, tokenizer=pretrained.tokenizer)
+        return save_checkpoint(
+            out,
+            family=pretrained.family,
+            model_config=pretrained.config,
+            model=pretrained.model,
+            image_config=pretrained.image_config,
+            tokenizer=pretrained.tokenizer,
+        )
     raise ValueError(f"unknown format '{fmt}'; expected one of {', '.join(FORMATS)}")
 
 

@@ -31,23 +31,60 @@ MODEL_TYPES = ("clip", "siglip")
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 _DEFAULTS = {
     "clip": {
-        "text_config": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                            num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-                            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406, eos_token_id=49407),
-        "vision_config": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5),
-        "top": dict(projection_dim=512, logit_scale_init_value=2.6592),
+        "text_config": {
+            "vocab_size": 49408,
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 1,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+        },
+        "vision_config": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "num_channels": 3,
+            "image_size": 224,
+            "patch_size": 32,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+        "top": {"projection_dim": 512, "logit_scale_init_value": 2.6592},
     },
     "siglip": {
-        "text_config": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
-                            layer_norm_eps=1e-6, pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
-                            projection_size=None),
-        "vision_config": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
-                              layer_norm_eps=1e-6, vision_use_head=True),
-        "top": dict(),
+        "text_config": {
+            "vocab_size": 32000,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 64,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "pad_token_id": 1,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "projection_size": None,
+        },
+        "vision_config": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "num_channels": 3,
+            "image_size": 224,
+            "patch_size": 16,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "vision_use_head": True,
+        },
+        "top": {},
     },
 }
 _FROM_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -102,10 +139,16 @@ def config_from_hf(config: dict[str, Any]) -> DualEncoderConfig:
     vision_cfg = VisionConfig(
         image_size=_square(vision["image_size"], "vision_config.image_size"),
         patch_size=_square(vision["patch_size"], "vision_config.patch_size"),
-        width=vision["hidden_size"], layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+        width=vision["hidden_size"],
+        layers=vision["num_hidden_layers"],
+        heads=vision["num_attention_heads"],
         mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
-        act=_activation(vision, "vision_config"), norm_eps=vision["layer_norm_eps"],
-        class_token=not siglip, patch_bias=siglip, ln_pre=not siglip, pool="map" if siglip else "cls",
+        act=_activation(vision, "vision_config"),
+        norm_eps=vision["layer_norm_eps"],
+        class_token=not siglip,
+        patch_bias=siglip,
+        ln_pre=not siglip,
+        pool="map" if siglip else "cls",
     )
     if siglip and not vision["vision_use_head"]:
         raise ConversionError("vision_config.vision_use_head: false leaves SigLIP without an image embedding")
@@ -116,19 +159,33 @@ def config_from_hf(config: dict[str, Any]) -> DualEncoderConfig:
     else:
         pool, eot_id = "eot", text["eos_token_id"]
     text_cfg = TextConfig(
-        vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"], width=text["hidden_size"],
-        layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
-        mlp_ratio=text["intermediate_size"] / text["hidden_size"], act=_activation(text, "text_config"),
-        norm_eps=text["layer_norm_eps"], causal=not siglip, pool=pool, eot_token_id=eot_id,
+        vocab_size=text["vocab_size"],
+        context_length=text["max_position_embeddings"],
+        width=text["hidden_size"],
+        layers=text["num_hidden_layers"],
+        heads=text["num_attention_heads"],
+        mlp_ratio=text["intermediate_size"] / text["hidden_size"],
+        act=_activation(text, "text_config"),
+        norm_eps=text["layer_norm_eps"],
+        causal=not siglip,
+        pool=pool,
+        eot_token_id=eot_id,
     )
     if siglip:
         return DualEncoderConfig(
-            embed_dim=vision_cfg.width, vision=vision_cfg, text=text_cfg, init_logit_scale=math.log(10),
-            init_logit_bias=-10.0, vision_projection=False, text_projection_bias=True,
+            embed_dim=vision_cfg.width,
+            vision=vision_cfg,
+            text=text_cfg,
+            init_logit_scale=math.log(10),
+            init_logit_bias=-10.0,
+            vision_projection=False,
+            text_projection_bias=True,
         )
     top = {**_DEFAULTS["clip"]["top"], **config}
     return DualEncoderConfig(
-        embed_dim=top["projection_dim"], vision=vision_cfg, text=text_cfg,
+        embed_dim=top["projection_dim"],
+        vision=vision_cfg,
+        text=text_cfg,
         init_logit_scale=top["logit_scale_init_value"],
     )
 
@@ -148,37 +205,55 @@ def _block_rules(layers: int) -> list[Rule]:
             rule(ours + "norm2.weight", theirs + "layer_norm2.weight"),
             rule(ours + "norm2.bias", theirs + "layer_norm2.bias"),
         ]
-        rules += [rule(f"{ours}mlp.{fc}.{p}", f"{theirs}mlp.{fc}.{p}") for fc in ("fc1", "fc2") for p in ("weight", "bias")]
+        rules += [
+            rule(f"{ours}mlp.{fc}.{p}", f"{theirs}mlp.{fc}.{p}") for fc in ("fc1", "fc2") for p in ("weight", "bias")
+        ]
     return rules
 
 
-def _norm(ours: str, theirs: str) -> list[Rule]:
+def _weight_and_bias(ours: str, theirs: str) -> list[Rule]:
     return [rule(f"{ours}.weight", f"{theirs}.weight"), rule(f"{ours}.bias", f"{theirs}.bias")]
 
 
 def hf_rules(cfg: DualEncoderConfig, model_type: str) -> list[Rule]:
     siglip = model_type == "siglip"
-    vision = [rule("patch_embed.proj.weight", "embeddings.patch_embedding.weight"),
-              rule("pos_embed", "embeddings.position_embedding.weight")]
+    vision = [
+        rule("patch_embed.proj.weight", "embeddings.patch_embedding.weight"),
+        rule("pos_embed", "embeddings.position_embedding.weight"),
+    ]
     if siglip:
-        vision += [rule("patch_embed.proj.bias", "embeddings.patch_embedding.bias"), rule("pool.probe", "head.probe"),
-                   rule(("pool.attn.q_proj.weight", "pool.attn.kv_proj.weight"), "head.attention.in_proj_weight"),
-                   rule(("pool.attn.q_proj.bias", "pool.attn.kv_proj.bias"), "head.attention.in_proj_bias"),
-                   *_norm("pool.attn.out_proj", "head.attention.out_proj"), *_norm("pool.norm", "head.layernorm"),
-                   *_norm("pool.mlp.fc1", "head.mlp.fc1"), *_norm("pool.mlp.fc2", "head.mlp.fc2")]
+        vision += [
+            rule("patch_embed.proj.bias", "embeddings.patch_embedding.bias"),
+            rule("pool.probe", "head.probe"),
+            rule(("pool.attn.q_proj.weight", "pool.attn.kv_proj.weight"), "head.attention.in_proj_weight"),
+            rule(("pool.attn.q_proj.bias", "pool.attn.kv_proj.bias"), "head.attention.in_proj_bias"),
+            *_weight_and_bias("pool.attn.out_proj", "head.attention.out_proj"),
+            *_weight_and_bias("pool.norm", "head.layernorm"),
+            *_weight_and_bias("pool.mlp.fc1", "head.mlp.fc1"),
+            *_weight_and_bias("pool.mlp.fc2", "head.mlp.fc2"),
+        ]
     else:
-        vision += [rule("class_embedding", "embeddings.class_embedding"), *_norm("ln_pre", "pre_layrnorm")]
-    vision += [*_block_rules(cfg.vision.layers), *_norm("ln_post", "post_layernorm")]
-    text = [rule("token_embedding.weight", "embeddings.token_embedding.weight"),
-            rule("pos_embed", "embeddings.position_embedding.weight"),
-            *_block_rules(cfg.text.layers), *_norm("ln_final", "final_layer_norm")]
+        vision += [rule("class_embedding", "embeddings.class_embedding"), *_weight_and_bias("ln_pre", "pre_layrnorm")]
+    vision += [*_block_rules(cfg.vision.layers), *_weight_and_bias("ln_post", "post_layernorm")]
+    text = [
+        rule("token_embedding.weight", "embeddings.token_embedding.weight"),
+        rule("pos_embed", "embeddings.position_embedding.weight"),
+        *_block_rules(cfg.text.layers),
+        *_weight_and_bias("ln_final", "final_layer_norm"),
+    ]
     rules = prefixed(vision, "visual.", "vision_model.") + prefixed(text, "text.", "text_model.")
     if siglip:
-        rules += [*_norm("text_projection", "text_model.head"),
-                  rule("logit_scale", "logit_scale", "vector"), rule("logit_bias", "logit_bias", "vector")]
+        rules += [
+            *_weight_and_bias("text_projection", "text_model.head"),
+            rule("logit_scale", "logit_scale", "unsqueeze"),
+            rule("logit_bias", "logit_bias", "unsqueeze"),
+        ]
     else:
-        rules += [rule("visual_projection.weight", "visual_projection.weight"),
-                  rule("text_projection.weight", "text_projection.weight"), rule("logit_scale", "logit_scale")]
+        rules += [
+            rule("visual_projection.weight", "visual_projection.weight"),
+            rule("text_projection.weight", "text_projection.weight"),
+            rule("logit_scale", "logit_scale"),
+        ]
     return rules
 
 
@@ -186,7 +261,7 @@ def image_config_from_hf(folder: Path, image_size: int, model_type: str) -> Imag
     path = folder / "preprocessor_config.json"
     settings = json.loads(path.read_text()) if path.is_file() else {}
     siglip = model_type == "siglip"
-    resample = settings.get("resample", 2 if siglip else 3)
+    resample = settings.get("resample", 3)
     if resample not in _RESAMPLE:
         raise ConversionError(f"{path}: resample {resample} is not bilinear (2) or bicubic (3)")
     crop = settings.get("do_center_crop", not siglip)
@@ -195,9 +270,11 @@ def image_config_from_hf(folder: Path, image_size: int, model_type: str) -> Imag
     if isinstance(size, dict):
         size = size.get("height", size.get("shortest_edge", image_size))
     return ImageConfig(
-        size=int(size), mean=tuple(settings.get("image_mean", (0.5,) * 3 if siglip else CLIP_MEAN)),
+        size=int(size),
+        mean=tuple(settings.get("image_mean", (0.5,) * 3 if siglip else CLIP_MEAN)),
         std=tuple(settings.get("image_std", (0.5,) * 3 if siglip else CLIP_STD)),
-        interpolation=_RESAMPLE[resample], resize_mode="shortest" if crop else "squash",
+        interpolation=_RESAMPLE[resample],
+        resize_mode="shortest" if crop else "squash",
     )
 
 
@@ -217,11 +294,13 @@ def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
     model = DualEncoder(cfg)
     path = weights_file(folder)
     state = read_state_dict(path)
-    model.load_state_dict(to_vlp(state, hf_rules(cfg, model_type), model.state_dict(), source=str(path),
-                                 ignore=IGNORED_KEYS))
+    model.load_state_dict(
+        to_vlp(state, hf_rules(cfg, model_type), model.state_dict(), source=str(path), ignore=IGNORED_KEYS)
+    )
     model.eval()
-    text_tokenizer = tokenizer_from_path(tokenizer or folder, context_length=cfg.text.context_length,
-                                         model_type=model_type)
+    text_tokenizer = tokenizer_from_path(
+        tokenizer or folder, context_length=cfg.text.context_length, model_type=model_type
+    )
     image_config = image_config_from_hf(folder, cfg.vision.image_size, model_type)
     return Pretrained(FAMILIES["clip"], cfg, model, image_config, text_tokenizer, folder)
 
@@ -237,13 +316,36 @@ def model_type_of(cfg: DualEncoderConfig) -> str:
     vision = cfg.vision
     if not isinstance(vision, VisionConfig):
         raise ConversionError(f"the image tower is a {vision.kind}; only ViT towers have a Hugging Face equivalent")
-    clip_like = dict(class_token=True, patch_bias=False, ln_pre=True, pool="cls", vision_projection=True,
-                     causal=True, text_projection_bias=False, logit_bias=False)
-    siglip_like = dict(class_token=False, patch_bias=True, ln_pre=False, pool="map", vision_projection=False,
-                       causal=False, text_projection_bias=True, logit_bias=True)
-    actual = dict(class_token=vision.class_token, patch_bias=vision.patch_bias, ln_pre=vision.ln_pre,
-                  pool=vision.pool, vision_projection=cfg.vision_projection, causal=cfg.text.causal,
-                  text_projection_bias=cfg.text_projection_bias, logit_bias=cfg.init_logit_bias is not None)
+    clip_like = {
+        "class_token": True,
+        "patch_bias": False,
+        "ln_pre": True,
+        "pool": "cls",
+        "vision_projection": True,
+        "causal": True,
+        "text_projection_bias": False,
+        "logit_bias": False,
+    }
+    siglip_like = {
+        "class_token": False,
+        "patch_bias": True,
+        "ln_pre": False,
+        "pool": "map",
+        "vision_projection": False,
+        "causal": False,
+        "text_projection_bias": True,
+        "logit_bias": True,
+    }
+    actual = {
+        "class_token": vision.class_token,
+        "patch_bias": vision.patch_bias,
+        "ln_pre": vision.ln_pre,
+        "pool": vision.pool,
+        "vision_projection": cfg.vision_projection,
+        "causal": cfg.text.causal,
+        "text_projection_bias": cfg.text_projection_bias,
+        "logit_bias": cfg.init_logit_bias is not None,
+    }
     for model_type, layout in (("clip", clip_like), ("siglip", siglip_like)):
         if actual == layout:
             return model_type
@@ -256,18 +358,33 @@ def _hf_tower(width: int, layers: int, heads: int, mlp_ratio: float, act: str, e
     hidden = round(width * mlp_ratio)
     if abs(hidden - width * mlp_ratio) > 1e-6:
         raise ConversionError(f"mlp_ratio {mlp_ratio} x width {width} is not a whole intermediate size")
-    return dict(hidden_size=width, intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                hidden_act=_TO_HF_ACT[act], layer_norm_eps=eps)
+    return {
+        "hidden_size": width,
+        "intermediate_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "hidden_act": _TO_HF_ACT[act],
+        "layer_norm_eps": eps,
+    }
 
 
 def hf_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     model_type = model_type_of(cfg)
     v, t = cfg.vision, cfg.text
-    vision = {**_hf_tower(v.width, v.layers, v.heads, v.mlp_ratio, v.act, v.norm_eps),
-              "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3, "model_type": f"{model_type}_vision_model"}
-    text = {**_hf_tower(t.width, t.layers, t.heads, t.mlp_ratio, t.act, t.norm_eps),
-            "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length, "pad_token_id": tokenizer.pad_id,
-            "model_type": f"{model_type}_text_model"}
+    vision = {
+        **_hf_tower(v.width, v.layers, v.heads, v.mlp_ratio, v.act, v.norm_eps),
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": 3,
+        "model_type": f"{model_type}_vision_model",
+    }
+    text = {
+        **_hf_tower(t.width, t.layers, t.heads, t.mlp_ratio, t.act, t.norm_eps),
+        "vocab_size": t.vocab_size,
+        "max_position_embeddings": t.context_length,
+        "pad_token_id": tokenizer.pad_id,
+        "model_type": f"{model_type}_text_model",
+    }
     config: dict[str, Any] = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type}
     if model_type == "siglip":
         if t.pool != "last":
@@ -292,16 +409,25 @@ def hf_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str
 
 def _image_processor(image: ImageConfig, model_type: str) -> dict[str, Any]:
     resample = {v: k for k, v in _RESAMPLE.items()}[image.interpolation]
-    settings: dict[str, Any] = dict(
-        do_convert_rgb=True, do_resize=True, resample=resample, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(image.mean), image_std=list(image.std),
-        image_processor_type="SiglipImageProcessor" if model_type == "siglip" else "CLIPImageProcessor",
-    )
+    settings: dict[str, Any] = {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": resample,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(image.mean),
+        "image_std": list(image.std),
+        "image_processor_type": "SiglipImageProcessor" if model_type == "siglip" else "CLIPImageProcessor",
+    }
     if image.resize_mode == "squash":
         settings.update(size={"height": image.size, "width": image.size}, do_center_crop=False)
     else:
-        settings.update(size={"shortest_edge": image.size}, do_center_crop=True,
-                        crop_size={"height": image.size, "width": image.size})
+        settings.update(
+            size={"shortest_edge": image.size},
+            do_center_crop=True,
+            crop_size={"height": image.size, "width": image.size},
+        )
     return settings
 
 
@@ -316,12 +442,23 @@ def export_hf(pretrained: Pretrained, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / "preprocessor_config.json").write_text(json.dumps(_image_processor(pretrained.image_config, model_type), indent=1))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(_image_processor(pretrained.image_config, model_type), indent=1)
+    )
     tokenizer = pretrained.tokenizer
     tokenizer.backend.save(str(out / "tokenizer.json"))
     pad = tokenizer.backend.id_to_token(tokenizer.pad_id)
     eos = tokenizer.backend.id_to_token(end_of_text_id(tokenizer))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.context_length,
-         "pad_token": pad, "eos_token": eos, "vlp_text_clean": tokenizer.clean}, indent=1))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": tokenizer.context_length,
+                "pad_token": pad,
+                "eos_token": eos,
+                "vlp_text_clean": tokenizer.clean,
+            },
+            indent=1,
+        )
+    )
     return out

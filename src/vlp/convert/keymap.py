@@ -3,21 +3,24 @@
 A `Rule` says that vlp's tensors `ours`, concatenated along dim 0, equal the foreign tensors `theirs`,
 concatenated along dim 0 and transformed. That one form covers renames, fused q/k/v projections
 split into three (or packed into one `in_proj_weight`), transposed projection matrices and scalars
-stored as [1]-vectors. Both directions run the same rules.
+stored with an extra leading axis. Both directions run the same rules.
 """
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 
 from vlp.checkpoint import CheckpointError
 
-Transform = Literal["copy", "transpose", "vector"]  # vector: a [1]-shaped tensor abroad, a scalar in vlp
+# unsqueeze: the foreign tensor has a leading axis of size 1 that vlp's lacks ([1] vs a scalar, [1, N, D] vs [N, D]).
+Transform = Literal["copy", "transpose", "unsqueeze"]
 
 
 @dataclass(frozen=True)
@@ -28,15 +31,13 @@ class Rule:
 
 
 def rule(ours: str | tuple[str, ...], theirs: str | tuple[str, ...], transform: Transform = "copy") -> Rule:
-    as_tuple = lambda keys: (keys,) if isinstance(keys, str) else tuple(keys)  # noqa: E731
+    as_tuple = lambda keys: (keys,) if isinstance(keys, str) else tuple(keys)
     return Rule(as_tuple(ours), as_tuple(theirs), transform)
 
 
 def prefixed(rules: Iterable[Rule], ours: str, theirs: str) -> list[Rule]:
     """The same rules under a vlp prefix and a foreign prefix."""
-    return [
-        Rule(tuple(ours + k for k in r.ours), tuple(theirs + k for k in r.theirs), r.transform) for r in rules
-    ]
+    return [Rule(tuple(ours + k for k in r.ours), tuple(theirs + k for k in r.theirs), r.transform) for r in rules]
 
 
 def _describe(keys: tuple[str, ...]) -> str:
@@ -77,8 +78,8 @@ def to_vlp(
         if r.transform == "transpose":
             tensor = tensor.t()
         want = [expected[k].shape for k in r.ours]
-        if r.transform == "vector":
-            tensor = tensor.reshape(want[0])
+        if r.transform == "unsqueeze" and tensor.dim() and tensor.shape[0] == 1:
+            tensor = tensor.squeeze(0)
         sizes = [s[0] if len(s) else 1 for s in want]
         total = torch.Size([sum(sizes), *want[0][1:]]) if len(want) > 1 else want[0]
         if tensor.shape != total:
@@ -100,8 +101,8 @@ def from_vlp(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, tor
         tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         if r.transform == "transpose":
             tensor = tensor.t()
-        elif r.transform == "vector":
-            tensor = tensor.reshape(1)
+        elif r.transform == "unsqueeze":
+            tensor = tensor.unsqueeze(0)
         chunks = tensor.chunk(len(r.theirs), dim=0) if len(r.theirs) > 1 else (tensor,)
         for key, chunk in zip(r.theirs, chunks):
             out[key] = chunk.detach().cpu().contiguous()
@@ -121,7 +122,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for pickles it refuses or cannot read
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
             raise CheckpointError(
                 f"{path}: cannot be read as plain tensors ({type(error).__name__}: {str(error).splitlines()[0]}); "
                 "vlp loads only safetensors or weights-only torch files"
@@ -132,5 +133,5 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -3,14 +3,16 @@
 Accepted forms: a folder with `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) and
 `open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, as open_clip's `save_for_hf` writes it;
 or any state-dict file with the model config JSON given beside it (e.g. `ViT-B-32-quickgelu.json`).
-Built-in ViT image towers and text transformers are supported; timm and Hugging Face towers, ResNets,
-LayerScale and attentional pooling are refused by name.
+Built-in ViT image towers, timm's SigLIP ViTs (`vit_{base,large,so400m}_patch*_siglip_*` with a MAP
+head, as open_clip's `ViT-*-SigLIP` configs use) and the built-in text transformer are supported; other
+timm and Hugging Face towers, ResNets, LayerScale and attentional pooling are refused by name.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,36 @@ WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 IGNORED_KEYS = ("attn_mask", "input_resolution", "context_length", "vocab_size")
 
 # Options whose default is the only behaviour vlp implements: refuse a config that sets them otherwise.
-_VISION_DEFAULTS = dict(ls_init_value=None, attentional_pool=False, pos_embed_type="learnable", timm_model_name=None,
-                        qk_norm=False, scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
-                        scale_attn=False, scale_fc=False)
-_TEXT_DEFAULTS = dict(ls_init_value=None, embed_cls=False, final_ln_after_pool=False, proj_type="linear",
-                      hf_model_name=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
-                      scale_attn_inner=False, scale_attn=False, scale_fc=False, tokenizer_mode=None)
+_VISION_DEFAULTS = {
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "pos_embed_type": "learnable",
+    "timm_model_name": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
+_TEXT_DEFAULTS = {
+    "ls_init_value": None,
+    "embed_cls": False,
+    "final_ln_after_pool": False,
+    "proj_type": "linear",
+    "hf_model_name": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "tokenizer_mode": None,
+}
 _POOL = {"argmax": "argmax", "eos": "eot", "last": "last", "first": "first"}
+# timm's SigLIP ViTs (big_vision's variant table): width, depth, heads, MLP width.
+_TIMM_SIGLIP = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096), "so400m": (1152, 27, 16, 4304)}
+_TIMM_SIGLIP_NAME = re.compile(r"vit_(base|large|so400m)_patch(\d+)_siglip_(\d+)")
 
 
 def is_open_clip_folder(path: Path) -> bool:
@@ -67,12 +92,34 @@ def _eps(tower: dict[str, Any], where: str) -> float:
     return float(kwargs.get("eps", 1e-5))
 
 
-def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
-    if "multimodal_cfg" in model_cfg:
-        raise ConversionError("open_clip CoCa configs (multimodal_cfg) are not dual encoders")
-    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    _check_defaults(vision, _VISION_DEFAULTS, "vision_cfg")
-    _check_defaults(text, _TEXT_DEFAULTS, "text_cfg")
+def _timm_siglip_vision(vision: dict[str, Any]) -> VisionConfig:
+    name = vision["timm_model_name"]
+    match = _TIMM_SIGLIP_NAME.fullmatch(name)
+    if match is None:
+        raise ConversionError(
+            f"open_clip vision_cfg.timm_model_name '{name}' is not supported; vlp reads timm's SigLIP ViTs "
+            "(vit_base|large|so400m_patchN_siglip_RES)"
+        )
+    if vision.get("timm_pool", "avg") != "map" or vision.get("timm_proj", "linear") not in ("none", ""):
+        raise ConversionError(f"open_clip timm tower '{name}' is supported with timm_pool: map and timm_proj: none")
+    width, depth, heads, mlp = _TIMM_SIGLIP[match.group(1)]
+    return VisionConfig(
+        image_size=vision.get("image_size", int(match.group(3))),
+        patch_size=int(match.group(2)),
+        width=width,
+        layers=depth,
+        heads=heads,
+        mlp_ratio=mlp / width,
+        act="gelu",
+        norm_eps=1e-6,
+        class_token=False,
+        patch_bias=True,
+        ln_pre=False,
+        pool="map",
+    )
+
+
+def _builtin_vision(model_cfg: dict[str, Any], vision: dict[str, Any]) -> VisionConfig:
     layers = vision.get("layers", 12)
     if not isinstance(layers, int):
         raise ConversionError(f"open_clip vision_cfg.layers {layers} is a ModifiedResNet, which vlp does not build")
@@ -87,28 +134,56 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
         if len(set(image_size)) != 1:
             raise ConversionError(f"open_clip vision_cfg.image_size {image_size} is not square")
         image_size = image_size[0]
-    vision_cfg = VisionConfig(
-        image_size=image_size, patch_size=vision.get("patch_size", 16), width=width, layers=layers,
-        heads=width // vision.get("head_width", 64), mlp_ratio=vision.get("mlp_ratio", 4.0),
-        act=_activation(model_cfg, vision, "vision_cfg"), norm_eps=_eps(vision, "vision_cfg"),
-        class_token=True, patch_bias=False, ln_pre=not vision.get("no_ln_pre", False),
+    return VisionConfig(
+        image_size=image_size,
+        patch_size=vision.get("patch_size", 16),
+        width=width,
+        layers=layers,
+        heads=width // vision.get("head_width", 64),
+        mlp_ratio=vision.get("mlp_ratio", 4.0),
+        act=_activation(model_cfg, vision, "vision_cfg"),
+        norm_eps=_eps(vision, "vision_cfg"),
+        class_token=True,
+        patch_bias=False,
+        ln_pre=not vision.get("no_ln_pre", False),
         pool="cls" if pool_type == "tok" else "mean",
     )
+
+
+def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
+    if "multimodal_cfg" in model_cfg:
+        raise ConversionError("open_clip CoCa configs (multimodal_cfg) are not dual encoders")
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    timm = vision.get("timm_model_name") is not None
+    _check_defaults({k: v for k, v in vision.items() if k != "timm_model_name"}, _VISION_DEFAULTS, "vision_cfg")
+    _check_defaults(text, _TEXT_DEFAULTS, "text_cfg")
+    vision_cfg = _timm_siglip_vision(vision) if timm else _builtin_vision(model_cfg, vision)
     pool = text.get("pool_type", "argmax")
     if pool not in _POOL:
         raise ConversionError(f"open_clip text_cfg.pool_type '{pool}' is not supported ({', '.join(_POOL)})")
     causal = not text.get("no_causal_mask", False)
     text_cfg = TextConfig(
-        vocab_size=text.get("vocab_size", 49408), context_length=text.get("context_length", 77),
-        width=text.get("width", 512), layers=text.get("layers", 12), heads=text.get("heads", 8),
-        mlp_ratio=text.get("mlp_ratio", 4.0), act=_activation(model_cfg, text, "text_cfg"),
-        norm_eps=_eps(text, "text_cfg"), causal=causal, mask_padding=bool(text.get("use_pad_mask")) and not causal,
-        pool=_POOL[pool], eot_token_id=text.get("eos_id", 2) if pool == "eos" else None,
+        vocab_size=text.get("vocab_size", 49408),
+        context_length=text.get("context_length", 77),
+        width=text.get("width", 512),
+        layers=text.get("layers", 12),
+        heads=text.get("heads", 8),
+        mlp_ratio=text.get("mlp_ratio", 4.0),
+        act=_activation(model_cfg, text, "text_cfg"),
+        norm_eps=_eps(text, "text_cfg"),
+        causal=causal,
+        mask_padding=bool(text.get("use_pad_mask")) and not causal,
+        pool=_POOL[pool],
+        eot_token_id=text.get("eos_id", 2) if pool == "eos" else None,
     )
     bias = model_cfg.get("init_logit_bias")
     return DualEncoderConfig(
-        embed_dim=model_cfg["embed_dim"], vision=vision_cfg, text=text_cfg, init_logit_scale=math.log(1 / 0.07),
-        init_logit_bias=float(bias) if bias is not None else None, vision_projection=True,
+        embed_dim=model_cfg["embed_dim"],
+        vision=vision_cfg,
+        text=text_cfg,
+        init_logit_scale=math.log(1 / 0.07),
+        init_logit_bias=float(bias) if bias is not None else None,
+        vision_projection=not timm,
         text_projection_bias=bool(text.get("proj_bias", False)),
     )
 
@@ -117,30 +192,76 @@ def _block_rules(layers: int) -> list[Rule]:
     rules = []
     for i in range(layers):
         ours, theirs = f"blocks.{i}.", f"transformer.resblocks.{i}."
-        pairs = [("norm1", "ln_1"), ("attn.out_proj", "attn.out_proj"), ("norm2", "ln_2"),
-                 ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+        pairs = [
+            ("norm1", "ln_1"),
+            ("attn.out_proj", "attn.out_proj"),
+            ("norm2", "ln_2"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+        ]
         rules += [rule(f"{ours}{a}.{p}", f"{theirs}{b}.{p}") for a, b in pairs for p in ("weight", "bias")]
-        rules += [rule(ours + "attn.qkv_proj.weight", theirs + "attn.in_proj_weight"),
-                  rule(ours + "attn.qkv_proj.bias", theirs + "attn.in_proj_bias")]
+        rules += [
+            rule(ours + "attn.qkv_proj.weight", theirs + "attn.in_proj_weight"),
+            rule(ours + "attn.qkv_proj.bias", theirs + "attn.in_proj_bias"),
+        ]
     return rules
 
 
-def _norm(ours: str, theirs: str) -> list[Rule]:
+def _weight_and_bias(ours: str, theirs: str) -> list[Rule]:
     return [rule(f"{ours}.weight", f"{theirs}.weight"), rule(f"{ours}.bias", f"{theirs}.bias")]
 
 
+def _timm_vision_rules(layers: int) -> list[Rule]:
+    rules = [
+        *_weight_and_bias("patch_embed.proj", "patch_embed.proj"),
+        rule("pos_embed", "pos_embed", "unsqueeze"),
+        *_weight_and_bias("ln_post", "norm"),
+        rule("pool.probe", "attn_pool.latent"),
+        *_weight_and_bias("pool.attn.q_proj", "attn_pool.q"),
+        *_weight_and_bias("pool.attn.kv_proj", "attn_pool.kv"),
+        *_weight_and_bias("pool.attn.out_proj", "attn_pool.proj"),
+        *_weight_and_bias("pool.norm", "attn_pool.norm"),
+        *_weight_and_bias("pool.mlp.fc1", "attn_pool.mlp.fc1"),
+        *_weight_and_bias("pool.mlp.fc2", "attn_pool.mlp.fc2"),
+    ]
+    for i in range(layers):
+        pairs = [
+            ("norm1", "norm1"),
+            ("attn.qkv_proj", "attn.qkv"),
+            ("attn.out_proj", "attn.proj"),
+            ("norm2", "norm2"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ]
+        rules += [r for a, b in pairs for r in _weight_and_bias(f"blocks.{i}.{a}", f"blocks.{i}.{b}")]
+    return prefixed(rules, "", "trunk.")
+
+
 def open_clip_rules(cfg: DualEncoderConfig, custom_text: bool) -> list[Rule]:
-    vision = [rule("patch_embed.proj.weight", "conv1.weight"), rule("class_embedding", "class_embedding"),
-              rule("pos_embed", "positional_embedding"), *_block_rules(cfg.vision.layers), *_norm("ln_post", "ln_post")]
-    if cfg.vision.ln_pre:
-        vision += _norm("ln_pre", "ln_pre")
-    text = [rule("token_embedding.weight", "token_embedding.weight"), rule("pos_embed", "positional_embedding"),
-            *_block_rules(cfg.text.layers), *_norm("ln_final", "ln_final")]
+    if cfg.vision.pool == "map":  # timm's SigLIP tower; no projection after it
+        vision = _timm_vision_rules(cfg.vision.layers)
+    else:
+        vision = [
+            rule("patch_embed.proj.weight", "conv1.weight"),
+            rule("class_embedding", "class_embedding"),
+            rule("pos_embed", "positional_embedding"),
+            *_block_rules(cfg.vision.layers),
+            *_weight_and_bias("ln_post", "ln_post"),
+        ]
+        if cfg.vision.ln_pre:
+            vision += _weight_and_bias("ln_pre", "ln_pre")
+    text = [
+        rule("token_embedding.weight", "token_embedding.weight"),
+        rule("pos_embed", "positional_embedding"),
+        *_block_rules(cfg.text.layers),
+        *_weight_and_bias("ln_final", "ln_final"),
+    ]
     text_prefix = "text." if custom_text else ""
     rules = prefixed(vision, "visual.", "visual.") + prefixed(text, "text.", text_prefix)
-    rules.append(rule("visual_projection.weight", "visual.proj", "transpose"))
+    if cfg.vision_projection:
+        rules.append(rule("visual_projection.weight", "visual.proj", "transpose"))
     if cfg.text_projection_bias:  # an nn.Linear in open_clip, laid out as vlp's
-        rules += _norm("text_projection", text_prefix + "text_projection")
+        rules += _weight_and_bias("text_projection", text_prefix + "text_projection")
     else:  # a [width, embed] matrix used as x @ proj
         rules.append(rule("text_projection.weight", text_prefix + "text_projection", "transpose"))
     rules.append(rule("logit_scale", "logit_scale"))
@@ -168,23 +289,30 @@ def image_config_from_open_clip(preprocess: dict[str, Any], image_size: int) -> 
     size = preprocess.get("size", image_size)
     return ImageConfig(
         size=size[0] if isinstance(size, (list, tuple)) else size,
-        mean=tuple(preprocess.get("mean", CLIP_MEAN)), std=tuple(preprocess.get("std", CLIP_STD)),
-        interpolation=interpolation, resize_mode=mode,
+        mean=tuple(preprocess.get("mean", CLIP_MEAN)),
+        std=tuple(preprocess.get("std", CLIP_STD)),
+        interpolation=interpolation,
+        resize_mode=mode,
     )
 
 
 def _tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: str | Path | None) -> Tokenizer:
     text = model_cfg.get("text_cfg", {})
     context_length = text.get("context_length", 77)
+    clean = (text.get("tokenizer_kwargs") or {}).get("clean")
     if tokenizer is not None:
-        return tokenizer_from_path(tokenizer, context_length=context_length)
+        loaded = tokenizer_from_path(tokenizer, context_length=context_length)
+        return Tokenizer(loaded.backend, clean) if clean else loaded
     if text.get("hf_tokenizer_name"):
         name = Path(text["hf_tokenizer_name"])
         for candidate in (name, folder / name if folder else None, folder):
-            if candidate is not None and candidate.is_dir() and any(
-                    (candidate / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
+            if (
+                candidate is not None
+                and candidate.is_dir()
+                and any((candidate / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model"))
+            ):
                 loaded = hf_tokenizer(candidate, context_length=context_length, model_type="clip")
-                return Tokenizer(loaded.backend, (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace"))
+                return Tokenizer(loaded.backend, clean or "whitespace")
         raise CheckpointError(
             f"open_clip text_cfg.hf_tokenizer_name '{name}' is not a local folder; pass the tokenizer "
             "folder (tokenizer.json or vocab.json + merges.txt) with --tokenizer"
@@ -199,9 +327,7 @@ def _tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: str | 
     return open_clip_bpe(vocab, context_length)
 
 
-def load_open_clip(
-    path: Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None
-) -> Pretrained:
+def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None) -> Pretrained:
     """An open_clip folder, or a state-dict file with `config` (a model config JSON)."""
     if path.is_dir():
         folder = path
@@ -226,39 +352,86 @@ def load_open_clip(
     return Pretrained(FAMILIES["clip"], cfg, model, image_config, _tokenizer(model_cfg, folder, tokenizer), path)
 
 
+def _norm_kwargs(eps: float) -> dict[str, Any]:
+    return {"norm_kwargs": {"eps": eps}} if eps != 1e-5 else {}
+
+
+def _act_kwargs(act: str) -> dict[str, Any]:
+    return {"act_kwargs": {"approximate": "tanh"}} if act == "gelu_tanh" else {}
+
+
+def _timm_siglip_config(cfg: DualEncoderConfig) -> dict[str, Any]:
+    """A MAP-pooled vlp ViT as the timm SigLIP tower open_clip builds, when it is one of timm's variants."""
+    v = cfg.vision
+    shape = (v.width, v.layers, v.heads, round(v.width * v.mlp_ratio))
+    variant = next((name for name, dims in _TIMM_SIGLIP.items() if dims == shape), None)
+    layout = (v.class_token, v.patch_bias, v.ln_pre, v.act, v.norm_eps, cfg.vision_projection)
+    if variant is None or layout != (False, True, False, "gelu", 1e-6, False):
+        raise ConversionError(
+            "a MAP-pooled image tower exports to open_clip only as timm's SigLIP ViT (base, large or so400m "
+            "widths and depths, no class token, patch bias, no ln_pre, exact GELU, eps 1e-6, no projection)"
+        )
+    return {
+        "image_size": v.image_size,
+        "timm_model_name": f"vit_{variant}_patch{v.patch_size}_siglip_{v.image_size}",
+        "timm_model_pretrained": False,
+        "timm_pool": "map",
+        "timm_proj": "none",
+    }
+
+
 def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     v, t = cfg.vision, cfg.text
     if not isinstance(v, VisionConfig):
         raise ConversionError(f"the image tower is a {v.kind}; only ViT towers have an open_clip equivalent")
-    needs = {"vision.class_token": (v.class_token, True), "vision.patch_bias": (v.patch_bias, False),
-             "vision_projection": (cfg.vision_projection, True)}
-    wrong = [f"{k}={a} (needs {b})" for k, (a, b) in needs.items() if a != b]
-    if v.pool not in ("cls", "mean"):
-        wrong.append(f"vision.pool={v.pool} (needs cls or mean)")
-    if v.act != t.act:
-        wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip uses one activation)")
-    if wrong:
-        raise ConversionError("the model has no open_clip built-in layout: " + ", ".join(wrong))
-    if v.width % v.heads:
-        raise ConversionError(f"vision width {v.width} is not divisible by {v.heads} heads")
-
-    def norm(eps: float) -> dict[str, Any]:
-        return {"norm_kwargs": {"eps": eps}} if eps != 1e-5 else {}
-
-    act = {"act_kwargs": {"approximate": "tanh"}} if v.act == "gelu_tanh" else {}
-    vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
-                  head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio, no_ln_pre=not v.ln_pre,
-                  pool_type="tok" if v.pool == "cls" else "avg", **norm(v.norm_eps), **act)
+    if v.pool == "map":
+        vision = _timm_siglip_config(cfg)
+    else:
+        needs = {
+            "vision.class_token": (v.class_token, True),
+            "vision.patch_bias": (v.patch_bias, False),
+            "vision_projection": (cfg.vision_projection, True),
+        }
+        wrong = [f"{k}={a} (needs {b})" for k, (a, b) in needs.items() if a != b]
+        if v.act != t.act:
+            wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip uses one activation)")
+        if wrong:
+            raise ConversionError("the model has no open_clip built-in layout: " + ", ".join(wrong))
+        vision = dict(
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            width=v.width,
+            layers=v.layers,
+            head_width=v.width // v.heads,
+            mlp_ratio=v.mlp_ratio,
+            no_ln_pre=not v.ln_pre,
+            pool_type="tok" if v.pool == "cls" else "avg",
+            **_norm_kwargs(v.norm_eps),
+            **_act_kwargs(v.act),
+        )
     pool = {"argmax": "argmax", "eot": "eos", "last": "last", "first": "first"}[t.pool]
-    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                layers=t.layers, mlp_ratio=t.mlp_ratio, no_causal_mask=not t.causal, pool_type=pool,
-                proj_bias=cfg.text_projection_bias, pad_id=tokenizer.pad_id, **norm(t.norm_eps), **act)
+    text = dict(
+        context_length=t.context_length,
+        vocab_size=t.vocab_size,
+        width=t.width,
+        heads=t.heads,
+        layers=t.layers,
+        mlp_ratio=t.mlp_ratio,
+        no_causal_mask=not t.causal,
+        pool_type=pool,
+        proj_bias=cfg.text_projection_bias,
+        pad_id=tokenizer.pad_id,
+        **_norm_kwargs(t.norm_eps),
+        **_act_kwargs(t.act),
+    )
     if t.pool == "eot":
         text["eos_id"] = t.eot_token_id if t.eot_token_id is not None else end_of_text_id(tokenizer)
     if t.mask_padding and not t.causal:
         text["use_pad_mask"] = True
     config: dict[str, Any] = {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
-    if v.act == "quick_gelu":
+    if v.pool == "map":
+        config["custom_text"] = True  # open_clip's SigLIP configs keep the text tower under `text.`
+    if t.act == "quick_gelu":
         config["quick_gelu"] = True
     if cfg.init_logit_bias is not None:
         config["init_logit_bias"] = cfg.init_logit_bias
@@ -276,24 +449,42 @@ def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
     # open_clip's own CLIP BPE needs no files; any other tokenizer travels as a Hugging Face tokenizer folder.
     if not _is_open_clip_bpe(tokenizer):
         tokenizer.backend.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.context_length,
-            "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
-            "eos_token": tokenizer.backend.id_to_token(end_of_text_id(tokenizer)),
-            "vlp_text_clean": tokenizer.clean}, indent=1))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "model_max_length": tokenizer.context_length,
+                    "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
+                    "eos_token": tokenizer.backend.id_to_token(end_of_text_id(tokenizer)),
+                    "vlp_text_clean": tokenizer.clean,
+                },
+                indent=1,
+            )
+        )
         model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
         clean = tokenizer.clean if tokenizer.clean in ("whitespace", "lower", "canonicalize") else "whitespace"
         model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
-    state = from_vlp(pretrained.model.state_dict(), open_clip_rules(cfg, custom_text=False))
+    state = from_vlp(
+        pretrained.model.state_dict(), open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
+    )
     save_file(state, str(out / WEIGHTS_FILES[0]), metadata={"format": "pt"})
     image = pretrained.image_config
-    preprocess = {"size": image.size, "mean": list(image.mean), "std": list(image.std),
-                  "interpolation": image.interpolation, "resize_mode": image.resize_mode}
+    preprocess = {
+        "size": image.size,
+        "mean": list(image.mean),
+        "std": list(image.std),
+        "interpolation": image.interpolation,
+        "resize_mode": image.resize_mode,
+    }
     (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=1))
     return out
 
 
 def _is_open_clip_bpe(tokenizer: Tokenizer) -> bool:
     backend = tokenizer.backend
-    return (tokenizer.clean == "lower" and backend.get_vocab_size() == 49408
-            and backend.token_to_id("<start_of_text>") == 49406 and backend.token_to_id("<end_of_text>") == 49407)
+    return (
+        tokenizer.clean == "lower"
+        and backend.get_vocab_size() == 49408
+        and backend.token_to_id("<start_of_text>") == 49406
+        and backend.token_to_id("<end_of_text>") == 49407
+    )

@@ -48,21 +48,30 @@ def clip_bpe(
     clean: TextClean,
 ) -> Tokenizer:
     backend = BackendTokenizer(
-        models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                   fuse_unk=False, unk_token=eos_token)
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token=eos_token,
+        )
     )
     backend.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     # "</w>" ends a word: make it a byte-level space, then map the byte-level characters back to bytes.
     backend.decoder = decoders.Sequence([decoders.Replace("</w>", "Ġ"), decoders.ByteLevel()])
     backend.add_special_tokens(list(dict.fromkeys([bos_token, eos_token])))
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos_token} $A {eos_token}", pair=f"{bos_token} $A {eos_token} $B {eos_token}",
+        single=f"{bos_token} $A {eos_token}",
+        pair=f"{bos_token} $A {eos_token} $B {eos_token}",
         special_tokens=[(t, vocab[t]) for t in dict.fromkeys([bos_token, eos_token])],
     )
     return fix_length(backend, context_length, pad_token, clean)
@@ -70,15 +79,21 @@ def clip_bpe(
 
 def open_clip_bpe(path: str | Path, context_length: int = 77) -> Tokenizer:
     """open_clip's CLIP tokenizer from its `bpe_simple_vocab_16e6.txt.gz`: 49,408 ids, padded with 0."""
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<start_of_text>", "<end_of_text>"]
     vocab = {token: i for i, token in enumerate(tokens)}
     return clip_bpe(
-        vocab, merges, bos_token="<start_of_text>", eos_token="<end_of_text>", pad_token="!",
-        context_length=context_length, clean="lower",
+        vocab,
+        merges,
+        bos_token="<start_of_text>",
+        eos_token="<end_of_text>",
+        pad_token="!",
+        context_length=context_length,
+        clean="lower",
     )
 
 
@@ -87,7 +102,7 @@ def find_open_clip_vocab() -> Path | None:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / OPEN_CLIP_VOCAB
+    path = Path(next(iter(spec.submodule_search_locations))) / OPEN_CLIP_VOCAB
     return path if path.is_file() else None
 
 
@@ -131,7 +146,8 @@ def bert_wordpiece(path: str | Path, *, context_length: int, lowercase: bool = T
     backend.decoder = decoders.WordPiece()
     backend.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return fix_length(backend, context_length, "[PAD]", "none")
@@ -149,13 +165,19 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
     if set(settings) == {"clean"}:  # a vlp checkpoint's own tokenizer
         return Tokenizer.from_file(folder)
     if "vlp_text_clean" in settings:  # a folder vlp exported: its tokenizer.json and cleaning are complete
-        return fix_length(BackendTokenizer.from_file(str(folder / "tokenizer.json")), context_length,
-                          _special(settings, "pad_token", None), settings["vlp_text_clean"])
+        return fix_length(
+            BackendTokenizer.from_file(str(folder / "tokenizer.json")),
+            context_length,
+            _special(settings, "pad_token", None),
+            settings["vlp_text_clean"],
+        )
     if model_type == "siglip":
         if (folder / "spiece.model").is_file():
             return sentencepiece_unigram(
-                folder / "spiece.model", eos_token=_special(settings, "eos_token", "</s>"),
-                pad_token=_special(settings, "pad_token", "</s>"), context_length=context_length,
+                folder / "spiece.model",
+                eos_token=_special(settings, "eos_token", "</s>"),
+                pad_token=_special(settings, "pad_token", "</s>"),
+                context_length=context_length,
                 clean="canonicalize_hf" if settings.get("do_lower_case", True) else "none",
             )
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -163,10 +185,13 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         return clip_bpe(
-            vocab, merges, bos_token=_special(settings, "bos_token", "<|startoftext|>"),
+            vocab,
+            merges,
+            bos_token=_special(settings, "bos_token", "<|startoftext|>"),
             eos_token=_special(settings, "eos_token", "<|endoftext|>"),
             pad_token=_special(settings, "pad_token", "<|endoftext|>"),
-            context_length=context_length, clean="none",
+            context_length=context_length,
+            clean="none",
         )
     if (folder / "tokenizer.json").is_file():
         backend = BackendTokenizer.from_file(str(folder / "tokenizer.json"))
@@ -176,8 +201,9 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
         clean = "canonicalize_hf" if model_type == "siglip" and settings.get("do_lower_case", True) else "none"
         return fix_length(backend, context_length, pad, clean)
     if (folder / "vocab.txt").is_file():
-        return bert_wordpiece(folder / "vocab.txt", context_length=context_length,
-                              lowercase=settings.get("do_lower_case", True))
+        return bert_wordpiece(
+            folder / "vocab.txt", context_length=context_length, lowercase=settings.get("do_lower_case", True)
+        )
     raise FileNotFoundError(
         f"{folder} holds no tokenizer (tokenizer.json, vocab.json + merges.txt, spiece.model or vocab.txt)"
     )
@@ -192,8 +218,9 @@ def tokenizer_from_path(path: str | Path, *, context_length: int, model_type: st
     if path.name.endswith(".txt.gz"):
         return open_clip_bpe(path, context_length)
     if path.suffix == ".model":
-        return sentencepiece_unigram(path, eos_token="</s>", pad_token="</s>", context_length=context_length,
-                                     clean="canonicalize_hf")
+        return sentencepiece_unigram(
+            path, eos_token="</s>", pad_token="</s>", context_length=context_length, clean="canonicalize_hf"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path}")
     return Tokenizer.from_file(path)

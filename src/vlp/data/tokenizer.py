@@ -10,9 +10,10 @@ import html
 import json
 import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
@@ -80,7 +81,7 @@ class Tokenizer:
         self.pad_id: int = backend.padding["pad_id"]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE

@@ -62,17 +62,29 @@ class ImageTransform:
         x, y = (width - w) / 2, (height - h) / 2
         return x, y, x + w, y + h
 
+    def _resize_centre_crop(self, image: Image.Image) -> Image.Image:
+        """Shortest side to `size`, then the centre square: the rounding of open_clip and transformers,
+        so a loaded checkpoint sees the pixels its reference library would give it."""
+        size, (width, height) = self.cfg.size, image.size
+        if width <= height:
+            new = (size, int(size * height / width))
+        else:
+            new = (int(size * width / height), size)
+        if new != image.size:
+            image = image.resize(new, self.resample)
+        left, top = round((new[0] - size) / 2.0), round((new[1] - size) / 2.0)
+        return image.crop((left, top, left + size, top + size))
+
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         image = image.convert("RGB")
         size = self.cfg.size
         width, height = image.size
         if self.train:
             box = self._random_box(width, height, rng or random.Random())
+            image = image.resize((size, size), self.resample, box=box)
         elif self.cfg.resize_mode == "squash":
-            box = (0, 0, width, height)
+            image = image.resize((size, size), self.resample)
         else:
-            side = min(width, height)
-            box = self._centre_box(width, height, side, side)
-        image = image.resize((size, size), self.resample, box=box)
+            image = self._resize_centre_crop(image)
         array = (np.asarray(image, dtype=np.float32) / 255.0 - self.mean) / self.std  # [H, W, 3]
         return torch.from_numpy(array.transpose(2, 0, 1).copy())

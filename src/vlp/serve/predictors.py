@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
 
-from vlp.checkpoint import Pretrained, load_checkpoint
+from vlp.checkpoint import Pretrained
 from vlp.data.sources import load_image
 
 
@@ -26,8 +26,11 @@ class DualEncoderPredictor:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> "DualEncoderPredictor":
-        return cls(load_checkpoint(path), **kwargs)
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> DualEncoderPredictor:
+        """Any checkpoint `vlp.load` reads: vlp, Hugging Face or open_clip folders."""
+        from vlp.convert import load_pretrained
+
+        return cls(load_pretrained(path), **kwargs)
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
