@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow interop bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,28 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# open_clip needs torchvision, which only imports beside torch 2.14.1: its parity tests get their own
+# environment. vlp is installed without its torch pin; its other requirements come from pyproject.toml.
+INTEROP := .venv-interop
+INTEROP_STAMP := $(INTEROP)/.installed
+
+$(INTEROP_STAMP): pyproject.toml
+	@test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP) || python3 -m venv $(INTEROP)
+	$(INTEROP)/bin/pip install --quiet --upgrade pip
+	$(INTEROP)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(INTEROP)/bin/pip install --quiet open_clip_torch==3.3.0
+	$(INTEROP)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['test'] if not r.startswith('torch')))" \
+		> $(INTEROP)/requirements.txt
+	$(INTEROP)/bin/pip install --quiet -r $(INTEROP)/requirements.txt
+	$(INTEROP)/bin/pip install --quiet --no-deps -e .
+	@touch $(INTEROP_STAMP)
+
+interop: $(INTEROP_STAMP)
+	$(INTEROP)/bin/python -m pytest -q -m interop
+
 clean:
-	rm -rf runs data $(VENV)
+	rm -rf runs data $(VENV) $(INTEROP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/precision.py configs/clip-tiny.yaml

@@ -257,6 +257,12 @@ def hf_rules(cfg: DualEncoderConfig, model_type: str) -> list[Rule]:
     return rules
 
 
+def _side(size: int | dict[str, int], default: int) -> int:
+    if isinstance(size, dict):
+        return int(size.get("height", size.get("shortest_edge", default)))
+    return int(size)
+
+
 def image_config_from_hf(folder: Path, image_size: int, model_type: str) -> ImageConfig:
     path = folder / "preprocessor_config.json"
     settings = json.loads(path.read_text()) if path.is_file() else {}
@@ -265,12 +271,14 @@ def image_config_from_hf(folder: Path, image_size: int, model_type: str) -> Imag
     if resample not in _RESAMPLE:
         raise ConversionError(f"{path}: resample {resample} is not bilinear (2) or bicubic (3)")
     crop = settings.get("do_center_crop", not siglip)
-    size_key = "crop_size" if crop else "size"
-    size = settings.get(size_key, image_size)
-    if isinstance(size, dict):
-        size = size.get("height", size.get("shortest_edge", image_size))
+    size = _side(settings.get("crop_size" if crop else "size", image_size), image_size)
+    resize = _side(settings.get("size", size), size)
+    if crop and resize != size:
+        raise ConversionError(
+            f"{path}: resizing to {resize} before a {size} crop is not supported; vlp resizes to the crop size"
+        )
     return ImageConfig(
-        size=int(size),
+        size=size,
         mean=tuple(settings.get("image_mean", (0.5,) * 3 if siglip else CLIP_MEAN)),
         std=tuple(settings.get("image_std", (0.5,) * 3 if siglip else CLIP_STD)),
         interpolation=_RESAMPLE[resample],
