@@ -19,7 +19,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from vlp.checkpoint import CheckpointError, Pretrained
-from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp
+from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
@@ -211,10 +211,6 @@ def _block_rules(layers: int) -> list[Rule]:
     return rules
 
 
-def _weight_and_bias(ours: str, theirs: str) -> list[Rule]:
-    return [rule(f"{ours}.weight", f"{theirs}.weight"), rule(f"{ours}.bias", f"{theirs}.bias")]
-
-
 def hf_rules(cfg: DualEncoderConfig, model_type: str) -> list[Rule]:
     siglip = model_type == "siglip"
     vision = [
@@ -227,24 +223,24 @@ def hf_rules(cfg: DualEncoderConfig, model_type: str) -> list[Rule]:
             rule("pool.probe", "head.probe"),
             rule(("pool.attn.q_proj.weight", "pool.attn.kv_proj.weight"), "head.attention.in_proj_weight"),
             rule(("pool.attn.q_proj.bias", "pool.attn.kv_proj.bias"), "head.attention.in_proj_bias"),
-            *_weight_and_bias("pool.attn.out_proj", "head.attention.out_proj"),
-            *_weight_and_bias("pool.norm", "head.layernorm"),
-            *_weight_and_bias("pool.mlp.fc1", "head.mlp.fc1"),
-            *_weight_and_bias("pool.mlp.fc2", "head.mlp.fc2"),
+            *weight_and_bias("pool.attn.out_proj", "head.attention.out_proj"),
+            *weight_and_bias("pool.norm", "head.layernorm"),
+            *weight_and_bias("pool.mlp.fc1", "head.mlp.fc1"),
+            *weight_and_bias("pool.mlp.fc2", "head.mlp.fc2"),
         ]
     else:
-        vision += [rule("class_embedding", "embeddings.class_embedding"), *_weight_and_bias("ln_pre", "pre_layrnorm")]
-    vision += [*_block_rules(cfg.vision.layers), *_weight_and_bias("ln_post", "post_layernorm")]
+        vision += [rule("class_embedding", "embeddings.class_embedding"), *weight_and_bias("ln_pre", "pre_layrnorm")]
+    vision += [*_block_rules(cfg.vision.layers), *weight_and_bias("ln_post", "post_layernorm")]
     text = [
         rule("token_embedding.weight", "embeddings.token_embedding.weight"),
         rule("pos_embed", "embeddings.position_embedding.weight"),
         *_block_rules(cfg.text.layers),
-        *_weight_and_bias("ln_final", "final_layer_norm"),
+        *weight_and_bias("ln_final", "final_layer_norm"),
     ]
     rules = prefixed(vision, "visual.", "vision_model.") + prefixed(text, "text.", "text_model.")
     if siglip:
         rules += [
-            *_weight_and_bias("text_projection", "text_model.head"),
+            *weight_and_bias("text_projection", "text_model.head"),
             rule("logit_scale", "logit_scale", "unsqueeze"),
             rule("logit_bias", "logit_bias", "unsqueeze"),
         ]
@@ -439,6 +435,20 @@ def _image_processor(image: ImageConfig, model_type: str) -> dict[str, Any]:
     return settings
 
 
+def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """tokenizer.json + a tokenizer_config.json that AutoTokenizer reads; vlp's cleaning mode is recorded
+    for its own reload, since tokenizer.json cannot hold it."""
+    tokenizer.backend.save(str(out / "tokenizer.json"))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": tokenizer.context_length,
+        "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
+        "eos_token": tokenizer.backend.id_to_token(end_of_text_id(tokenizer)),
+        "vlp_text_clean": tokenizer.clean,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+
+
 def export_hf(pretrained: Pretrained, out: Path) -> Path:
     """Write a folder that `transformers.CLIPModel` / `SiglipModel.from_pretrained` and AutoTokenizer load."""
     cfg = pretrained.config
@@ -453,20 +463,5 @@ def export_hf(pretrained: Pretrained, out: Path) -> Path:
     (out / "preprocessor_config.json").write_text(
         json.dumps(_image_processor(pretrained.image_config, model_type), indent=1)
     )
-    tokenizer = pretrained.tokenizer
-    tokenizer.backend.save(str(out / "tokenizer.json"))
-    pad = tokenizer.backend.id_to_token(tokenizer.pad_id)
-    eos = tokenizer.backend.id_to_token(end_of_text_id(tokenizer))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": tokenizer.context_length,
-                "pad_token": pad,
-                "eos_token": eos,
-                "vlp_text_clean": tokenizer.clean,
-            },
-            indent=1,
-        )
-    )
+    save_hf_tokenizer(pretrained.tokenizer, out)
     return out

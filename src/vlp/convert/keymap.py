@@ -35,6 +35,11 @@ def rule(ours: str | tuple[str, ...], theirs: str | tuple[str, ...], transform: 
     return Rule(as_tuple(ours), as_tuple(theirs), transform)
 
 
+def weight_and_bias(ours: str, theirs: str) -> list[Rule]:
+    """A layer's weight and bias under two names."""
+    return [rule(f"{ours}.weight", f"{theirs}.weight"), rule(f"{ours}.bias", f"{theirs}.bias")]
+
+
 def prefixed(rules: Iterable[Rule], ours: str, theirs: str) -> list[Rule]:
     """The same rules under a vlp prefix and a foreign prefix."""
     return [Rule(tuple(ours + k for k in r.ours), tuple(theirs + k for k in r.theirs), r.transform) for r in rules]

@@ -19,8 +19,8 @@ from typing import Any
 from safetensors.torch import save_file
 
 from vlp.checkpoint import CheckpointError, Pretrained
-from vlp.convert.hf import ConversionError, end_of_text_id
-from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp
+from vlp.convert.hf import ConversionError, end_of_text_id, save_hf_tokenizer
+from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
@@ -38,7 +38,6 @@ _VISION_DEFAULTS = {
     "ls_init_value": None,
     "attentional_pool": False,
     "pos_embed_type": "learnable",
-    "timm_model_name": None,
     "qk_norm": False,
     "scaled_cosine_attn": False,
     "scale_heads": False,
@@ -155,7 +154,7 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
         raise ConversionError("open_clip CoCa configs (multimodal_cfg) are not dual encoders")
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     timm = vision.get("timm_model_name") is not None
-    _check_defaults({k: v for k, v in vision.items() if k != "timm_model_name"}, _VISION_DEFAULTS, "vision_cfg")
+    _check_defaults(vision, _VISION_DEFAULTS, "vision_cfg")
     _check_defaults(text, _TEXT_DEFAULTS, "text_cfg")
     vision_cfg = _timm_siglip_vision(vision) if timm else _builtin_vision(model_cfg, vision)
     pool = text.get("pool_type", "argmax")
@@ -207,22 +206,18 @@ def _block_rules(layers: int) -> list[Rule]:
     return rules
 
 
-def _weight_and_bias(ours: str, theirs: str) -> list[Rule]:
-    return [rule(f"{ours}.weight", f"{theirs}.weight"), rule(f"{ours}.bias", f"{theirs}.bias")]
-
-
 def _timm_vision_rules(layers: int) -> list[Rule]:
     rules = [
-        *_weight_and_bias("patch_embed.proj", "patch_embed.proj"),
+        *weight_and_bias("patch_embed.proj", "patch_embed.proj"),
         rule("pos_embed", "pos_embed", "unsqueeze"),
-        *_weight_and_bias("ln_post", "norm"),
+        *weight_and_bias("ln_post", "norm"),
         rule("pool.probe", "attn_pool.latent"),
-        *_weight_and_bias("pool.attn.q_proj", "attn_pool.q"),
-        *_weight_and_bias("pool.attn.kv_proj", "attn_pool.kv"),
-        *_weight_and_bias("pool.attn.out_proj", "attn_pool.proj"),
-        *_weight_and_bias("pool.norm", "attn_pool.norm"),
-        *_weight_and_bias("pool.mlp.fc1", "attn_pool.mlp.fc1"),
-        *_weight_and_bias("pool.mlp.fc2", "attn_pool.mlp.fc2"),
+        *weight_and_bias("pool.attn.q_proj", "attn_pool.q"),
+        *weight_and_bias("pool.attn.kv_proj", "attn_pool.kv"),
+        *weight_and_bias("pool.attn.out_proj", "attn_pool.proj"),
+        *weight_and_bias("pool.norm", "attn_pool.norm"),
+        *weight_and_bias("pool.mlp.fc1", "attn_pool.mlp.fc1"),
+        *weight_and_bias("pool.mlp.fc2", "attn_pool.mlp.fc2"),
     ]
     for i in range(layers):
         pairs = [
@@ -233,7 +228,7 @@ def _timm_vision_rules(layers: int) -> list[Rule]:
             ("mlp.fc1", "mlp.fc1"),
             ("mlp.fc2", "mlp.fc2"),
         ]
-        rules += [r for a, b in pairs for r in _weight_and_bias(f"blocks.{i}.{a}", f"blocks.{i}.{b}")]
+        rules += [r for a, b in pairs for r in weight_and_bias(f"blocks.{i}.{a}", f"blocks.{i}.{b}")]
     return prefixed(rules, "", "trunk.")
 
 
@@ -246,22 +241,22 @@ def open_clip_rules(cfg: DualEncoderConfig, custom_text: bool) -> list[Rule]:
             rule("class_embedding", "class_embedding"),
             rule("pos_embed", "positional_embedding"),
             *_block_rules(cfg.vision.layers),
-            *_weight_and_bias("ln_post", "ln_post"),
+            *weight_and_bias("ln_post", "ln_post"),
         ]
         if cfg.vision.ln_pre:
-            vision += _weight_and_bias("ln_pre", "ln_pre")
+            vision += weight_and_bias("ln_pre", "ln_pre")
     text = [
         rule("token_embedding.weight", "token_embedding.weight"),
         rule("pos_embed", "positional_embedding"),
         *_block_rules(cfg.text.layers),
-        *_weight_and_bias("ln_final", "ln_final"),
+        *weight_and_bias("ln_final", "ln_final"),
     ]
     text_prefix = "text." if custom_text else ""
     rules = prefixed(vision, "visual.", "visual.") + prefixed(text, "text.", text_prefix)
     if cfg.vision_projection:
         rules.append(rule("visual_projection.weight", "visual.proj", "transpose"))
     if cfg.text_projection_bias:  # an nn.Linear in open_clip, laid out as vlp's
-        rules += _weight_and_bias("text_projection", text_prefix + "text_projection")
+        rules += weight_and_bias("text_projection", text_prefix + "text_projection")
     else:  # a [width, embed] matrix used as x @ proj
         rules.append(rule("text_projection.weight", text_prefix + "text_projection", "transpose"))
     rules.append(rule("logit_scale", "logit_scale"))
@@ -448,19 +443,7 @@ def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # open_clip's own CLIP BPE needs no files; any other tokenizer travels as a Hugging Face tokenizer folder.
     if not _is_open_clip_bpe(tokenizer):
-        tokenizer.backend.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    "model_max_length": tokenizer.context_length,
-                    "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
-                    "eos_token": tokenizer.backend.id_to_token(end_of_text_id(tokenizer)),
-                    "vlp_text_clean": tokenizer.clean,
-                },
-                indent=1,
-            )
-        )
+        save_hf_tokenizer(tokenizer, out)
         model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
         clean = tokenizer.clean if tokenizer.clean in ("whitespace", "lower", "canonicalize") else "whitespace"
         model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
