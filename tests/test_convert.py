@@ -101,8 +101,8 @@ def _hf_clip(act: str = "quick_gelu", large: bool = False):
     return transformers.CLIPModel(config).eval()
 
 
-def _save_reference(model, folder, clip_vocab=None, spm=None):
-    model.save_pretrained(folder)
+def _save_reference(model, folder, clip_vocab=None, spm=None, **save_options):
+    model.save_pretrained(folder, **save_options)
     if clip_vocab is not None:
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(clip_vocab / name, folder / name)
@@ -333,6 +333,37 @@ def _tiny_hf_clip(folder, clip_vocab):
         projection_dim=16,
     )
     return _save_reference(transformers.CLIPModel(config), folder, clip_vocab=clip_vocab)
+
+
+def test_sharded_and_pickled_hf_folders_load_the_same(tmp_path, clip_vocab):
+    torch.manual_seed(0)
+    folder = _tiny_hf_clip(tmp_path / "one", clip_vocab)
+    expected = vlp.load(folder).model.state_dict()
+    reference = transformers.CLIPModel.from_pretrained(folder)
+    sharded = _save_reference(reference, tmp_path / "sharded", clip_vocab=clip_vocab, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    pickled = shutil.copytree(folder, tmp_path / "bin")
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    for other in (sharded, pickled):
+        state = vlp.load(other).model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_wordpiece_tokenizer_matches_transformers_bert(tmp_path):
+    texts = varied_strings(300)
+    trained = train_tokenizer(texts, TokenizerConfig(kind="wordpiece", vocab_size=500, context_length=32))
+    vocab = sorted(trained.backend.get_vocab().items(), key=lambda item: item[1])
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [t for t, _ in vocab if not t.startswith("<")]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    reference = transformers.BertTokenizer.from_pretrained(tmp_path)
+    ours = tokenizer_from_path(tmp_path, context_length=32)
+    expected = reference(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    ids, mask = ours(texts)
+    assert len(ids.unique()) > 100
+    mismatched = [t for t, a, b in zip(texts, ids, expected.input_ids, strict=True) if not torch.equal(a, b)]
+    assert not mismatched, mismatched[:3]
+    assert torch.equal(mask, expected.attention_mask)
 
 
 def test_wrong_folder_kind_is_named(tmp_path):

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from vlp.checkpoint import CheckpointError, Pretrained
@@ -282,13 +283,19 @@ def image_config_from_hf(folder: Path, image_size: int, model_type: str) -> Imag
     )
 
 
-def weights_file(folder: Path) -> Path:
+def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The folder's tensors, from one file or from the shards its index names; and the file to blame."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            return folder / name
-    if (folder / "model.safetensors.index.json").is_file():
-        raise CheckpointError(f"{folder}: sharded checkpoints (model.safetensors.index.json) are not supported yet")
-    raise CheckpointError(f"{folder} holds config.json but no model.safetensors or pytorch_model.bin")
+            return read_state_dict(folder / name), folder / name
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.is_file():
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(read_state_dict(folder / shard))
+            return state, index
+    raise CheckpointError(f"{folder} holds config.json but no model.safetensors, pytorch_model.bin or shard index")
 
 
 def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
@@ -296,8 +303,7 @@ def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
     model_type = config["model_type"]
     cfg = config_from_hf(config)
     model = DualEncoder(cfg)
-    path = weights_file(folder)
-    state = read_state_dict(path)
+    state, path = read_hf_weights(folder)
     model.load_state_dict(
         to_vlp(state, hf_rules(cfg, model_type), model.state_dict(), source=str(path), ignore=IGNORED_KEYS)
     )
