@@ -309,6 +309,15 @@ def test_vlp_trained_model_exports_to_transformers_and_back(tmp_path, siglip):
         CLASSES, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
     ).input_ids
     assert torch.equal(hf_tokens, source.tokenizer(CLASSES)[0])
+    # every --checkpoint command takes the exported folder as it is
+    assert (
+        main(["embed", "--checkpoint", str(tmp_path / "hf"), "--texts", *CLASSES, "--out", str(tmp_path / "t.npy")])
+        == 0
+    )
+    embedded = torch.from_numpy(np.load(tmp_path / "t.npy"))
+    torch.testing.assert_close(
+        embedded, source.model.encode_text(*source.tokenizer(CLASSES)).detach(), atol=1e-5, rtol=0
+    )
     # and back into vlp, through the Hugging Face folder
     assert main(["convert", str(tmp_path / "hf"), "--to", "vlp", "--out", str(tmp_path / "again")]) == 0
     again = vlp.load(tmp_path / "again")
@@ -399,6 +408,9 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="cannot be read as plain tensors"):
         vlp.load(path, config=tmp_path / "cfg.json")
     assert "pickled code ran" not in capsys.readouterr().out
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "jit.pt")
+    with pytest.raises(CheckpointError, match="TorchScript archive"):
+        vlp.load(tmp_path / "jit.pt", config=tmp_path / "cfg.json")
 
 
 def test_models_without_a_foreign_layout_are_refused(tmp_path):

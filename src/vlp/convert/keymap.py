@@ -9,6 +9,7 @@ stored with an extra leading axis. Both directions run the same rules.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
+        if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
+            raise CheckpointError(
+                f"{path} is a TorchScript archive (OpenAI's clip.load format); vlp does not run its code. "
+                "Save its state_dict() to safetensors in a session you trust, then load that with its config"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
