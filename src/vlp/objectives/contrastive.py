@@ -16,6 +16,8 @@ from vlp.models.clip import DualEncoder
 class ContrastiveObjectiveConfig:
     loss: Literal["clip", "siglip"] = "clip"
     max_logit_scale: float = 100.0  # the learned scale is clamped to this after every step
+    # Rows of the loss computed at a time, recomputed in backward: bounds the logits' memory (None = all).
+    chunk_size: int | None = None
 
 
 class ContrastiveObjective:
@@ -28,9 +30,13 @@ class ContrastiveObjective:
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch["image"], batch["text"], batch.get("text_mask"))
         if self.cfg.loss == "clip":
-            loss = contrastive_loss(out.image_features, out.text_features, out.logit_scale)
+            loss = contrastive_loss(
+                out.image_features, out.text_features, out.logit_scale, chunk_size=self.cfg.chunk_size
+            )
         else:
-            loss = sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+            loss = sigmoid_loss(
+                out.image_features, out.text_features, out.logit_scale, out.logit_bias, chunk_size=self.cfg.chunk_size
+            )
         logs = {"contrastive_loss": loss, "logit_scale": out.logit_scale.detach()}
         if out.logit_bias is not None:
             logs["logit_bias"] = out.logit_bias.detach()

@@ -1,0 +1,111 @@
+"""Distributed losses on two gloo processes equal one process on the same global batch.
+
+Each case trains nothing: a small two-tower model wrapped in DDP embeds its process's slice of a
+fixed global batch; the loss, averaged over processes, and the DDP-averaged gradients are compared
+with one process that sees the whole batch.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vlp.distributed import all_reduce_mean
+from vlp.losses import contrastive_loss, sigmoid_loss
+
+GLOBAL_BATCH, WORLD = 12, 2
+CASES = [("clip", None), ("clip", 4), ("siglip", None), ("siglip", 4)]
+
+
+class TwoTowers(nn.Module):
+    """Returns what the dual encoder returns: normalised features, the exp'd scale, the bias (SigLIP)."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.image = nn.Linear(16, 8)
+        self.text = nn.Linear(12, 8)
+        self.logit_scale = nn.Parameter(torch.tensor(2.3))
+        self.logit_bias = nn.Parameter(torch.tensor(-3.0)) if bias else None
+
+    def forward(self, images, texts):
+        image, text = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
+        return image, text, self.logit_scale.exp(), self.logit_bias
+
+
+def _model(loss_name):
+    torch.manual_seed(0)
+    return TwoTowers(bias=loss_name == "siglip")
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 12, generator=g)
+
+
+def _loss_and_grads(model, wrapped, images, texts, loss_name, chunk):
+    image_features, text_features, scale, bias = wrapped(images, texts)
+    if loss_name == "clip":
+        loss = contrastive_loss(image_features, text_features, scale, chunk_size=chunk)
+    else:
+        loss = sigmoid_loss(image_features, text_features, scale, bias, chunk_size=chunk)
+    model.zero_grad()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return all_reduce_mean(loss).item(), grads
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    images, texts = _global_batch()
+    local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+    results = {}
+    for case in CASES:
+        model = _model(case[0])
+        results[case] = _loss_and_grads(model, DistributedDataParallel(model), images[local], texts[local], *case)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "results.pt"
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{loss}-chunk{chunk}" for loss, chunk in CASES])
+def test_two_processes_equal_one_process_on_the_global_batch(two_process_results, case):
+    model = _model(case[0])
+    images, texts = _global_batch()
+    loss, grads = _loss_and_grads(model, model, images, texts, *case)
+    distributed_loss, distributed_grads = two_process_results[case]
+    assert distributed_loss == pytest.approx(loss, abs=1e-5)
+    assert set(distributed_grads) == set(grads) == {n for n, _ in model.named_parameters()}
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_chunked_losses_equal_the_whole_matrix(loss_name):
+    model = _model(loss_name)
+    images, texts = _global_batch()
+    loss, grads = _loss_and_grads(model, model, images, texts, loss_name, None)
+    for chunk in (1, 5, 12, 100):
+        chunked_loss, chunked_grads = _loss_and_grads(model, model, images, texts, loss_name, chunk)
+        assert chunked_loss == pytest.approx(loss, abs=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(chunked_grads[name], grad, atol=1e-6, rtol=0)
