@@ -21,6 +21,7 @@ from vlp.losses import contrastive_loss, sigmoid_loss
 
 GLOBAL_BATCH, WORLD = 12, 2
 CASES = [("clip", None), ("clip", 4), ("siglip", None), ("siglip", 4)]
+UNEVEN = 7  # rank 0's rows when a split is uneven, as when bad samples were dropped on one process
 
 
 class TwoTowers(nn.Module):
@@ -65,10 +66,15 @@ def _worker(rank, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     images, texts = _global_batch()
     local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+    uneven = slice(0, UNEVEN) if rank == 0 else slice(UNEVEN, GLOBAL_BATCH)
     results = {}
     for case in CASES:
         model = _model(case[0])
         results[case] = _loss_and_grads(model, DistributedDataParallel(model), images[local], texts[local], *case)
+        model = _model(case[0])
+        results[case, "uneven"] = _loss_and_grads(
+            model, DistributedDataParallel(model), images[uneven], texts[uneven], *case
+        )
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -97,6 +103,33 @@ def test_two_processes_equal_one_process_on_the_global_batch(two_process_results
     assert set(distributed_grads) == set(grads) == {n for n, _ in model.named_parameters()}
     for name, grad in grads.items():
         torch.testing.assert_close(distributed_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def _row_losses(loss_name, image, text, scale, bias):
+    """Each image row's loss on the whole global batch, written out independently of vlp.losses."""
+    logits = scale * image @ text.T
+    if loss_name == "clip":
+        labels = torch.arange(len(image))
+        return (
+            F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")
+        ) / 2
+    signs = 2 * torch.eye(len(image)) - 1
+    return -F.logsigmoid(signs * (logits + bias)).sum(dim=1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{loss}-chunk{chunk}" for loss, chunk in CASES])
+def test_uneven_local_batches_weight_each_process_equally(two_process_results, case):
+    """With 7 and 5 rows, each process averages its own rows and DDP averages the processes."""
+    model = _model(case[0])
+    images, texts = _global_batch()
+    image, text, scale, bias = model(images, texts)
+    rows = _row_losses(case[0], image, text, scale, bias)
+    loss = (rows[:UNEVEN].mean() + rows[UNEVEN:].mean()) / WORLD
+    loss.backward()
+    distributed_loss, distributed_grads = two_process_results[case, "uneven"]
+    assert distributed_loss == pytest.approx(loss.item(), abs=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(distributed_grads[name], p.grad, atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])

@@ -25,30 +25,43 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def local_sizes(size: int, device: torch.device | None = None) -> list[int]:
+    """Every process's local batch size, in rank order (batches shrink where bad samples were dropped)."""
+    if not is_distributed():
+        return [size]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device))
+    return [int(s) for s in sizes]
+
+
 class _AllGather(torch.autograd.Function):
-    """Concatenate every process's [b, ...] in rank order; the backward pass sums the gradients of all
+    """Concatenate every process's [b_r, ...] in rank order; the backward pass sums the gradients of all
     processes' copies and hands each process its own slice (all_reduce, which gloo supports too)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes = sizes
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        local = grad.shape[0] // world_size()
-        return grad[rank() * local : (rank() + 1) * local]
+        start = sum(ctx.sizes[: rank()])
+        return grad[start : start + ctx.sizes[rank()]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[b, ...] on each process (the same b everywhere) -> [b * W, ...] in rank order; gradients flow
-    back to each owner."""
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """[b_r, ...] on each process -> [sum b_r, ...] in rank order; gradients flow back to each owner.
+
+    `sizes` (from `local_sizes`) saves a collective when the caller already has them."""
     if not is_distributed():
         return x
-    return _AllGather.apply(x)
+    return _AllGather.apply(x, sizes or local_sizes(x.shape[0], x.device))
 
 
 class _RingShift(torch.autograd.Function):
@@ -63,14 +76,21 @@ class _RingShift(torch.autograd.Function):
         return _exchange(grad.contiguous(), forward=False)
 
 
-def _exchange(x: torch.Tensor, *, forward: bool) -> torch.Tensor:
-    r, w = rank(), world_size()
-    to, source = ((r + 1) % w, (r - 1) % w) if forward else ((r - 1) % w, (r + 1) % w)
-    received = torch.empty_like(x)
+def _send_receive(x: torch.Tensor, to: int, source: int, received: torch.Tensor) -> torch.Tensor:
     ops = [dist.P2POp(dist.isend, x, to), dist.P2POp(dist.irecv, received, source)]
     for request in dist.batch_isend_irecv(ops):
         request.wait()
     return received
+
+
+def _exchange(x: torch.Tensor, *, forward: bool) -> torch.Tensor:
+    r, w = rank(), world_size()
+    to, source = ((r + 1) % w, (r - 1) % w) if forward else ((r - 1) % w, (r + 1) % w)
+    # The neighbour's block may have fewer rows (bad samples dropped there): its size travels first.
+    size = _send_receive(
+        torch.tensor([x.shape[0]], device=x.device), to, source, torch.zeros(1, dtype=torch.long, device=x.device)
+    )
+    return _send_receive(x, to, source, x.new_empty(int(size), *x.shape[1:]))
 
 
 def ring_shift(x: torch.Tensor) -> torch.Tensor:

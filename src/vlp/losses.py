@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from vlp.distributed import all_gather_with_grad, rank, ring_shift, world_size
+from vlp.distributed import all_gather_with_grad, local_sizes, rank, ring_shift, world_size
 
 
 def _sum_over_row_chunks(
@@ -53,8 +53,9 @@ def contrastive_loss(
     Distributed: open_clip's --local-loss --gather-with-grad, memory O(b * B) per process.
     """
     image, text = image_features.float(), text_features.float()
-    all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
-    scale, offset, local = logit_scale.float(), image.shape[0] * rank(), image.shape[0]
+    sizes = local_sizes(image.shape[0], image.device)
+    all_image, all_text = all_gather_with_grad(image, sizes), all_gather_with_grad(text, sizes)
+    scale, offset, local = logit_scale.float(), sum(sizes[: rank()]), image.shape[0]
     image_to_text = _sum_over_row_chunks(_cross_entropy_rows, image, all_text, scale, offset, chunk_size=chunk_size)
     text_to_image = _sum_over_row_chunks(_cross_entropy_rows, text, all_image, scale, offset, chunk_size=chunk_size)
     return (image_to_text + text_to_image) / (2 * local)
