@@ -4,7 +4,6 @@ compared, exported back and compared again; reference tokenizers; errors that na
 open_clip's side runs in its own environment: tests/test_open_clip.py, `make interop`.
 """
 
-import io
 import json
 import shutil
 
@@ -17,7 +16,7 @@ from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 import vlp
-from text_samples import varied_strings
+from text_samples import train_siglip_spm, varied_strings
 from vlp.checkpoint import CheckpointError, save_checkpoint
 from vlp.cli import main
 from vlp.convert import ConversionError, export_pretrained
@@ -62,26 +61,8 @@ def clip_vocab(tmp_path_factory):
 @pytest.fixture(scope="module")
 def siglip_spm(tmp_path_factory):
     """A SentencePiece unigram model laid out as SigLIP's (eos = pad = </s>, no bos)."""
-    import sentencepiece as spm
-
     path = tmp_path_factory.mktemp("spm") / "spiece.model"
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(varied_strings(400, seed=2) + CLASSES * 5),
-        model_writer=buffer,
-        vocab_size=400,
-        model_type="unigram",
-        pad_id=-1,
-        bos_id=-1,
-        eos_id=1,
-        unk_id=2,
-        eos_piece="</s>",
-        unk_piece="<unk>",
-        user_defined_symbols=[],
-        hard_vocab_limit=False,
-    )
-    path.write_bytes(buffer.getvalue())
-    return path
+    return train_siglip_spm(path, varied_strings(400, seed=2) + CLASSES * 5, vocab_size=400)
 
 
 def _hf_clip(act: str = "quick_gelu", large: bool = False):

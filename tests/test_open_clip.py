@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import vlp
-from text_samples import varied_strings
+from text_samples import train_siglip_spm, varied_strings
 from vlp.convert import export_pretrained
 
 pytestmark = pytest.mark.interop
@@ -164,27 +164,7 @@ def test_clip_bpe_tokenizer_matches_open_clip():
 
 @pytest.fixture
 def spm_tokenizer(tmp_path):
-    import io
-
-    import sentencepiece as spm
-
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(varied_strings(300) + CLASSES * 5),
-        model_writer=buffer,
-        vocab_size=300,
-        model_type="unigram",
-        pad_id=-1,
-        bos_id=-1,
-        eos_id=1,
-        unk_id=2,
-        eos_piece="</s>",
-        unk_piece="<unk>",
-        hard_vocab_limit=False,
-    )
-    path = tmp_path / "spiece.model"
-    path.write_bytes(buffer.getvalue())
-    return path
+    return train_siglip_spm(tmp_path / "spiece.model", varied_strings(300) + CLASSES * 5, vocab_size=300)
 
 
 def test_open_clip_timm_siglip_parity_and_export_to_transformers(tmp_path, spm_tokenizer):

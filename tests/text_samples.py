@@ -96,3 +96,18 @@ def varied_strings(n: int = 300, seed: int = 0) -> list[str]:
                 parts.append(rng.choice(PUNCTUATION))
         out.append(" ".join(parts) if rng.random() < 0.8 else "".join(parts))
     return out
+
+
+def train_siglip_spm(path, texts: list[str], vocab_size: int):
+    """A SentencePiece unigram model laid out as SigLIP's (eos = pad = </s>, no bos), written to `path`."""
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size, model_type="unigram",
+        pad_id=-1, bos_id=-1, eos_id=1, unk_id=2, eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False,
+    )
+    path.write_bytes(buffer.getvalue())
+    return path
