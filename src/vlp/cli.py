@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.images:
         overrides.append(f"data.images={args.images}")
     cfg = load_run_config(args.config, overrides)
-    print(f"last checkpoint: {train(cfg, args.out, resume=args.resume)}")
+    last = train(cfg, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line rather than one per process
+        print(f"last checkpoint: {last}")
 
 
 def _predictor(args: argparse.Namespace):

@@ -11,6 +11,8 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_distributed() -> bool:
@@ -98,6 +100,22 @@ def ring_shift(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return _RingShift.apply(x)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers, or the module itself."""
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        else:
+            return module
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@ and checkpoints. It knows nothing else about the model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -14,16 +16,25 @@ from typing import Any, Literal
 
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vlp.checkpoint import (
-    CHECKPOINTS_DIR, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, CheckpointError, list_checkpoints, load_weights,
-    resolve_checkpoint, save_checkpoint,
+    CHECKPOINTS_DIR,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    list_checkpoints,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
 )
 from vlp.config import ConfigError, apply_overrides, from_dict, read_mapping, to_dict
 from vlp.data.pipeline import DataConfig, train_batches, training_captions
 from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
+from vlp.distributed import all_reduce_mean, barrier, is_distributed, rank, setup_from_environment, world_size
 from vlp.families import Family, parse_model_config
 from vlp.train.optim import make_optimizer, warmup_cosine
 
@@ -33,7 +44,10 @@ log = logging.getLogger("vlp.train")
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # The global batch: split evenly across processes, then into `accum_steps` micro-batches each.
     batch_size: int = 64
+    # >1: the contrastive loss still sees the whole batch; micro-batch features are cached and recomputed.
+    accum_steps: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
@@ -81,7 +95,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -90,10 +106,61 @@ def _prepare_tokenizer(cfg: RunConfig, out: Path, resume_from: Path | None) -> T
         return Tokenizer.from_file(resume_from)
     if cfg.tokenizer.path:
         return Tokenizer.from_file(cfg.tokenizer.path)
-    log.info("training a %s tokenizer on the training captions", cfg.tokenizer.kind)
-    tokenizer = train_tokenizer(training_captions(cfg.data), cfg.tokenizer)
-    tokenizer.save(out)
-    return tokenizer
+    if rank() == 0:  # one process trains it; the others read what it wrote
+        log.info("training a %s tokenizer on the training captions", cfg.tokenizer.kind)
+        train_tokenizer(training_captions(cfg.data), cfg.tokenizer).save(out)
+    barrier()
+    return Tokenizer.from_file(out)
+
+
+def _split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Cut a batch into `parts` micro-batches along the sample dimension."""
+    tensors = {k: v.tensor_split(parts) for k, v in batch.items() if torch.is_tensor(v)}
+    micro = []
+    for i in range(parts):
+        part = {k: v[i] for k, v in tensors.items()}
+        part["size"] = len(next(iter(part.values())))
+        micro.append(part)
+    return micro
+
+
+def _total_loss(values: dict[str, torch.Tensor], family: str, step: int) -> torch.Tensor:
+    losses = {k: v for k, v in values.items() if k.endswith("_loss")}
+    if not losses:
+        raise RuntimeError(f"{family} objective returned no '*_loss' value: {sorted(values)}")
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(f"step {step}: the loss is not finite ({terms})")
+    return loss
+
+
+def accumulated_backward(
+    objective: Any, micro_batches: list[dict[str, Any]], *, no_sync: Any, autocast: Any, family: str, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step's gradients from k micro-batches, the loss seeing all of them (open_clip's
+    --accum-freq): features of every micro-batch are computed without gradient, then each micro-batch
+    is recomputed with gradient and its fresh features replace its cached ones in the full loss.
+
+    Model-level scalars (the logit scale and bias) take their gradient from the last pass only, so
+    they are not counted k times. `no_sync` suspends DDP's gradient reduction until that last pass.
+    """
+    with torch.no_grad(), autocast:
+        cached = [objective.embed(m) for m in micro_batches]
+    last = len(micro_batches) - 1
+    for j, micro in enumerate(micro_batches):
+        with no_sync() if j < last else contextlib.nullcontext(), autocast:
+            fresh = objective.embed(micro)
+            merged: dict[str, torch.Tensor | None] = {}
+            for key, value in fresh.items():
+                if value is None or value.dim() == 0:
+                    merged[key] = value if value is None or j == last else value.detach()
+                else:
+                    merged[key] = torch.cat([value if i == j else c[key] for i, c in enumerate(cached)])
+            values = objective.losses(merged)
+            loss = _total_loss(values, family, step)
+        loss.backward()
+    return loss, values
 
 
 def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
@@ -137,10 +204,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path:
     """Train as `cfg` says, writing checkpoints and metrics under `out`. Returns the last checkpoint."""
-    out = Path(out)
+    created_group = not torch.distributed.is_initialized()
+    setup_from_environment()
+    try:
+        return _train(cfg, Path(out), resume)
+    finally:
+        if created_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     family, model_cfg, objective_cfg = cfg.family_configs()
     tc = cfg.train
+    world, is_main = world_size(), rank() == 0
+    if tc.batch_size % (world * tc.accum_steps):
+        raise ConfigError(
+            f"config key 'train.batch_size': {tc.batch_size} does not split into {world} process(es) x "
+            f"{tc.accum_steps} accumulation step(s)"
+        )
     resume_from = _find_resume(out, resume)
     torch.manual_seed(tc.seed)
     device = _device(tc.device)
@@ -154,7 +236,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
         start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
-    objective = family.objective_cls(model, objective_cfg)
+    forward_model = model
+    if is_distributed():
+        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    objective = family.objective_cls(forward_model, objective_cfg)
+    if tc.accum_steps > 1 and not hasattr(objective, "embed"):
+        raise ConfigError(f"config key 'train.accum_steps': the {family.name} objective cannot accumulate yet")
+    no_sync = forward_model.no_sync if is_distributed() else contextlib.nullcontext
     optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
     schedule = warmup_cosine(optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                              min_lr_ratio=tc.min_lr_ratio)
@@ -162,15 +250,20 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
         saved = torch.load(resume_from / OPTIMIZER_FILE, map_location=device, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-    (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if is_main:
+        (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _truncate_metrics(metrics_path, start_step)
 
     batches = train_batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
-                            batch_size=tc.batch_size, seed=tc.seed, start_step=start_step)
+                            batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
+                            world_size=world)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
 
     def checkpoint(step: int) -> Path:
+        folder = out / CHECKPOINTS_DIR / f"step_{step:08d}"
+        if not is_main:  # one writer; every process holds the same weights
+            return folder
         folder = save_checkpoint(
             out / CHECKPOINTS_DIR / f"step_{step:08d}", family=family, model_config=model_cfg, model=model,
             image_config=cfg.image, tokenizer=tokenizer, state={"step": step, "run": to_dict(cfg)},
@@ -184,22 +277,22 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
     sums: dict[str, float] = {}
     interval_samples, interval_start, run_start = 0, time.perf_counter(), time.perf_counter()
     # Redrawn less often when stderr is a log file rather than a terminal.
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not tc.progress, unit="step", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    with metrics_path.open("a") as metrics_file:
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and is_main), unit="step",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    with metrics_path.open("a") if is_main else contextlib.nullcontext() as metrics_file:
         for step in range(start_step + 1, tc.steps + 1):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            with autocast:
-                values = objective(batch)
-            losses = {k: v for k, v in values.items() if k.endswith("_loss")}
-            if not losses:
-                raise RuntimeError(f"{family.name} objective returned no '*_loss' value: {sorted(values)}")
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                raise FloatingPointError(f"step {step}: the loss is not finite ({terms})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if tc.accum_steps > 1:
+                loss, values = accumulated_backward(
+                    objective, _split_batch(batch, tc.accum_steps), no_sync=no_sync, autocast=autocast,
+                    family=family.name, step=step,
+                )
+            else:
+                with autocast:
+                    values = objective(batch)
+                loss = _total_loss(values, family.name, step)
+                loss.backward()
             grad_norm = None
             if tc.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -208,7 +301,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
             if hasattr(objective, "after_step"):
                 objective.after_step()
 
-            interval_samples += batch["size"]
+            interval_samples += batch["size"] * world
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -219,11 +312,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
                 elapsed = time.perf_counter() - interval_start
                 count = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
                 record = {"step": step, "lr": schedule.get_last_lr()[0]}
-                record.update({k: v / count for k, v in sums.items()})
+                means = all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
+                record.update({k: float(v) / count for k, v in zip(sums, means, strict=True)})
                 record["samples_per_s"] = interval_samples / max(elapsed, 1e-9)
                 record["elapsed_s"] = time.perf_counter() - run_start
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if is_main:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
                 sums, interval_samples, interval_start = {}, 0, time.perf_counter()
             if step % tc.save_every == 0 or step == tc.steps:
