@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlp.distributed import all_reduce_mean
+from vlp.distributed import all_reduce_mean, setup_from_environment
 from vlp.losses import contrastive_loss, sigmoid_loss
 
 GLOBAL_BATCH, WORLD = 12, 2
@@ -142,3 +142,14 @@ def test_chunked_losses_equal_the_whole_matrix(loss_name):
         assert chunked_loss == pytest.approx(loss, abs=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(chunked_grads[name], grad, atol=1e-6, rtol=0)
+
+
+def test_slurm_variables_without_a_rendezvous_address_say_what_is_missing(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so the variables the code sets are removed afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR and MASTER_PORT"):
+        setup_from_environment()
+    assert os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "4"

@@ -66,6 +66,32 @@ def test_causal_text_tower_does_not_look_ahead():
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
+@pytest.mark.parametrize("pool, eot_token_id, causal", [
+    ("eot", None, True), ("eot", 49, True), ("argmax", None, True), ("first", None, True), ("last", None, True),
+    ("eot", None, False),
+])
+def test_text_encode_skips_padding_and_equals_the_full_forward(pool, eot_token_id, causal):
+    """`encode` stops a causal tower at the batch's last pooled token; its pooled output is unchanged."""
+    torch.manual_seed(0)
+    cfg = TextConfig(vocab_size=50, context_length=16, width=32, layers=2, heads=4, pool=pool,
+                     eot_token_id=eot_token_id, causal=causal)
+    tower = TextTransformer(cfg).eval()
+    lengths = [3, 7, 5]
+    ids = torch.zeros(3, 16, dtype=torch.long)
+    mask = torch.zeros(3, 16, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, : length - 1] = torch.randint(1, 48, (length - 1,))
+        ids[row, length - 1] = 49  # end of text: the largest id, as in CLIP's vocabulary
+        mask[row, :length] = 1
+    seen = []
+    handle = tower.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    pooled, _ = tower(ids, mask)
+    torch.testing.assert_close(tower.encode(ids, mask), pooled, atol=1e-6, rtol=1e-5)
+    handle.remove()
+    skips = causal and pool != "last"
+    assert seen == [16, (1 if pool == "first" else max(lengths)) if skips else 16]
+
+
 def test_bidirectional_padding_mask_hides_pads_and_pools():
     torch.manual_seed(0)
     cfg = TextConfig(vocab_size=50, context_length=8, width=32, layers=2, heads=4, causal=False, mask_padding=True)

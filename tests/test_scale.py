@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,17 +139,20 @@ def two_process_run(shapes_world, tmp_path_factory):
     return config, root / "double"
 
 
-def _assert_same_run(reference, other, rel: float) -> None:
-    """Same logged steps, losses within `rel`, and every weight tensor within `rel` x 10 of its norm: Adam
-    turns reduction-order noise into slowly growing weight differences over tens of steps."""
+def _assert_same_run(reference, other, rel: float, drift_after: int | None = None) -> None:
+    """Same logged steps, the same losses within `rel` and every weight tensor within 10 x `rel` of its
+    norm. Where reductions run in another order (1 vs 2 processes), float noise grows through tens of
+    clipped Adam steps: after step `drift_after` losses are held to 10 x `rel` and weights to 50 x."""
     one, two = _records(reference), _records(other)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=rel), b["step"]
+        tolerance = rel if drift_after is None or b["step"] <= drift_after else 10 * rel
+        assert b["loss"] == pytest.approx(a["loss"], rel=tolerance), b["step"]
     weights = [load_checkpoint(run).model.state_dict() for run in (reference, other)]
+    weights_rel = 10 * rel if drift_after is None else 50 * rel
     for name, value in weights[0].items():
         difference = (weights[1][name].float() - value.float()).norm() / value.float().norm().clamp_min(1e-6)
-        assert difference < 10 * rel, f"{name}: relative difference {difference:.2e}"
+        assert difference < weights_rel, f"{name}: relative difference {difference:.2e}"
 
 
 def test_two_process_torchrun_run_follows_the_one_process_run(two_process_run, tmp_path):
@@ -158,7 +162,7 @@ def test_two_process_torchrun_run_follows_the_one_process_run(two_process_run, t
     train(load_run_config(config), single)
     assert all(r["samples_per_s"] > 0 for r in _records(double))
     assert _records(double)[-1]["loss"] < _records(double)[0]["loss"]
-    _assert_same_run(single, double, rel=1e-3)
+    _assert_same_run(single, double, rel=1e-3, drift_after=20)
 
 
 def test_killed_two_process_run_resumes_where_it_stopped(two_process_run, tmp_path):
@@ -182,3 +186,20 @@ def test_killed_two_process_run_resumes_where_it_stopped(two_process_run, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {killed_at}" in result.stderr
     _assert_same_run(reference, run, rel=1e-4)
+
+
+def test_fsdp_continues_a_ddp_run_with_its_optimizer_state(two_process_run, tmp_path):
+    """Checkpoints hold whole weights and optimiser state keyed by name, whatever sharded them: a DDP run's
+    step-55 checkpoint resumed with fully sharded parameters ends where the DDP run ended."""
+    config, reference = two_process_run
+    run = tmp_path / "fsdp"
+    shutil.copytree(list_checkpoints(reference)[0], run / "checkpoints" / "step_00000055")
+    args = ["train", "--config", str(config), "--out", str(run), "--resume", "latest", "--set", "train.strategy=fsdp"]
+    result = _torchrun(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (last,) = _records(run)
+    assert last["step"] == 60
+    assert last["loss"] == pytest.approx(_records(reference)[-1]["loss"], rel=1e-4)
+    resumed = load_checkpoint(run).model.state_dict()
+    for name, value in load_checkpoint(reference).model.state_dict().items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4, msg=name)

@@ -61,17 +61,20 @@ def save_checkpoint(
     *,
     family: Family,
     model_config: Any,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     image_config: ImageConfig,
     tokenizer: Tokenizer,
     state: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """Write a checkpoint folder atomically. `model` is the module, or its state dict when it was gathered
+    from shards."""
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if isinstance(model, nn.Module) else model
+    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "family": family.name})
     (tmp / ARCH_FILE).write_text(json.dumps({"family": family.name, **to_dict(model_config)}, indent=1))
     (tmp / PREPROCESS_FILE).write_text(json.dumps(to_dict(image_config), indent=1))

@@ -7,12 +7,23 @@ SLURM's `srun`), never by vlp.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
+
+Strategy = Literal["ddp", "fsdp"]
 
 
 def is_distributed() -> bool:
@@ -113,6 +124,75 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+class ParallelModel:
+    """A model prepared for data-parallel training: `module` is what forward passes go through.
+
+    ddp: every process holds the whole model; gradients are averaged in buckets during backward.
+    fsdp: PyTorch's `fully_shard`, one shard group per transformer block plus the rest, so parameters,
+    gradients and optimiser state are split across processes. It cannot shard 0-dim parameters (the
+    logit scale and bias), so those stay whole on every process and their gradients are averaged here.
+    On one process both are the model itself.
+    """
+
+    def __init__(self, model: nn.Module, strategy: Strategy, device: torch.device):
+        self.model, self.strategy = model, strategy
+        self.module: nn.Module = model
+        self.replicated: list[nn.Parameter] = []
+        if not is_distributed():
+            return
+        if strategy == "ddp":
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            from vlp.layers import TransformerBlock
+
+            for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+                fully_shard(block)
+            self.replicated = [p for p in model.parameters() if p.dim() == 0]
+            fully_shard(model, ignored_params=set(self.replicated))
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally; the next one outside reduces them all."""
+        if isinstance(self.module, DistributedDataParallel):
+            with self.module.no_sync():
+                yield
+        elif self.strategy == "fsdp" and is_distributed():
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def sync_gradients(self) -> None:
+        """Average the gradients the wrapper leaves alone; call after the last backward of a step."""
+        for param in self.replicated:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= world_size()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole weights on rank 0, on the CPU (collective: every process calls it)."""
+        if self.strategy == "fsdp" and is_distributed():
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Optimiser state keyed by parameter name, whole, on rank 0: the same file under ddp, fsdp or one
+        process, so a run may resume under another strategy or process count (collective)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load what `optimizer_state` wrote; each process reads the whole state and keeps its shard."""
+        sharded = self.strategy == "fsdp" and is_distributed()
+        options = StateDictOptions(full_state_dict=True) if sharded else None
+        set_optimizer_state_dict(self.model, optimizer, state, options=options)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -140,6 +220,12 @@ def setup_from_environment(backend: str | None = None) -> bool:
         )
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"a {os.environ['WORLD_SIZE']}-process run needs {' and '.join(missing)} to find its peers: start it "
+            "with torchrun, or under SLURM export MASTER_ADDR (the first node's host name) and MASTER_PORT"
+        )
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":

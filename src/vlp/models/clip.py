@@ -74,7 +74,7 @@ class DualEncoder(nn.Module):
     def encode_text(
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
-        pooled, _ = self.text(text, text_mask)
+        pooled = self.text.encode(text, text_mask)
         features = self.text_projection(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 

@@ -74,22 +74,38 @@ class TextTransformer(nn.Module):
                 x = block(x, **kwargs)
         return self.ln_final(x)
 
+    def pool_positions(self, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The index of each text's pooled token: end-of-text, largest id or first; None for the last."""
+        if self.cfg.pool == "first":
+            return torch.zeros(text.shape[0], dtype=torch.long, device=text.device)
+        if self.cfg.pool == "argmax":
+            return text.argmax(dim=-1)
+        if self.cfg.pool == "eot" and self.cfg.eot_token_id is not None:
+            return (text == self.cfg.eot_token_id).int().argmax(dim=-1)
+        if self.cfg.pool == "eot" and text_mask is not None:
+            # The tokenizer ends every text with its end-of-text token, so it sits at the last real position.
+            return text_mask.long().sum(dim=1).clamp(min=1) - 1
+        return None
+
     def pool_tokens(
         self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Tokens [B, L, D] -> pooled [B, D] at the end-of-text, largest-id, last or first token."""
-        if self.cfg.pool == "first":
-            return tokens[:, 0]
-        if self.cfg.pool == "argmax":
-            position = text.argmax(dim=-1)
-        elif self.cfg.pool == "eot" and self.cfg.eot_token_id is not None:
-            position = (text == self.cfg.eot_token_id).int().argmax(dim=-1)
-        elif self.cfg.pool == "eot" and text_mask is not None:
-            # The tokenizer ends every text with its end-of-text token, so it sits at the last real position.
-            position = text_mask.long().sum(dim=1).clamp(min=1) - 1
-        else:
+        positions = self.pool_positions(text, text_mask)
+        if positions is None:
             return tokens[:, -1]
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), position]
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), positions]
+
+    def encode(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features [B, D] only. A causal tower stops at the batch's last pooled position: no token
+        before it attends to the padding after it, so the result is exact, and short captions padded to
+        the context length cost their own length rather than the whole context."""
+        positions = self.pool_positions(text, text_mask)
+        if self.cfg.causal and positions is not None:
+            length = int(positions.max()) + 1
+            text = text[:, :length]
+            text_mask = text_mask[:, :length] if text_mask is not None else None
+        return self.pool_tokens(self.forward_features(text, text_mask), text, text_mask)
 
     def forward(
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None, **cross: torch.Tensor | None

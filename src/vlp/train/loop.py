@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vlp.checkpoint import (
@@ -34,7 +33,16 @@ from vlp.config import ConfigError, apply_overrides, from_dict, read_mapping, to
 from vlp.data.pipeline import DataConfig, train_batches, training_captions
 from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
-from vlp.distributed import all_reduce_mean, barrier, is_distributed, rank, setup_from_environment, world_size
+from vlp.distributed import (
+    ParallelModel,
+    Strategy,
+    all_reduce_mean,
+    barrier,
+    is_distributed,
+    rank,
+    setup_from_environment,
+    world_size,
+)
 from vlp.families import Family, parse_model_config
 from vlp.train.optim import make_optimizer, warmup_cosine
 
@@ -56,6 +64,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast; measured faster on this project's CPUs
+    # ddp: the whole model on every process; fsdp: parameters, gradients and optimiser state sharded.
+    strategy: Strategy = "ddp"
+    compile: bool = False  # torch.compile the model's forward pass
     device: str = "auto"  # auto = cuda when present, else cpu
     seed: int = 0
     log_every: int = 10
@@ -143,7 +154,7 @@ def accumulated_backward(
     is recomputed with gradient and its fresh features replace its cached ones in the full loss.
 
     Model-level scalars (the logit scale and bias) take their gradient from the last pass only, so
-    they are not counted k times. `no_sync` suspends DDP's gradient reduction until that last pass.
+    they are not counted k times. `no_sync` suspends gradient reduction until that last pass.
     """
     with torch.no_grad(), autocast:
         cached = [objective.embed(m) for m in micro_batches]
@@ -161,6 +172,55 @@ def accumulated_backward(
             loss = _total_loss(values, family, step)
         loss.backward()
     return loss, values
+
+
+class TrainStep:
+    """One optimiser step on one batch: forward and backward (over micro-batches when accumulating),
+    gradient clipping, the optimiser, the schedule and the objective's after-step hook. The trainer
+    and the benchmarks run the same step."""
+
+    def __init__(
+        self,
+        parallel: ParallelModel,
+        objective: Any,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        accum_steps: int = 1,
+        grad_clip: float | None = None,
+        precision: Literal["fp32", "bf16"] = "bf16",
+        device_type: str = "cpu",
+        family: str = "model",
+    ):
+        if accum_steps > 1 and not hasattr(objective, "embed"):
+            raise ConfigError(f"config key 'train.accum_steps': the {family} objective cannot accumulate yet")
+        self.parallel, self.objective, self.optimizer, self.schedule = parallel, objective, optimizer, schedule
+        self.accum_steps, self.grad_clip, self.family = accum_steps, grad_clip, family
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def __call__(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        """Returns (total loss, the objective's named values, gradient norm or None)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accum_steps > 1:
+            loss, values = accumulated_backward(
+                self.objective, _split_batch(batch, self.accum_steps), no_sync=self.parallel.no_sync,
+                autocast=self.autocast, family=self.family, step=step,
+            )
+        else:
+            with self.autocast:
+                values = self.objective(batch)
+            loss = _total_loss(values, self.family, step)
+            loss.backward()
+        self.parallel.sync_gradients()
+        grad_norm = None
+        if self.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parallel.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        if hasattr(self.objective, "after_step"):
+            self.objective.after_step()
+        return loss, values, grad_norm
 
 
 def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
@@ -236,20 +296,19 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
-    forward_model = model
-    if is_distributed():
-        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    parallel = ParallelModel(model, tc.strategy, device)
+    forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
     objective = family.objective_cls(forward_model, objective_cfg)
-    if tc.accum_steps > 1 and not hasattr(objective, "embed"):
-        raise ConfigError(f"config key 'train.accum_steps': the {family.name} objective cannot accumulate yet")
-    no_sync = forward_model.no_sync if is_distributed() else contextlib.nullcontext
     optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
     schedule = warmup_cosine(optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                              min_lr_ratio=tc.min_lr_ratio)
     if resume_from is not None:
-        saved = torch.load(resume_from / OPTIMIZER_FILE, map_location=device, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
+        saved = torch.load(resume_from / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        parallel.load_optimizer_state(optimizer, saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
+    train_step = TrainStep(parallel, objective, optimizer, schedule, accum_steps=tc.accum_steps,
+                           grad_clip=tc.grad_clip, precision=tc.precision, device_type=device.type,
+                           family=family.name)
     metrics_path = out / "metrics.jsonl"
     if is_main:
         (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -258,23 +317,24 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     batches = train_batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
                             batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
                             world_size=world)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
 
     def checkpoint(step: int) -> Path:
         folder = out / CHECKPOINTS_DIR / f"step_{step:08d}"
-        if not is_main:  # one writer; every process holds the same weights
+        weights, optimizer_state = parallel.state_dict(), parallel.optimizer_state(optimizer)
+        if not is_main:  # one writer; the others took part in gathering the shards
             return folder
         folder = save_checkpoint(
-            out / CHECKPOINTS_DIR / f"step_{step:08d}", family=family, model_config=model_cfg, model=model,
-            image_config=cfg.image, tokenizer=tokenizer, state={"step": step, "run": to_dict(cfg)},
-            optimizer_state={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+            folder, family=family, model_config=model_cfg, model=weights, image_config=cfg.image,
+            tokenizer=tokenizer, state={"step": step, "run": to_dict(cfg)},
+            optimizer_state={"optimizer": optimizer_state, "schedule": schedule.state_dict()},
         )
         for old in list_checkpoints(out)[:-tc.keep_checkpoints]:
             shutil.rmtree(old)
         return folder
 
     last = resume_from
-    sums: dict[str, float] = {}
+    # Summed on the device and read at log steps only, so steps do not wait for the accelerator.
+    sums: dict[str, torch.Tensor] = {}
     interval_samples, interval_start, run_start = 0, time.perf_counter(), time.perf_counter()
     # Redrawn less often when stderr is a log file rather than a terminal.
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and is_main), unit="step",
@@ -282,38 +342,21 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     with metrics_path.open("a") if is_main else contextlib.nullcontext() as metrics_file:
         for step in range(start_step + 1, tc.steps + 1):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            optimizer.zero_grad(set_to_none=True)
-            if tc.accum_steps > 1:
-                loss, values = accumulated_backward(
-                    objective, _split_batch(batch, tc.accum_steps), no_sync=no_sync, autocast=autocast,
-                    family=family.name, step=step,
-                )
-            else:
-                with autocast:
-                    values = objective(batch)
-                loss = _total_loss(values, family.name, step)
-                loss.backward()
-            grad_norm = None
-            if tc.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            schedule.step()
-            if hasattr(objective, "after_step"):
-                objective.after_step()
+            loss, values, grad_norm = train_step(batch, step)
 
             interval_samples += batch["size"] * world
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            logged = {"loss": loss, **values}
             if grad_norm is not None:
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                logged["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            for key, value in logged.items():
+                sums[key] = sums.get(key, 0) + value.detach().double()
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - interval_start
                 count = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
                 record = {"step": step, "lr": schedule.get_last_lr()[0]}
-                means = all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
-                record.update({k: float(v) / count for k, v in zip(sums, means, strict=True)})
+                means = all_reduce_mean(torch.stack(list(sums.values()))).tolist()
+                record.update({k: v / count for k, v in zip(sums, means, strict=True)})
                 record["samples_per_s"] = interval_samples / max(elapsed, 1e-9)
                 record["elapsed_s"] = time.perf_counter() - run_start
                 if is_main:

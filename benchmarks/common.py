@@ -1,0 +1,77 @@
+"""What every benchmark shares: the machine's description, the shapes world as real inputs, timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.data.sources import read_csv
+
+
+def machine() -> dict[str, object]:
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def shapes_pairs(root: Path, count: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """`count` shapes-world images as normalised [N, 3, S, S] pixels, and their captions."""
+    if not (root / "train.csv").is_file():
+        make_shapes_world(
+            root, ShapesWorldConfig(seed=0, image_size=image_size, train=count, test=8, web=8, classify=8, shards=1)
+        )
+    pairs = [(item.path, caption) for item in read_csv(root / "train.csv") for caption in item.captions][:count]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    pixels = []
+    for path, _ in pairs:
+        image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        pixels.append((torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255 - mean) / std)
+    return torch.stack(pixels), [caption for _, caption in pairs]
+
+
+def interleaved_times(runners: dict[str, Callable[[int], None]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each runner, called in turn at every step so that the machine's
+    drifting load (this is a shared machine) falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for step in range(warmup + steps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(step)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's dense matmul rate in FLOP/s: the ceiling model FLOP utilisation is measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
