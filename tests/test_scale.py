@@ -203,3 +203,18 @@ def test_fsdp_continues_a_ddp_run_with_its_optimizer_state(two_process_run, tmp_
     resumed = load_checkpoint(run).model.state_dict()
     for name, value in load_checkpoint(reference).model.state_dict().items():
         torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(shapes_world, tmp_path):
+    """`train.compile=true` (about a minute of compiling on 2 cores) trains the same as eager."""
+    runs = {}
+    for compiled in (False, True):
+        overrides = tiny_run_overrides(
+            str(shapes_world / "train.csv"),
+            steps=6,
+            **{"model.vision": TINY_VIT, "train.compile": compiled, "train.log_every": 1},
+        )
+        runs[compiled] = tmp_path / f"compile-{compiled}"
+        train(load_run_config(None, overrides), runs[compiled])
+    _assert_same_run(runs[False], runs[True], rel=1e-3)

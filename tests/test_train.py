@@ -14,19 +14,30 @@ from vlp.serve.predictors import DualEncoderPredictor
 from vlp.train.loop import load_run_config, train
 from vlp.train.optim import parameter_groups
 
-SIGLIP = {"model.init_logit_scale": 2.302585, "model.init_logit_bias": -10.0, "model.text.causal": False,
-          "model.text.pool": "last", "objective.loss": "siglip", "tokenizer.bos_token": "null",
-          "tokenizer.pad_token": "<end_of_text>"}
+SIGLIP = {
+    "model.init_logit_scale": 2.302585,
+    "model.init_logit_bias": -10.0,
+    "model.text.causal": False,
+    "model.text.pool": "last",
+    "objective.loss": "siglip",
+    "tokenizer.bos_token": "null",
+    "tokenizer.pad_token": "<end_of_text>",
+}
 # The CLIP variant is the demo's image tower at 48 px: enough to learn shape, not only colour.
-CONVNET_48 = {"model.vision": "{kind: convnet, image_size: 48, channels: [32, 64, 128, 128]}", "image.size": 48,
-              "train.batch_size": 128, "train.lr": 1e-3}
+CONVNET_48 = {
+    "model.vision": "{kind: convnet, image_size: 48, channels: [32, 64, 128, 128]}",
+    "image.size": 48,
+    "train.batch_size": 128,
+    "train.lr": 1e-3,
+}
 VARIANTS = {"clip": CONVNET_48, "siglip": SIGLIP, "clip-vit": {"model.vision": TINY_VIT}}
 
 
 def zeroshot_acc(predictor, world, task):
     z = world / "zeroshot"
-    return evaluate_zeroshot(predictor, z / f"{task}.csv", z / f"{task}_classnames.txt",
-                             z / "templates.txt")["metrics"]["acc1"]
+    return evaluate_zeroshot(predictor, z / f"{task}.csv", z / f"{task}_classnames.txt", z / "templates.txt")[
+        "metrics"
+    ]["acc1"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -52,11 +63,26 @@ def test_training_learns_zero_shot_classification(shapes_world, tmp_path, varian
         # SigLIP text tower take far longer (see the README's demo figures).
         shape, shape_before = (zeroshot_acc(p, shapes_world, "shape") for p in (trained, untrained))
         assert shape > 0.6 and shape > shape_before + 0.3, (shape, shape_before)
+        _check_predictor_batching_and_bf16(run)
+
+
+def _check_predictor_batching_and_bf16(run):
+    """Texts batched by length come back in their order, equal to one at a time; bf16 stays close."""
+    texts = ["a red circle", "a small blue square on the left of a large green triangle", "x", "a yellow star"]
+    one_by_one = DualEncoderPredictor.from_checkpoint(run, batch_size=1)
+    batched = DualEncoderPredictor.from_checkpoint(run, batch_size=3)
+    expected = torch.cat([one_by_one.embed_texts([t]) for t in texts])
+    torch.testing.assert_close(batched.embed_texts(texts), expected, atol=1e-5, rtol=1e-4)
+    bf16 = DualEncoderPredictor.from_checkpoint(run, precision="bf16")
+    assert (bf16.embed_texts(texts) * expected).sum(dim=1).min() > 0.99
 
 
 def test_killed_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(shapes_world, tmp_path):
-    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=30, **{
-        "train.log_every": 5, "train.save_every": 10, "train.keep_checkpoints": 5})
+    overrides = tiny_run_overrides(
+        str(shapes_world / "train.csv"),
+        steps=30,
+        **{"train.log_every": 5, "train.save_every": 10, "train.keep_checkpoints": 5},
+    )
     straight = tmp_path / "straight"
     train(load_run_config(None, overrides), straight)
 
@@ -111,11 +137,16 @@ def test_checkpoint_errors_name_the_problem(shapes_world, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="holds no vlp checkpoint"):
         load_checkpoint(tmp_path)
-    family, model_cfg, _ = load_run_config(None, tiny_run_overrides("x.csv", 1, **{"model.embed_dim": 32})
-                                           ).family_configs()
+    family, model_cfg, _ = load_run_config(
+        None, tiny_run_overrides("x.csv", 1, **{"model.embed_dim": 32})
+    ).family_configs()
     with pytest.raises(CheckpointError, match=r"'text_projection.weight' has shape \(64, 64\).*\(32, 64\)"):
         load_weights(family.model_cls(model_cfg), last / "model.safetensors")
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
     with pytest.raises(Exception, match="vocab_size"):
-        train(load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), 1, **{
-            "model.text.vocab_size": 16})), tmp_path / "small-vocab")
+        train(
+            load_run_config(
+                None, tiny_run_overrides(str(shapes_world / "train.csv"), 1, **{"model.text.vocab_size": 16})
+            ),
+            tmp_path / "small-vocab",
+        )

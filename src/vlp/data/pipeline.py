@@ -156,7 +156,7 @@ def _webdataset_loader(spec: str, transform: ImageTransform, collate: Collate, b
         .batched(batch_size, collation_fn=collate, partial=False)
     )
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                      persistent_workers=cfg.num_workers > 0)
+                      persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 def train_batches(
@@ -186,7 +186,8 @@ def train_batches(
                                     start_step=start_step)
         batches = iter(DataLoader(PairDataset(pairs, transform, seed), batch_sampler=sampler, collate_fn=collate,
                                   num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                  prefetch_factor=4 if cfg.num_workers > 0 else None))
+                                  prefetch_factor=4 if cfg.num_workers > 0 else None,
+                                  pin_memory=torch.cuda.is_available()))
     for batch in batches:
         bad.update(batch["size"], batch.pop("bad"))
         if batch["size"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -13,9 +14,20 @@ from vlp.data.sources import load_image
 
 
 class DualEncoderPredictor:
-    """`embed_images` and `embed_texts` for a dual encoder: L2-normalised float32 embeddings."""
+    """`embed_images` and `embed_texts` for a dual encoder: L2-normalised float32 embeddings.
 
-    def __init__(self, pretrained: Pretrained, *, batch_size: int = 256, device: str | None = None):
+    precision bf16 runs the towers under bf16 autocast: about twice as fast on CPUs with bf16 matmuls,
+    embeddings within ~1e-2 of fp32.
+    """
+
+    def __init__(
+        self,
+        pretrained: Pretrained,
+        *,
+        batch_size: int = 256,
+        device: str | None = None,
+        precision: Literal["fp32", "bf16"] = "fp32",
+    ):
         if not hasattr(pretrained.model, "encode_image") or not hasattr(pretrained.model, "encode_text"):
             raise TypeError(f"a {pretrained.family.name} model has no image and text embeddings")
         self.pretrained = pretrained
@@ -24,6 +36,7 @@ class DualEncoderPredictor:
         self.transform = pretrained.image_transform()
         self.tokenizer = pretrained.tokenizer
         self.batch_size = batch_size
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> DualEncoderPredictor:
@@ -37,17 +50,28 @@ class DualEncoderPredictor:
         """Images (PIL or paths) -> [N, E]."""
         out = []
         for start in range(0, len(images), self.batch_size):
-            chunk = [im if isinstance(im, Image.Image) else load_image(Path(im))
-                     for im in images[start:start + self.batch_size]]
+            chunk = [
+                im if isinstance(im, Image.Image) else load_image(Path(im))
+                for im in images[start : start + self.batch_size]
+            ]
             pixels = torch.stack([self.transform(im) for im in chunk]).to(self.device)
-            out.append(self.model.encode_image(pixels).float().cpu())
+            with self.autocast:
+                out.append(self.model.encode_image(pixels).float().cpu())
         return torch.cat(out) if out else torch.empty(0, 0)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Texts -> [N, E]."""
+        """Texts -> [N, E]. Batches are cut from the texts sorted by length: a causal text tower computes
+        only up to each batch's longest text, so similar lengths together waste little on padding."""
+        if not texts:
+            return torch.empty(0, 0)
+        ids, mask = self.tokenizer(list(texts))
+        order = mask.sum(dim=1).argsort(stable=True)
         out = []
         for start in range(0, len(texts), self.batch_size):
-            ids, mask = self.tokenizer(list(texts[start:start + self.batch_size]))
-            out.append(self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, 0)
+            rows = order[start : start + self.batch_size]
+            with self.autocast:
+                out.append(self.model.encode_text(ids[rows].to(self.device), mask[rows].to(self.device)).float().cpu())
+        embeddings = torch.empty(len(texts), out[0].shape[1])
+        embeddings[order] = torch.cat(out)
+        return embeddings
