@@ -26,32 +26,39 @@ sys.path.insert(0, str(HERE))
 from common import machine, matmul_peak, shapes_pairs
 
 
-def train_section(data: Path, quick: bool) -> dict[str, Any]:
+def train_section(data: Path, quick: bool, device: torch.device) -> dict[str, Any]:
     import training
 
-    images, captions = shapes_pairs(data / "shapes64", 64 * 8, 64)
+    # The batches on the CPU; on a GPU, batches large enough to keep it busy.
+    tiny_batch, b32_batch = (64, 16) if device.type == "cpu" else (512, 256)
+    images, captions = shapes_pairs(data / "shapes64", tiny_batch * 8, 64)
     texts = training.tokenize(captions)
-    tiny = [(images[i : i + 64], texts[i : i + 64]) for i in range(0, len(images), 64)]
+    tiny = [(images[i : i + tiny_batch], texts[i : i + tiny_batch]) for i in range(0, len(images), tiny_batch)]
     # Two warm-up steps: the compiled contender compiles for the first caption length, then again with
     # the length marked dynamic.
-    results = {"tiny": training.measure("tiny", tiny, steps=4 if quick else 24, warmup=3, compiled=True)}
+    results = {"tiny": training.measure("tiny", tiny, steps=4 if quick else 24, warmup=3, compiled=True, device=device)}
     # Captions that fill the whole context: the case where skipping padding cannot help.
-    full = torch.randint(1, 49406, (64, 77))
+    full = torch.randint(1, 49406, (tiny_batch, 77))
     full[:, 0], full[:, -1] = 49406, 49407
-    results["tiny_full_context"] = training.measure("tiny", [(tiny[0][0], full)], steps=2 if quick else 8, warmup=2)
-    images224, captions224 = shapes_pairs(data / "shapes224", 16 * 2, 224)
-    b32 = [(images224[i : i + 16], training.tokenize(captions224[i : i + 16])) for i in range(0, 32, 16)]
-    results["vit_b_32"] = training.measure("ViT-B-32", b32, steps=2 if quick else 5, warmup=1)
+    results["tiny_full_context"] = training.measure(
+        "tiny", [(tiny[0][0], full)], steps=2 if quick else 8, warmup=2, device=device
+    )
+    images224, captions224 = shapes_pairs(data / "shapes224", b32_batch * 2, 224)
+    b32 = [
+        (images224[i : i + b32_batch], training.tokenize(captions224[i : i + b32_batch]))
+        for i in range(0, 2 * b32_batch, b32_batch)
+    ]
+    results["vit_b_32"] = training.measure("ViT-B-32", b32, steps=2 if quick else 5, warmup=1, device=device)
     return results
 
 
-def embed_section(data: Path, quick: bool) -> dict[str, Any]:
+def embed_section(data: Path, quick: bool, device: torch.device) -> dict[str, Any]:
     import embedding
     import training
 
     images, captions = shapes_pairs(data / "shapes224", 32, 224)
     texts = training.tokenize((captions * 8)[:256])
-    return embedding.measure(images, texts, steps=3 if quick else 10, warmup=1)
+    return embedding.measure(images, texts, steps=3 if quick else 10, warmup=1, device=device)
 
 
 def memory_section(quick: bool) -> dict[str, Any]:
@@ -103,8 +110,8 @@ def report(results: dict[str, Any]) -> list[str]:
                     if "vlp bf16 compiled" in p
                     else ""
                 )
-                + f"max loss gap fp32 {r['max_loss_gap_fp32']:.2e}, bf16 {r['max_loss_gap_bf16']:.2e}; "
-                f"MFU fp32 {r['mfu']['fp32']:.0%}, bf16 {r['mfu']['bf16']:.0%}"
+                + f"max loss gap fp32 {r['max_loss_gap_fp32']:.2e}, bf16 {r['max_loss_gap_bf16']:.2e}"
+                + (f"; MFU fp32 {r['mfu']['fp32']:.0%}, bf16 {r['mfu']['bf16']:.0%}" if "mfu" in r else "")
             )
     if "embed" in results:
         e = results["embed"]
@@ -131,26 +138,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks the harness runs")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--device", default="cpu", help="cuda: the GPU (no matmul peak or loss memory there)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
     sections = args.sections.split(",")
+    if device.type != "cpu":  # the matmul peak and the memory section measure the CPU
+        sections = [s for s in sections if s != "memory"]
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "quick": args.quick,
-        "matmul_peak_gflop_per_s": {
-            "fp32": matmul_peak(torch.float32) / 1e9,
-            "bf16": matmul_peak(torch.bfloat16) / 1e9,
-        },
+        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
     }
     if "train" in sections:
-        results["train"] = train_section(args.data, args.quick)
+        results["train"] = train_section(args.data, args.quick, device)
+    if "train" in sections and device.type == "cpu":
+        results["matmul_peak_gflop_per_s"] = {
+            "fp32": matmul_peak(torch.float32) / 1e9,
+            "bf16": matmul_peak(torch.bfloat16) / 1e9,
+        }
         for r in results["train"].values():
             r["mfu"] = {
                 p: r["vlp_achieved_gflop_per_s"][p] / results["matmul_peak_gflop_per_s"][p] for p in ("fp32", "bf16")
             }
     if "embed" in sections:
-        results["embed"] = embed_section(args.data, args.quick)
+        results["embed"] = embed_section(args.data, args.quick, device)
     if "memory" in sections:
         results["memory"] = memory_section(args.quick)
     for line in report(results):

@@ -59,6 +59,8 @@ def interleaved_times(runners: dict[str, Callable[[int], None]], steps: int, war
         for name, run in runners.items():
             start = time.perf_counter()
             run(step)
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -17,6 +17,7 @@ from vlp.convert.keymap import to_vlp
 from vlp.models.clip import DualEncoder
 
 # openai/clip-vit-base-patch32's architecture (transformers' CLIPConfig defaults are this model).
+CPU = torch.device("cpu")
 VIT_B_32 = {"projection_dim": 512, "text_config": {}, "vision_config": {}}
 
 
@@ -38,18 +39,21 @@ def models() -> tuple[CLIPModel, DualEncoder]:
     return reference, model
 
 
-def measure(images: torch.Tensor, texts: torch.Tensor, *, steps: int, warmup: int) -> dict[str, Any]:
+def measure(
+    images: torch.Tensor, texts: torch.Tensor, *, steps: int, warmup: int, device: torch.device = CPU
+) -> dict[str, Any]:
     """images: [B, 3, 224, 224]; texts: [B, 77] ids padded with 0 after CLIP's end-of-text (the largest id)."""
     reference, model = models()
+    reference, model, images, texts = reference.to(device), model.to(device), images.to(device), texts.to(device)
     longest = int((texts != 0).sum(1).max())
     hf_ids = texts[:, :longest]
     hf_mask = (hf_ids != 0).long()
     vlp_mask = (texts != 0).long()
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def run(fn, autocast: bool = False):
         def call(_: int) -> None:
-            with torch.inference_mode(), bf16 if autocast else torch.autocast("cpu", enabled=False):
+            with torch.inference_mode(), bf16 if autocast else torch.autocast(device.type, enabled=False):
                 fn()
 
         return call

@@ -26,6 +26,7 @@ from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiv
 from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
 
+CPU = torch.device("cpu")
 # The issue's tiny CLIP: 64 px, patch 8, width 256, 6 + 6 layers, CLIP's vocabulary and context.
 TINY_CLIP = {
     "embed_dim": 256,
@@ -61,7 +62,7 @@ def vlp_model_from(reference: torch.nn.Module, config: dict[str, Any]) -> DualEn
     return model
 
 
-def open_clip_step(model: torch.nn.Module, precision: str) -> Callable[[Batch], float]:
+def open_clip_step(model: torch.nn.Module, precision: str, device: torch.device) -> Callable[[Batch], float]:
     """open_clip_train's step: its parameter groups, default AdamW, autocast as `--precision amp_bf16`."""
     exempt = [
         p for n, p in model.named_parameters() if p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale"))
@@ -70,7 +71,7 @@ def open_clip_step(model: torch.nn.Module, precision: str) -> Callable[[Batch], 
     groups = [{"params": exempt, "weight_decay": 0.0}, {"params": decayed, "weight_decay": WEIGHT_DECAY}]
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
     loss_fn = open_clip.ClipLoss()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     model.train()
 
     def step(batch: Batch) -> float:
@@ -88,13 +89,15 @@ def open_clip_step(model: torch.nn.Module, precision: str) -> Callable[[Batch], 
     return step
 
 
-def vlp_step(model: DualEncoder, precision: str, compile_model: bool = False) -> Callable[[Batch], float]:
+def vlp_step(
+    model: DualEncoder, precision: str, device: torch.device, compile_model: bool = False
+) -> Callable[[Batch], float]:
     """vlp's trainer step (`train.compile` compiles the forward pass; the first steps pay the compile)."""
-    parallel = ParallelModel(model.train(), "ddp", torch.device("cpu"))
+    parallel = ParallelModel(model.train(), "ddp", device)
     forward_model = torch.compile(model) if compile_model else model
     objective = ContrastiveObjective(forward_model, ContrastiveObjectiveConfig(loss="clip"))
     optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS)
-    train_step = TrainStep(parallel, objective, optimizer, precision=precision)
+    train_step = TrainStep(parallel, objective, optimizer, precision=precision, device_type=device.type)
 
     def step(batch: Batch) -> float:
         images, texts = batch
@@ -125,17 +128,20 @@ def measure(
     warmup: int,
     precisions: tuple[str, ...] = ("fp32", "bf16"),
     compiled: bool = False,
+    device: torch.device = CPU,
 ) -> dict[str, Any]:
     """pairs/s and the loss curve of every contender; all contenders step in turn on the same batches."""
     config = model_config(name)
     reference = open_clip_model(config)
     vlp_reference = vlp_model_from(reference, config)
+    reference, vlp_reference = reference.to(device), vlp_reference.to(device)
+    batches = [(images.to(device), texts.to(device)) for images, texts in batches]
     contenders: dict[str, Callable[[Batch], float]] = {}
     for precision in precisions:
-        contenders[f"open_clip {precision}"] = open_clip_step(copy.deepcopy(reference), precision)
-        contenders[f"vlp {precision}"] = vlp_step(copy.deepcopy(vlp_reference), precision)
+        contenders[f"open_clip {precision}"] = open_clip_step(copy.deepcopy(reference), precision, device)
+        contenders[f"vlp {precision}"] = vlp_step(copy.deepcopy(vlp_reference), precision, device)
     if compiled:
-        contenders["vlp bf16 compiled"] = vlp_step(copy.deepcopy(vlp_reference), "bf16", compile_model=True)
+        contenders["vlp bf16 compiled"] = vlp_step(copy.deepcopy(vlp_reference), "bf16", device, compile_model=True)
     losses: dict[str, list[float]] = {key: [] for key in contenders}
 
     def runner(key: str) -> Callable[[int], None]:
