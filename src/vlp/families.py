@@ -11,7 +11,9 @@ from typing import Any, Callable
 from torch import nn
 
 from vlp.config import ConfigError, from_dict
+from vlp.models.blip import Blip, BlipConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 
 
@@ -26,6 +28,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "clip": Family("clip", DualEncoderConfig, DualEncoder, ContrastiveObjectiveConfig, ContrastiveObjective),
+    "blip": Family("blip", BlipConfig, Blip, BlipObjectiveConfig, BlipObjective),
 }
 
 

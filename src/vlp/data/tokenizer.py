@@ -64,6 +64,8 @@ class TokenizerConfig:
     # SigLIP pads with its end-of-text token ("sticky" EOS) so the last position is always EOS.
     pad_token: str = "<pad>"
     unk_token: str = "<unk>"
+    # More special tokens the model writes itself, e.g. BLIP's [ENC] and [DEC]; ids follow the others.
+    extra_tokens: tuple[str, ...] = ()
     path: str | None = None  # an existing tokenizer.json or a folder holding one; None = train one
     clean: TextClean = "none"
 
@@ -120,7 +122,7 @@ class Tokenizer:
 
 
 def _special_tokens(cfg: TokenizerConfig) -> list[str]:
-    tokens = [cfg.pad_token, cfg.unk_token, cfg.bos_token, cfg.eos_token]
+    tokens = [cfg.pad_token, cfg.unk_token, cfg.bos_token, cfg.eos_token, *cfg.extra_tokens]
     return list(dict.fromkeys(t for t in tokens if t))  # de-duplicated, order kept
 
 

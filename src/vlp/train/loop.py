@@ -232,11 +232,17 @@ def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
             f"config key 'model.text.vocab_size': {text.vocab_size} is smaller than the tokenizer's "
             f"vocabulary of {tokenizer.vocab_size}"
         )
-    if tokenizer.context_length > text.context_length:
+    length_key = "context_length" if hasattr(text, "context_length") else "max_positions"
+    if tokenizer.context_length > getattr(text, length_key):
         raise ConfigError(
-            f"config key 'model.text.context_length': {text.context_length} is shorter than the tokenizer's "
+            f"config key 'model.text.{length_key}': {getattr(text, length_key)} is shorter than the tokenizer's "
             f"context length {tokenizer.context_length}"
         )
+    for key, (token, expected) in (text.special_tokens() if hasattr(text, "special_tokens") else {}).items():
+        if tokenizer.token_id(token) != expected:
+            raise ConfigError(
+                f"config key 'model.text.{key}': {expected}, but the tokenizer's {token} is {tokenizer.token_id(token)}"
+            )
 
 
 def _find_resume(out: Path, resume: str | None) -> Path | None:

@@ -1,0 +1,218 @@
+"""BLIP: the multimodal mixture of encoder-decoder (MED).
+
+One image transformer and one BERT-style text transformer used three ways:
+- unimodal text encoder: bidirectional self-attention, no cross-attention; its first token ([CLS])
+  gives the ITC embedding;
+- image-grounded text encoder: the same plus cross-attention to the image tokens in every layer; the
+  first token is replaced by [ENC] and its output feeds the 2-way ITM head;
+- image-grounded text decoder: causal self-attention, cross-attention, first token [DEC]; an MLM-style
+  head predicts the next token.
+
+The paper shares everything between encoder and decoder except the self-attention layers
+(`share: all_but_self_attention`); `all` and `none` are its ablations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.layers import Activation, Attention, Mlp, causal_mask, make_activation, padding_mask
+from vlp.towers import ImageTowerConfig, VisionConfig, build_image_tower
+
+TextMode = Literal["text", "multimodal", "decoder"]
+
+
+@dataclass
+class MedConfig:
+    """The BERT-style text side (post-norm layers, embeddings LayerNorm)."""
+
+    vocab_size: int = 30524
+    max_positions: int = 512
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: Activation = "gelu"
+    norm_eps: float = 1e-12
+    share: Literal["all_but_self_attention", "all", "none"] = "all_but_self_attention"
+    # Tokens the model writes itself: [ENC] and [DEC] replace the first token; [SEP] ends a caption. The
+    # trainer checks each id against the tokenizer.
+    pad_token_id: int = 0
+    eos_token_id: int = 102
+    enc_token_id: int = 30523
+    dec_token_id: int = 30522
+
+    def special_tokens(self) -> dict[str, tuple[str, int]]:
+        """config key -> (token, id) the tokenizer must agree on."""
+        return {
+            "pad_token_id": ("[PAD]", self.pad_token_id),
+            "eos_token_id": ("[SEP]", self.eos_token_id),
+            "enc_token_id": ("[ENC]", self.enc_token_id),
+            "dec_token_id": ("[DEC]", self.dec_token_id),
+        }
+
+
+@dataclass
+class BlipConfig:
+    # BLIP's ViT-B/16 (kind: convnet also works: the pooled feature stands in for the class token).
+    vision: ImageTowerConfig = field(
+        default_factory=lambda: VisionConfig(
+            image_size=384, patch_size=16, norm_eps=1e-6, ln_pre=False, patch_bias=True
+        )
+    )
+    text: MedConfig = field(default_factory=MedConfig)
+    embed_dim: int = 256  # the ITC projections
+    init_temperature: float = 0.07
+    # The temperature is clamped into this range after every step, as BLIP does.
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+
+
+class MedLayer(nn.Module):
+    """A post-norm BERT layer with cross-attention; optionally a second self-attention for the decoder."""
+
+    def __init__(self, cfg: MedConfig, context_width: int, decoder_self_attention: bool):
+        super().__init__()
+        width, eps = cfg.width, cfg.norm_eps
+        self.attn, self.norm1 = Attention(width, cfg.heads), nn.LayerNorm(width, eps=eps)
+        if decoder_self_attention:
+            self.decoder_attn, self.decoder_norm1 = Attention(width, cfg.heads), nn.LayerNorm(width, eps=eps)
+        else:
+            self.decoder_attn = self.decoder_norm1 = None
+        self.cross_attn = Attention(width, cfg.heads, context_dim=context_width)
+        self.norm_cross = nn.LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, round(width * cfg.mlp_ratio), act=cfg.act)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, mode: TextMode, image_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        attn, norm = self.attn, self.norm1
+        if mode == "decoder" and self.decoder_attn is not None:
+            attn, norm = self.decoder_attn, self.decoder_norm1
+        x = norm(x + attn(x, attn_mask=mask))
+        if mode != "text":
+            x = self.norm_cross(x + self.cross_attn(x, image_tokens))
+        return self.norm2(x + self.mlp(x))
+
+
+class MedTextTransformer(nn.Module):
+    """Word + position embeddings and MED layers. [B, L] ids -> [B, L, D] states."""
+
+    def __init__(self, cfg: MedConfig, context_width: int, decoder_self_attention: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.width)
+        self.embed_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(MedLayer(cfg, context_width, decoder_self_attention) for _ in range(cfg.layers))
+        for module in self.modules():  # BERT's initialisation
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        mode: TextMode,
+        image_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        length = ids.shape[1]
+        if length > self.cfg.max_positions:
+            raise ValueError(f"text of {length} tokens exceeds max_positions {self.cfg.max_positions}")
+        if mode != "text" and image_tokens is None:
+            raise ValueError(f"text mode '{mode}' cross-attends to image tokens; none were given")
+        positions = torch.arange(length, device=ids.device)
+        x = self.embed_norm(self.word_embeddings(ids) + self.position_embeddings(positions))
+        attend = padding_mask(mask)  # [B, 1, 1, L]
+        if mode == "decoder":
+            attend = attend & causal_mask(length, ids.device)
+        for layer in self.layers:
+            x = layer(x, attend, mode, image_tokens)
+        return x
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head: dense, activation, LayerNorm, then the vocabulary projection."""
+
+    def __init__(self, cfg: MedConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.act = make_activation(cfg.act)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.decoder = nn.Linear(cfg.width, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+@dataclass
+class BlipOutput:
+    image_features: torch.Tensor  # [B, E] L2-normalised ITC embeddings
+    text_features: torch.Tensor  # [B, E]
+    temperature: torch.Tensor  # scalar
+    image_tokens: torch.Tensor  # [B, N, Dv], what the grounded text modes cross-attend to
+
+
+class Blip(nn.Module):
+    def __init__(self, cfg: BlipConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg.vision)
+        self.text = MedTextTransformer(cfg.text, cfg.vision.width, cfg.text.share == "all_but_self_attention")
+        # share none: the decoder is a second text transformer of its own.
+        self.text_decoder = MedTextTransformer(cfg.text, cfg.vision.width, False) if cfg.text.share == "none" else None
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text.width, 2)
+        self.lm_head = LMHead(cfg.text)
+        self.temperature = nn.Parameter(torch.tensor(cfg.init_temperature))
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] -> (ITC image embedding [B, E], normalised image tokens [B, N, Dv])."""
+        pooled, tokens = self.visual(images)  # pooled: the ViT's class token
+        return F.normalize(self.vision_proj(pooled), dim=-1), tokens
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_image_tokens(images)[0]
+
+    def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The unimodal encoder's first ([CLS]) state, projected: the ITC text embedding [B, E]."""
+        return F.normalize(self.text_proj(self.text(text, text_mask, mode="text")[:, 0]), dim=-1)
+
+    def _with_first(self, text: torch.Tensor, token_id: int) -> torch.Tensor:
+        text = text.clone()
+        text[:, 0] = token_id
+        return text
+
+    def itm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Match / no-match logits [B, 2] (index 1 = match) from the image-grounded encoder's [ENC] state."""
+        ids = self._with_first(text, self.cfg.text.enc_token_id)
+        states = self.text(ids, text_mask, mode="multimodal", image_tokens=image_tokens)
+        return self.itm_head(states[:, 0])
+
+    def decoder_states(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        ids = self._with_first(text, self.cfg.text.dec_token_id)
+        decoder = self.text_decoder if self.text_decoder is not None else self.text
+        return decoder(ids, text_mask, mode="decoder", image_tokens=image_tokens)
+
+    def lm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, L, V]: position i predicts token i + 1; the first token is read as [DEC]."""
+        return self.lm_head(self.decoder_states(text, text_mask, image_tokens))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> BlipOutput:
+        image_features, tokens = self.encode_image_tokens(image)
+        return BlipOutput(
+            image_features=image_features,
+            text_features=self.encode_text(text, text_mask),
+            temperature=self.temperature,
+            image_tokens=tokens,
+        )

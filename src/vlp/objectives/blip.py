@@ -1,0 +1,104 @@
+"""BLIP's pre-training objective: ITC + ITM with hard negatives + LM, from one image pass.
+
+ITM negatives: for every text one image, and for every image one text, drawn with probability
+softmax(ITC similarity) over the batch (gathered from every process when distributed), never the
+positive itself; `hard_negatives: false` draws them uniformly instead (the paper's ablation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.distributed import all_gather_with_grad, local_sizes, rank, unwrap
+from vlp.losses import contrastive_loss
+
+
+@dataclass
+class BlipObjectiveConfig:
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    lm_weight: float = 1.0
+    hard_negatives: bool = True
+    label_smoothing: float = 0.1
+    # Tokens after the first ([DEC]) that form a prompt such as "a picture of ": not predicted.
+    prompt_length: int = 0
+
+
+def sample_negatives(
+    similarity: torch.Tensor, offset: int, hard: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One column per row of `similarity` [b, B], never row i's positive column offset + i: drawn with
+    probability softmax(similarity) (hard) or uniformly. BLIP adds 1e-4 so that no column is impossible."""
+    rows = torch.arange(similarity.shape[0], device=similarity.device)
+    weights = similarity.float().softmax(dim=1) + 1e-4 if hard else torch.ones_like(similarity, dtype=torch.float)
+    weights[rows, rows + offset] = 0
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    prompt_length: int = 0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Teacher-forced next-token cross-entropy: position i predicts token i + 1; padding and the first
+    `prompt_length` predicted tokens are ignored. logits [B, L, V], text and mask [B, L]."""
+    targets = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
+    targets[:, :prompt_length] = -100
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, label_smoothing=label_smoothing
+    )
+
+
+class BlipObjective:
+    def __init__(self, model: nn.Module, cfg: BlipObjectiveConfig):
+        """`model` is the Blip model, or the DDP wrapper around it that forward passes go through."""
+        self.model = model
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image, text, mask = batch["image"], batch["text"], batch["text_mask"]
+        blip = unwrap(self.model)
+        out = self.model(image, text, mask)
+        itc = contrastive_loss(out.image_features, out.text_features, 1 / out.temperature)
+
+        # ITM: every process picks its negatives among the whole global batch.
+        sizes = local_sizes(image.shape[0], image.device)
+        offset, local = sum(sizes[: rank()]), image.shape[0]
+        all_tokens = all_gather_with_grad(out.image_tokens, sizes)
+        with torch.no_grad():
+            all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
+            image_to_text = out.image_features @ all_gather_with_grad(out.text_features.detach(), sizes).T
+            text_to_image = out.text_features @ all_gather_with_grad(out.image_features.detach(), sizes).T
+            negative_images = sample_negatives(text_to_image, offset, self.cfg.hard_negatives)
+            negative_texts = sample_negatives(image_to_text, offset, self.cfg.hard_negatives)
+        itm_text = torch.cat([text, text, all_text[negative_texts]])
+        itm_mask = torch.cat([mask, mask, all_mask[negative_texts]])
+        itm_images = torch.cat([out.image_tokens, all_tokens[negative_images], out.image_tokens])
+        logits = blip.itm_logits(itm_text, itm_mask, itm_images).float()
+        labels = torch.cat([torch.ones(local), torch.zeros(2 * local)]).long().to(logits.device)
+        itm = F.cross_entropy(logits, labels)
+
+        lm_logits = blip.lm_logits(text, mask, out.image_tokens)
+        lm = lm_loss(
+            lm_logits, text, mask, prompt_length=self.cfg.prompt_length, label_smoothing=self.cfg.label_smoothing
+        )
+        return {
+            "itc_loss": self.cfg.itc_weight * itc,
+            "itm_loss": self.cfg.itm_weight * itm,
+            "lm_loss": self.cfg.lm_weight * lm,
+            "itm_accuracy": (logits.argmax(dim=1) == labels).float().mean(),
+            "temperature": out.temperature.detach(),
+        }
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        blip = unwrap(self.model)
+        blip.temperature.clamp_(blip.cfg.min_temperature, blip.cfg.max_temperature)
