@@ -14,7 +14,7 @@ from vlp.towers import VisionConfig
 from vlp.train.loop import load_run_config, train
 
 
-def tiny_blip(share: str = "all_but_self_attention") -> Blip:
+def tiny_blip(share: str = "all_but_self_attention", **extra) -> Blip:
     torch.manual_seed(0)
     vision = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2)
     text = MedConfig(
@@ -29,7 +29,7 @@ def tiny_blip(share: str = "all_but_self_attention") -> Blip:
         enc_token_id=4,
         dec_token_id=5,
     )
-    return Blip(BlipConfig(vision=vision, text=text, embed_dim=16)).eval()
+    return Blip(BlipConfig(vision=vision, text=text, embed_dim=16, **extra)).eval()
 
 
 def _inputs(n: int = 3):
@@ -123,6 +123,43 @@ def test_objective_names_its_losses_and_clamps_the_temperature():
         model.temperature.fill_(0.9)
     objective.after_step()
     assert model.temperature.item() == pytest.approx(0.5)
+
+
+def test_momentum_encoders_are_an_exponential_moving_average():
+    model = tiny_blip(momentum=0.9)
+    before = {n: p.clone() for n, p in model.momentum_encoder.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    model.update_momentum_encoder()
+    assert not any(p.requires_grad for p in model.momentum_encoder.parameters())
+    for (name, value), current in zip(
+        model.momentum_encoder["text"].named_parameters(), model.text.parameters(), strict=True
+    ):
+        torch.testing.assert_close(value, 0.9 * before["text." + name] + 0.1 * current, msg=name)
+    assert int(model.momentum_steps) == 1
+
+
+def test_distillation_without_alpha_or_queue_is_plain_itc_and_the_queue_fills():
+    images, text, mask = _inputs(4)
+    batch = {"image": images, "text": text, "text_mask": mask}
+    plain = BlipObjective(tiny_blip().train(), BlipObjectiveConfig())
+    # momentum 0: the momentum encoders equal the model after their update; alpha 0: one-hot targets.
+    distilled = BlipObjective(tiny_blip(momentum=0.0).train(), BlipObjectiveConfig(alpha=0.0))
+    torch.testing.assert_close(distilled(batch)["itc_loss"], plain(batch)["itc_loss"], atol=1e-5, rtol=1e-5)
+
+    model = tiny_blip(momentum=0.995, queue_size=8).train()
+    objective = BlipObjective(model, BlipObjectiveConfig(alpha_warmup_steps=1))
+    objective(batch)
+    image_m, text_m = model.momentum_features(images, text, mask)
+    torch.testing.assert_close(model.image_queue[:4], image_m)
+    torch.testing.assert_close(model.text_queue[:4], text_m)
+    assert int(model.queue_pointer) == 4
+    objective(batch)
+    assert int(model.queue_pointer) == 0
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        BlipObjective(tiny_blip(momentum=0.995, queue_size=6).train(), BlipObjectiveConfig())(batch)
 
 
 BLIP_TINY = {

@@ -141,7 +141,11 @@ class ParallelModel:
         if not is_distributed():
             return
         if strategy == "ddp":
-            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # Buffers are not broadcast: the only ones vlp models hold (BLIP's feature queues) are updated
+            # identically on every process, and broadcasting them would move megabytes every step.
+            self.module = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
         else:
             from torch.distributed.fsdp import fully_shard
 

@@ -14,6 +14,7 @@ The paper shares everything between encoder and decoder except the self-attentio
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,6 +72,14 @@ class BlipConfig:
     # The temperature is clamped into this range after every step, as BLIP does.
     min_temperature: float = 0.001
     max_temperature: float = 0.5
+    # ALBEF-style momentum encoders (an EMA of the image and text encoders and projections) with
+    # feature queues, for momentum distillation in ITC. BLIP: 0.995 and 57,600. None = neither.
+    momentum: float | None = None
+    queue_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.queue_size and self.momentum is None:
+            raise ValueError("queue_size needs momentum: the queues hold momentum-encoder features")
 
 
 class MedLayer(nn.Module):
@@ -175,6 +184,16 @@ class Blip(nn.Module):
         self.itm_head = nn.Linear(cfg.text.width, 2)
         self.lm_head = LMHead(cfg.text)
         self.temperature = nn.Parameter(torch.tensor(cfg.init_temperature))
+        self.momentum_encoder: nn.ModuleDict | None = None
+        if cfg.momentum is not None:
+            self.momentum_encoder = nn.ModuleDict(
+                {name: copy.deepcopy(getattr(self, name)) for name in ("visual", "vision_proj", "text", "text_proj")}
+            ).requires_grad_(False)
+            queue = F.normalize(torch.randn(2, cfg.queue_size, cfg.embed_dim), dim=-1)
+            self.register_buffer("image_queue", queue[0].clone())  # [Q, E]
+            self.register_buffer("text_queue", queue[1].clone())
+            self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+            self.register_buffer("momentum_steps", torch.zeros((), dtype=torch.long))
 
     def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, H, W] -> (ITC image embedding [B, E], normalised image tokens [B, N, Dv])."""
@@ -207,6 +226,35 @@ class Blip(nn.Module):
     def lm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, L, V]: position i predicts token i + 1; the first token is read as [DEC]."""
         return self.lm_head(self.decoder_states(text, text_mask, image_tokens))
+
+    @torch.no_grad()
+    def update_momentum_encoder(self) -> None:
+        """momentum params <- m * momentum params + (1 - m) * params."""
+        m = self.cfg.momentum
+        for name, momentum_module in self.momentum_encoder.items():
+            for ema, current in zip(momentum_module.parameters(), getattr(self, name).parameters(), strict=True):
+                ema.mul_(m).add_(current.detach(), alpha=1 - m)
+        self.momentum_steps += 1
+
+    @torch.no_grad()
+    def momentum_features(
+        self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC embeddings [B, E] of the image and text from the momentum encoders."""
+        encoder = self.momentum_encoder
+        image_features = F.normalize(encoder["vision_proj"](encoder["visual"](image)[0]), dim=-1)
+        text_features = F.normalize(encoder["text_proj"](encoder["text"](text, text_mask, mode="text")[:, 0]), dim=-1)
+        return image_features, text_features
+
+    @torch.no_grad()
+    def enqueue(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        """Write the global batch's momentum features over the oldest queue entries."""
+        size, start = image_features.shape[0], int(self.queue_pointer)
+        if self.cfg.queue_size % size:
+            raise ValueError(f"queue_size {self.cfg.queue_size} is not a multiple of the global batch {size}")
+        self.image_queue[start : start + size] = image_features
+        self.text_queue[start : start + size] = text_features
+        self.queue_pointer.fill_((start + size) % self.cfg.queue_size)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> BlipOutput:
         image_features, tokens = self.encode_image_tokens(image)

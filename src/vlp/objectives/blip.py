@@ -27,6 +27,10 @@ class BlipObjectiveConfig:
     label_smoothing: float = 0.1
     # Tokens after the first ([DEC]) that form a prompt such as "a picture of ": not predicted.
     prompt_length: int = 0
+    # Momentum distillation (needs model.momentum): ITC targets mix alpha x the momentum encoders'
+    # softmax with the one-hot labels; alpha ramps up from 0 over the first steps.
+    alpha: float = 0.4
+    alpha_warmup_steps: int = 2000
 
 
 def sample_negatives(
@@ -67,11 +71,14 @@ class BlipObjective:
         image, text, mask = batch["image"], batch["text"], batch["text_mask"]
         blip = unwrap(self.model)
         out = self.model(image, text, mask)
-        itc = contrastive_loss(out.image_features, out.text_features, 1 / out.temperature)
-
-        # ITM: every process picks its negatives among the whole global batch.
         sizes = local_sizes(image.shape[0], image.device)
         offset, local = sum(sizes[: rank()]), image.shape[0]
+        if blip.momentum_encoder is None:
+            itc = contrastive_loss(out.image_features, out.text_features, 1 / out.temperature)
+        else:
+            itc = self._distilled_itc(blip, out, batch, sizes, offset)
+
+        # ITM: every process picks its negatives among the whole global batch.
         all_tokens = all_gather_with_grad(out.image_tokens, sizes)
         with torch.no_grad():
             all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
@@ -97,6 +104,32 @@ class BlipObjective:
             "itm_accuracy": (logits.argmax(dim=1) == labels).float().mean(),
             "temperature": out.temperature.detach(),
         }
+
+    def _distilled_itc(
+        self, blip: nn.Module, out: Any, batch: dict[str, Any], sizes: list[int], offset: int
+    ) -> torch.Tensor:
+        """ITC against the momentum features of the global batch and the queues, with soft targets."""
+        blip.update_momentum_encoder()
+        with torch.no_grad():
+            image_m, text_m = blip.momentum_features(batch["image"], batch["text"], batch["text_mask"])
+            image_m, text_m = all_gather_with_grad(image_m, sizes), all_gather_with_grad(text_m, sizes)
+            image_columns = torch.cat([image_m, blip.image_queue])  # [B + Q, E]
+            text_columns = torch.cat([text_m, blip.text_queue])
+            scale = 1 / out.temperature.detach()
+            local_m = slice(offset, offset + out.image_features.shape[0])
+            alpha = self.cfg.alpha * min(1.0, int(blip.momentum_steps) / max(1, self.cfg.alpha_warmup_steps))
+            one_hot = F.one_hot(
+                torch.arange(local_m.start, local_m.stop, device=image_m.device), image_columns.shape[0]
+            ).float()
+            image_targets = alpha * (scale * image_m[local_m] @ text_columns.T).softmax(1) + (1 - alpha) * one_hot
+            text_targets = alpha * (scale * text_m[local_m] @ image_columns.T).softmax(1) + (1 - alpha) * one_hot
+        image_logits = (out.image_features.float() @ text_columns.T) / out.temperature
+        text_logits = (out.text_features.float() @ image_columns.T) / out.temperature
+        image_to_text = -(image_logits.log_softmax(1) * image_targets).sum(1).mean()
+        text_to_image = -(text_logits.log_softmax(1) * text_targets).sum(1).mean()
+        if blip.cfg.queue_size:
+            blip.enqueue(image_m, text_m)
+        return (image_to_text + text_to_image) / 2
 
     @torch.no_grad()
     def after_step(self) -> None:
