@@ -198,3 +198,54 @@ def test_tiny_blip_learns_all_three_losses(shapes_world, tmp_path):
     # Two of every three ITM pairs are (hard) negatives: 0.67 is what a head that always says "no" gets;
     # it stays there for ~100 steps, then climbs (0.88 at 400 steps, 0.91 at 600 when measured).
     assert last["itm_accuracy"] > 0.8, [r["itm_accuracy"] for r in records]
+
+
+def _full_logits(model, images, sequences):
+    _, tokens = model.encode_image_tokens(images)
+    return model.lm_logits(sequences, torch.ones_like(sequences), tokens)
+
+
+def test_cached_decoding_equals_the_full_forward():
+    model = tiny_blip()
+    images, text, _ = _inputs(3)
+    sequences = text[:, :8].clone()
+    sequences[:, 0] = 5
+    with torch.no_grad():
+        expected = _full_logits(model, images, sequences)
+        decoder = model.caption_decoder(model.encode_image_tokens(images)[1])
+        got = [decoder(sequences[:, :3], torch.ones(3, 3, dtype=torch.long))]
+        for i in range(3, 8):
+            got.append(decoder(sequences[:, i : i + 1], torch.ones(3, 1, dtype=torch.long)))
+    torch.testing.assert_close(torch.stack(got, dim=1), expected[:, 2:], atol=1e-5, rtol=1e-4)
+
+
+def _caption(model, images, **options):
+    from vlp.generation import GenerationConfig, generate
+
+    decoder = model.caption_decoder(model.encode_image_tokens(images)[1])
+    prompt = torch.full((len(images), 1), 7, dtype=torch.long)  # a one-token prompt
+    return generate(decoder, prompt, GenerationConfig(**options))
+
+
+def test_greedy_beam_and_nucleus_decoding():
+    model = tiny_blip()
+    images, _, _ = _inputs(3)
+    with torch.no_grad():
+        greedy = _caption(model, images, method="greedy", max_new_tokens=6, min_new_tokens=2)
+        # Greedy, written out with no cache: the argmax of the full forward at every step.
+        sequences = torch.tensor([[5, 7]] * 3)
+        for step in range(6):
+            logits = _full_logits(model, images, sequences)[:, -1]
+            if step < 2:
+                logits[:, 3] = float("-inf")
+            sequences = torch.cat([sequences, logits.argmax(-1, keepdim=True)], dim=1)
+        for row, caption in zip(sequences[:, 2:].tolist(), greedy, strict=True):
+            assert caption == (row[: row.index(3)] if 3 in row else row)
+        assert greedy == _caption(model, images, method="beam", num_beams=1, max_new_tokens=6, min_new_tokens=2)
+        assert greedy == _caption(model, images, method="nucleus", top_p=1e-6, max_new_tokens=6, min_new_tokens=2)
+        beams = _caption(model, images, method="beam", num_beams=3, max_new_tokens=6, min_new_tokens=4)
+        assert all(4 <= len(c) <= 6 for c in beams)
+        # Rows of a batch are decoded independently.
+        assert beams[1:] == _caption(model, images[1:], method="beam", num_beams=3, max_new_tokens=6, min_new_tokens=4)
+        samples = [_caption(model, images, method="nucleus", top_p=0.9, seed=s, max_new_tokens=6) for s in range(4)]
+        assert len({str(s) for s in samples}) > 1

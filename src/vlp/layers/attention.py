@@ -61,6 +61,35 @@ class Attention(nn.Module):
         if is_causal and attn_mask is not None:
             attn_mask = attn_mask & causal_mask(q.shape[2], q.device)
             is_causal = False
+        return self._attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values [B, H, M, Dh] of a context, computed once for a whole generation."""
+        k, v = self.kv_proj(context).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def cached(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Incremental decoding. Self-attention: x [B, t, D] are the newest positions; their keys and values
+        are appended to `past` and returned as the new cache. Cross-attention: attend to `context_kv`.
+        attn_mask is over the keys ([B or 1, 1, t, past + t])."""
+        if self.is_cross:
+            return self._attend(self._heads(self.q_proj(x)), *context_kv, attn_mask=attn_mask), None
+        q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        return self._attend(q, k, v, attn_mask=attn_mask), (k, v)

@@ -26,6 +26,7 @@ from vlp.layers import Activation, Attention, Mlp, causal_mask, make_activation,
 from vlp.towers import ImageTowerConfig, VisionConfig, build_image_tower
 
 TextMode = Literal["text", "multimodal", "decoder"]
+KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -109,6 +110,18 @@ class MedLayer(nn.Module):
             x = self.norm_cross(x + self.cross_attn(x, image_tokens))
         return self.norm2(x + self.mlp(x))
 
+    def decode(
+        self, x: torch.Tensor, past: KeyValue | None, mask: torch.Tensor, cross_kv: KeyValue
+    ) -> tuple[torch.Tensor, KeyValue]:
+        """Decoder mode for the newest positions only, reading and extending the self-attention cache."""
+        attn, norm = (
+            (self.decoder_attn, self.decoder_norm1) if self.decoder_attn is not None else (self.attn, self.norm1)
+        )
+        out, present = attn.cached(x, past, attn_mask=mask)
+        x = norm(x + out)
+        x = self.norm_cross(x + self.cross_attn.cached(x, None, context_kv=cross_kv)[0])
+        return self.norm2(x + self.mlp(x)), present
+
 
 class MedTextTransformer(nn.Module):
     """Word + position embeddings and MED layers. [B, L] ids -> [B, L, D] states."""
@@ -147,6 +160,26 @@ class MedTextTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x, attend, mode, image_tokens)
         return x
+
+    def decode(
+        self, ids: torch.Tensor, key_mask: torch.Tensor, cache: list[KeyValue] | None, cross_kv: list[KeyValue]
+    ) -> tuple[torch.Tensor, list[KeyValue]]:
+        """Decoder states [B, t, D] of the newest `t` tokens given the cached earlier ones.
+        key_mask [B, past + t]: 1 where a position (earlier or new) is a real token."""
+        past = 0 if cache is None else cache[0][0].shape[2]
+        length = past + ids.shape[1]
+        if length > self.cfg.max_positions:
+            raise ValueError(f"decoding past max_positions {self.cfg.max_positions}")
+        positions = torch.arange(past, length, device=ids.device)
+        x = self.embed_norm(self.word_embeddings(ids) + self.position_embeddings(positions))
+        # New row i (position past + i) sees keys up to itself.
+        causal = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]  # [t, past + t]
+        mask = padding_mask(key_mask) & causal
+        present = []
+        for index, layer in enumerate(self.layers):
+            x, kv = layer.decode(x, None if cache is None else cache[index], mask, cross_kv[index])
+            present.append(kv)
+        return x, present
 
 
 class LMHead(nn.Module):
@@ -227,6 +260,10 @@ class Blip(nn.Module):
         """Next-token logits [B, L, V]: position i predicts token i + 1; the first token is read as [DEC]."""
         return self.lm_head(self.decoder_states(text, text_mask, image_tokens))
 
+    def caption_decoder(self, image_tokens: torch.Tensor) -> CaptionDecoder:
+        """The image-grounded decoder, stepwise with a key/value cache, for `vlp.generation`."""
+        return CaptionDecoder(self, image_tokens)
+
     @torch.no_grad()
     def update_momentum_encoder(self) -> None:
         """momentum params <- m * momentum params + (1 - m) * params."""
@@ -264,3 +301,39 @@ class Blip(nn.Module):
             temperature=self.temperature,
             image_tokens=tokens,
         )
+
+
+class CaptionDecoder:
+    """BLIP's decoder for incremental generation: cross-attention keys and values of the image are
+    computed once, self-attention keys and values are cached per layer, so each new token costs one
+    position rather than the whole prefix again. Rows may be reordered (beam search)."""
+
+    def __init__(self, blip: Blip, image_tokens: torch.Tensor):
+        self.blip = blip
+        self.decoder = blip.text_decoder if blip.text_decoder is not None else blip.text
+        self.cross_kv = [layer.cross_attn.context_kv(image_tokens) for layer in self.decoder.layers]
+        self.cache: list[KeyValue] | None = None
+        self.key_mask: torch.Tensor | None = None
+        self.eos_token_id = blip.cfg.text.eos_token_id
+        self.pad_token_id = blip.cfg.text.pad_token_id
+
+    def start_tokens(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The prefix every caption starts from: [DEC] then the prompt's tokens [B, P] (may be empty)."""
+        first = torch.full(
+            (prompt.shape[0], 1), self.blip.cfg.text.dec_token_id, dtype=torch.long, device=prompt.device
+        )
+        return torch.cat([first, prompt], dim=1)
+
+    def __call__(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] after feeding `tokens` [B, t]; `real` [B, t] is 0 for padding fed
+        after a row has finished."""
+        self.key_mask = real if self.key_mask is None else torch.cat([self.key_mask, real], dim=1)
+        states, self.cache = self.decoder.decode(tokens, self.key_mask, self.cache, self.cross_kv)
+        return self.blip.lm_head(states[:, -1])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (repeats allowed), in that order."""
+        self.cross_kv = [(k[index], v[index]) for k, v in self.cross_kv]
+        if self.cache is not None:
+            self.cache = [(k[index], v[index]) for k, v in self.cache]
+            self.key_mask = self.key_mask[index]
