@@ -7,9 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_run_overrides
+from vlp.checkpoint import load_checkpoint
+from vlp.cli import main
 from vlp.config import ConfigError
+from vlp.evals.captioning import evaluate_captioning
+from vlp.generation import GenerationConfig
 from vlp.models.blip import Blip, BlipConfig, MedConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig, lm_loss, sample_negatives
+from vlp.serve.predictors import CaptionPredictor
 from vlp.towers import VisionConfig
 from vlp.train.loop import load_run_config, train
 
@@ -185,7 +190,7 @@ def test_a_tokenizer_that_disagrees_with_the_model_is_named(shapes_world, tmp_pa
         train(load_run_config(None, overrides), tmp_path / "run")
 
 
-def test_tiny_blip_learns_all_three_losses(shapes_world, tmp_path):
+def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, tmp_path, capsys):
     overrides = tiny_run_overrides(
         str(shapes_world / "train.csv"), steps=400, **{**BLIP_TINY, "train.batch_size": 32, "train.log_every": 50}
     )
@@ -198,6 +203,25 @@ def test_tiny_blip_learns_all_three_losses(shapes_world, tmp_path):
     # Two of every three ITM pairs are (hard) negatives: 0.67 is what a head that always says "no" gets;
     # it stays there for ~100 steps, then climbs (0.88 at 400 steps, 0.91 at 600 when measured).
     assert last["itm_accuracy"] > 0.8, [r["itm_accuracy"] for r in records]
+
+    # Captions of held-out test images, against their 5 references each (CIDEr 1.48 trained, 0.01 untrained
+    # when measured).
+    greedy = GenerationConfig(method="greedy", max_new_tokens=12, min_new_tokens=2)
+    trained = CaptionPredictor.from_checkpoint(run, generation=greedy)
+    untrained = load_checkpoint(run)
+    torch.manual_seed(1)
+    untrained.model = Blip(untrained.config).eval()
+    test = shapes_world / "captions_test.json"
+    scores = [
+        evaluate_captioning(p.caption, test, meteor=False)["metrics"]
+        for p in (trained, CaptionPredictor(untrained, generation=greedy))
+    ]
+    assert scores[0]["cider"] > 0.8 and scores[0]["cider"] > scores[1]["cider"] + 0.5, scores
+    assert scores[0]["spice"] is None  # reported unavailable, not made up
+
+    image = str(next((shapes_world / "images" / "test").iterdir()))
+    assert main(["caption", image, "--checkpoint", str(run), "--method", "beam", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: a ")
 
 
 def _full_logits(model, images, sequences):

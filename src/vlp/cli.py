@@ -54,11 +54,30 @@ def _predictor(args: argparse.Namespace):
     return DualEncoderPredictor.from_checkpoint(args.checkpoint, precision=args.precision)
 
 
+def _captioner(args: argparse.Namespace):
+    from vlp.generation import GenerationConfig
+    from vlp.serve.predictors import CaptionPredictor
+
+    generation = GenerationConfig(method=args.method, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                                  min_new_tokens=args.min_new_tokens, top_p=args.top_p, seed=args.seed)
+    return CaptionPredictor.from_checkpoint(args.checkpoint, generation=generation, prompt=args.prompt)
+
+
+def _cmd_caption(args: argparse.Namespace) -> None:
+    for path, caption in zip(args.image, _captioner(args).caption(args.image), strict=True):
+        print(f"{path}: {caption}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot, format_table, write_result
 
     if args.task == "zeroshot":
         result = evaluate_zeroshot(_predictor(args), args.data, args.classnames, args.templates)
+    elif args.task == "captioning":
+        from vlp.evals.captioning import evaluate_captioning
+
+        result = evaluate_captioning(_captioner(args).caption, args.data, args.images, meteor=not args.no_meteor,
+                                     ptb=args.ptb)
     else:
         result = evaluate_retrieval(_predictor(args), args.data, args.images)
     print(format_table(result))
@@ -152,6 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     rt = ev.add_parser("retrieval", help="image-text retrieval")
     rt.add_argument("--data", required=True, help="COCO captions JSON or CSV (several captions per image)")
     rt.add_argument("--images")
+    cap = ev.add_parser("captioning", help="captioning: BLEU, METEOR, ROUGE-L, CIDEr")
+    cap.add_argument("--data", required=True, help="COCO captions JSON or CSV (references per image)")
+    cap.add_argument("--images")
+    cap.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts Java)")
+    cap.add_argument("--ptb", action="store_true", help="the official PTB tokeniser (Java) instead of a plain one")
+    caption = sub.add_parser("caption", help="caption images")
+    caption.add_argument("image", nargs="+")
+    for p in (cap, caption):
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--method", choices=["greedy", "beam", "nucleus"], default="beam")
+        p.add_argument("--beams", type=int, default=3)
+        p.add_argument("--max-new-tokens", type=int, default=20)
+        p.add_argument("--min-new-tokens", type=int, default=5)
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--prompt", default="", help='a caption prefix such as "a picture of"')
+    caption.set_defaults(func=_cmd_caption)
+    cap.add_argument("--out", help="write results JSON here")
+    cap.set_defaults(func=_cmd_eval)
     for p in (zs, rt):
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--out", help="write results JSON here")

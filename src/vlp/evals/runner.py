@@ -27,7 +27,7 @@ def evaluate_retrieval(predictor: Any, data: str | Path, images_dir: str | Path 
 
 
 def format_table(result: dict) -> str:
-    rows = [(name, f"{value:.4f}") for name, value in result["metrics"].items()]
+    rows = [(name, "unavailable" if value is None else f"{value:.4f}") for name, value in result["metrics"].items()]
     width = max(len(name) for name, _ in rows)
     lines = [f"{result['task']} on {result['dataset']}"] + [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from vlp.checkpoint import Pretrained
 from vlp.data.sources import load_image
+from vlp.generation import GenerationConfig, generate
 
 
 class DualEncoderPredictor:
@@ -75,3 +76,46 @@ class DualEncoderPredictor:
         embeddings = torch.empty(len(texts), out[0].shape[1])
         embeddings[order] = torch.cat(out)
         return embeddings
+
+
+class CaptionPredictor:
+    """`caption(images)` for a captioning model (BLIP): generated text, the prompt removed."""
+
+    def __init__(
+        self,
+        pretrained: Pretrained,
+        *,
+        batch_size: int = 32,
+        device: str | None = None,
+        generation: GenerationConfig | None = None,
+        prompt: str = "",
+    ):
+        if not hasattr(pretrained.model, "caption_decoder"):
+            raise TypeError(f"a {pretrained.family.name} model does not generate captions")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = pretrained.model.to(self.device).eval()
+        self.transform = pretrained.image_transform()
+        self.tokenizer = pretrained.tokenizer
+        self.batch_size = batch_size
+        self.generation = generation or GenerationConfig()
+        ids, mask = self.tokenizer(prompt)
+        # The prompt's own tokens: without the start token the decoder replaces, and without end-of-text.
+        self.prompt = ids[0, 1 : int(mask.sum()) - 1] if prompt else ids[0, :0]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> CaptionPredictor:
+        from vlp.convert import load_pretrained
+
+        return cls(load_pretrained(path), **kwargs)
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[Image.Image | str | Path]) -> list[str]:
+        captions = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [im if isinstance(im, Image.Image) else load_image(Path(im))
+                     for im in images[start:start + self.batch_size]]
+            pixels = torch.stack([self.transform(im) for im in chunk]).to(self.device)
+            decoder = self.model.caption_decoder(self.model.encode_image_tokens(pixels)[1])
+            prompt = self.prompt.to(self.device).expand(len(chunk), -1)
+            captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, self.generation)]
+        return captions
