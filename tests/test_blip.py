@@ -222,6 +222,14 @@ def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, tmp_path, 
     image = str(next((shapes_world / "images" / "test").iterdir()))
     assert main(["caption", image, "--checkpoint", str(run), "--method", "beam", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: a ")
+    # ITM re-ranking runs end to end (at this size it ranks worse than the embeddings: see the README).
+    out = tmp_path / "rerank.json"
+    assert (
+        main(["eval", "retrieval", "--checkpoint", str(run), "--data", str(test), "--rerank", "8", "--out", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["task"] == "reranked_retrieval (k=8)" and 0 < result["metrics"]["text_retrieval_recall@5"] <= 1
 
 
 def _full_logits(model, images, sequences):

@@ -19,8 +19,10 @@ def test_retrieval_counts_a_hit_when_any_positive_is_in_top_k():
 
 def test_zeroshot_retrieval_with_predict_functions():
     table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "x": [0.9, 0.1], "y": [0.1, 0.9]}
+
     def embed(items):
         return torch.tensor([table[i] for i in items])
+
     metrics, sim = zeroshot_retrieval(embed, embed, ["a", "b"], [["x"], ["y", "x"]], ks=(1,))
     assert sim.shape == (3, 2)
     assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 3)
@@ -37,7 +39,8 @@ def test_classification_metrics_and_template_averaging():
 
     def embed(texts):
         return torch.tensor([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts]) + torch.tensor(
-            [[0.0, 0.1] if t.startswith("a") else [0.1, 0.0] for t in texts])
+            [[0.0, 0.1] if t.startswith("a") else [0.1, 0.0] for t in texts]
+        )
 
     emb = class_embeddings(embed, ["cat", "dog"], ["a {}.", "the {}"])
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
@@ -56,3 +59,28 @@ def test_classification_data_from_folders_and_csv(tmp_path):
     (tmp_path / "e.csv").write_text("filepath,label\nx.png,bird\n")
     with pytest.raises(DataError, match="line 2: label 'bird'"):
         read_classification_data(tmp_path / "e.csv", ["cat"])
+
+
+def test_reranking_rescores_only_the_top_k_with_the_matching_head():
+    from vlp.evals.retrieval import reranked_retrieval, retrieval_metrics
+
+    torch.manual_seed(0)
+    similarity = torch.rand(12, 6)  # 12 captions, 2 per image
+    text_to_image = torch.arange(6).repeat_interleave(2)
+    # A head that says nothing leaves the embedding ranking as it was.
+    unchanged = reranked_retrieval(similarity, text_to_image, lambda i, t: torch.zeros(len(i)), k=6)
+    assert unchanged == retrieval_metrics(similarity, text_to_image)
+    # A head that knows the answer puts every positive first, but only among the top k it is shown.
+    calls = []
+
+    def oracle(images, texts):
+        calls.append(len(images))
+        return 10.0 * (text_to_image[texts] == images).float()
+
+    perfect = reranked_retrieval(similarity, text_to_image, oracle, k=12)
+    assert perfect["image_retrieval_recall@1"] == 1.0 and perfect["text_retrieval_recall@1"] == 1.0
+    assert calls == [12 * 6, 6 * 12]  # k is capped at the candidates there are
+    partial = reranked_retrieval(similarity, text_to_image, oracle, k=1)
+    assert (
+        partial["image_retrieval_recall@1"] == retrieval_metrics(similarity, text_to_image)["image_retrieval_recall@1"]
+    )

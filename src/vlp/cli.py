@@ -78,6 +78,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
         result = evaluate_captioning(_captioner(args).caption, args.data, args.images, meteor=not args.no_meteor,
                                      ptb=args.ptb)
+    elif args.rerank:
+        from vlp.serve.predictors import MatchingPredictor
+
+        predictor = MatchingPredictor.from_checkpoint(args.checkpoint, precision=args.precision)
+        result = evaluate_retrieval(predictor, args.data, args.images, rerank=args.rerank)
     else:
         result = evaluate_retrieval(_predictor(args), args.data, args.images)
     print(format_table(result))
@@ -171,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt = ev.add_parser("retrieval", help="image-text retrieval")
     rt.add_argument("--data", required=True, help="COCO captions JSON or CSV (several captions per image)")
     rt.add_argument("--images")
+    rt.add_argument("--rerank", type=int, metavar="K",
+                    help="re-score each query's top K with the image-text matching head (BLIP)")
     cap = ev.add_parser("captioning", help="captioning: BLEU, METEOR, ROUGE-L, CIDEr")
     cap.add_argument("--data", required=True, help="COCO captions JSON or CSV (references per image)")
     cap.add_argument("--images")

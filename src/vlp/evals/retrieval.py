@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,9 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
     return positives.gather(1, top).any(dim=1).float().mean().item()
 
 
-def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """similarity: [T, I] text x image; text_to_image: [T] the image index of each caption."""
     positives = torch.zeros_like(similarity, dtype=torch.bool)
     positives[torch.arange(len(text_to_image)), text_to_image] = True
@@ -44,3 +45,32 @@ def zeroshot_retrieval(
     text_features = F.normalize(embed_texts(texts).float(), dim=-1)
     similarity = text_features @ image_features.T
     return retrieval_metrics(similarity, text_to_image, ks), similarity
+
+
+def reranked_retrieval(
+    similarity: torch.Tensor,
+    text_to_image: torch.Tensor,
+    match_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    k: int,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """BLIP's retrieval: each query's top-k candidates by embedding similarity [T, I] are re-scored with
+    the image-text matching head, score = ITM match logit + similarity; the rest score -100.
+    match_logits(image_indices [P], text_indices [P]) -> [P]."""
+    positives = torch.zeros_like(similarity, dtype=torch.bool)
+    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    metrics = {}
+    for name, scores, hits in (
+        ("image_retrieval", similarity, positives),
+        ("text_retrieval", similarity.T, positives.T),
+    ):
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [Q, k]
+        queries = torch.arange(scores.shape[0])[:, None].expand_as(top)
+        images, texts = (top, queries) if name == "image_retrieval" else (queries, top)
+        reranked = torch.full_like(scores, -100.0)
+        reranked[queries, top] = match_logits(images.reshape(-1), texts.reshape(-1)).view_as(top) + scores.gather(
+            1, top
+        )
+        for cutoff in ks:
+            metrics[f"{name}_recall@{cutoff}"] = recall_at_k(reranked, hits, cutoff)
+    return dict(sorted(metrics.items(), key=lambda item: item[0].startswith("text")))

@@ -6,24 +6,43 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlp.data.sources import read_captions
-from vlp.evals.retrieval import zeroshot_retrieval
+from vlp.evals.retrieval import reranked_retrieval, zeroshot_retrieval
 from vlp.evals.zeroshot import read_classification_data, read_lines, zeroshot_classification
 
 
 def evaluate_zeroshot(predictor: Any, data: str | Path, classnames: str | Path, templates: str | Path) -> dict:
     names = read_lines(classnames)
     paths, labels = read_classification_data(data, names)
-    metrics, _ = zeroshot_classification(predictor.embed_images, predictor.embed_texts, paths, labels, names,
-                                         read_lines(templates))
+    metrics, _ = zeroshot_classification(
+        predictor.embed_images, predictor.embed_texts, paths, labels, names, read_lines(templates)
+    )
     return {"task": "zeroshot_classification", "dataset": str(data), "metrics": metrics}
 
 
-def evaluate_retrieval(predictor: Any, data: str | Path, images_dir: str | Path | None = None) -> dict:
+def evaluate_retrieval(
+    predictor: Any, data: str | Path, images_dir: str | Path | None = None, rerank: int | None = None
+) -> dict:
+    """Embedding retrieval; with `rerank` k (a predictor with `match_logits`), each query's top k are
+    re-scored by the image-text matching head as BLIP does (k = 256 for COCO in the paper)."""
     items = read_captions(str(data), images_dir=images_dir)
-    metrics, _ = zeroshot_retrieval(predictor.embed_images, predictor.embed_texts, [i.path for i in items],
-                                    [i.captions for i in items])
-    return {"task": "zeroshot_retrieval", "dataset": str(data), "metrics": metrics}
+    images, captions = [i.path for i in items], [i.captions for i in items]
+    metrics, similarity = zeroshot_retrieval(predictor.embed_images, predictor.embed_texts, images, captions)
+    if not rerank:
+        return {"task": "zeroshot_retrieval", "dataset": str(data), "metrics": metrics}
+    texts = [c for caps in captions for c in caps]
+    text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    reranked = reranked_retrieval(
+        similarity, text_to_image, lambda i, t: predictor.match_logits(images, texts, i, t), rerank
+    )
+    return {
+        "task": f"reranked_retrieval (k={rerank})",
+        "dataset": str(data),
+        "metrics": reranked,
+        "embedding_metrics": metrics,
+    }
 
 
 def format_table(result: dict) -> str:

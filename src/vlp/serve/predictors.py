@@ -119,3 +119,38 @@ class CaptionPredictor:
             prompt = self.prompt.to(self.device).expand(len(chunk), -1)
             captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, self.generation)]
         return captions
+
+
+class MatchingPredictor(DualEncoderPredictor):
+    """The embeddings plus the image-text matching head (BLIP's ITM) for re-ranking."""
+
+    def __init__(self, pretrained: Pretrained, **kwargs):
+        super().__init__(pretrained, **kwargs)
+        if not hasattr(self.model, "itm_logits"):
+            raise TypeError(f"a {pretrained.family.name} model has no image-text matching head")
+
+    @torch.inference_mode()
+    def match_logits(
+        self, images: Sequence[Image.Image | str | Path], texts: Sequence[str], image_indices: torch.Tensor,
+        text_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """ITM match logits [P] of the pairs (images[image_indices[p]], texts[text_indices[p]]). Image tokens
+        are computed once per image and kept in memory."""
+        tokens = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [im if isinstance(im, Image.Image) else load_image(Path(im))
+                     for im in images[start:start + self.batch_size]]
+            pixels = torch.stack([self.transform(im) for im in chunk]).to(self.device)
+            with self.autocast:
+                tokens.append(self.model.encode_image_tokens(pixels)[1])
+        tokens = torch.cat(tokens)
+        ids, mask = self.tokenizer(list(texts))
+        out = []
+        for start in range(0, len(image_indices), self.batch_size):
+            pair_images = image_indices[start:start + self.batch_size].to(self.device)
+            pair_texts = text_indices[start:start + self.batch_size]
+            with self.autocast:
+                logits = self.model.itm_logits(ids[pair_texts].to(self.device), mask[pair_texts].to(self.device),
+                                               tokens[pair_images])
+            out.append(logits[:, 1].float().cpu())
+        return torch.cat(out)
