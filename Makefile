@@ -50,6 +50,6 @@ interop: $(INTEROP_STAMP)
 clean:
 	rm -rf runs data $(VENV) $(INTEROP)
 
-# vlp beside open_clip and transformers, all on the interop environment's torch; about 15 minutes.
+# vlp beside open_clip and transformers, all on the interop environment's torch; about 20 minutes on 2 cores.
 bench: $(INTEROP_STAMP)
 	$(INTEROP)/bin/python benchmarks/bench.py
