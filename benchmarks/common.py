@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.data.sources import read_csv
+from vlp.data.transforms import ImageConfig, ImageTransform
 
 
 def machine() -> dict[str, object]:
@@ -42,13 +42,9 @@ def shapes_pairs(root: Path, count: int, image_size: int) -> tuple[torch.Tensor,
             root, ShapesWorldConfig(seed=0, image_size=image_size, train=count, test=8, web=8, classify=8, shards=1)
         )
     pairs = [(item.path, caption) for item in read_csv(root / "train.csv") for caption in item.captions][:count]
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    pixels = []
-    for path, _ in pairs:
-        image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-        pixels.append((torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255 - mean) / std)
-    return torch.stack(pixels), [caption for _, caption in pairs]
+    transform = ImageTransform(ImageConfig(size=image_size), train=False)  # CLIP's normalisation
+    pixels = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in pairs])
+    return pixels, [caption for _, caption in pairs]
 
 
 def interleaved_times(runners: dict[str, Callable[[int], None]], steps: int, warmup: int) -> dict[str, float]:

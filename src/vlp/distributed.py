@@ -128,7 +128,7 @@ class ParallelModel:
     """A model prepared for data-parallel training: `module` is what forward passes go through.
 
     ddp: every process holds the whole model; gradients are averaged in buckets during backward.
-    fsdp: PyTorch's `fully_shard`, one shard group per transformer block plus the rest, so parameters,
+    fsdp: PyTorch's `fully_shard`, one shard group per layer of every layer stack plus the rest, so parameters,
     gradients and optimiser state are split across processes. It cannot shard 0-dim parameters (the
     logit scale and bias), so those stay whole on every process and their gradients are averaged here.
     On one process both are the model itself.
@@ -149,10 +149,10 @@ class ParallelModel:
         else:
             from torch.distributed.fsdp import fully_shard
 
-            from vlp.layers import TransformerBlock
-
-            for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
-                fully_shard(block)
+            # Every model keeps its layer stacks in ModuleLists (towers' blocks, BLIP's text layers).
+            layers = [layer for stack in model.modules() if isinstance(stack, nn.ModuleList) for layer in stack]
+            for layer in layers:
+                fully_shard(layer)
             self.replicated = [p for p in model.parameters() if p.dim() == 0]
             fully_shard(model, ignored_params=set(self.replicated))
 

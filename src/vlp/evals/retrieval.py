@@ -17,12 +17,18 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
     return positives.gather(1, top).any(dim=1).float().mean().item()
 
 
+def _positives(similarity: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+    """[T, I] True where caption t describes image i."""
+    positives = torch.zeros_like(similarity, dtype=torch.bool)
+    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    return positives
+
+
 def retrieval_metrics(
     similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
     """similarity: [T, I] text x image; text_to_image: [T] the image index of each caption."""
-    positives = torch.zeros_like(similarity, dtype=torch.bool)
-    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    positives = _positives(similarity, text_to_image)
     metrics = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = recall_at_k(similarity, positives, k)
@@ -57,8 +63,7 @@ def reranked_retrieval(
     """BLIP's retrieval: each query's top-k candidates by embedding similarity [T, I] are re-scored with
     the image-text matching head, score = ITM match logit + similarity; the rest score -100.
     match_logits(image_indices [P], text_indices [P]) -> [P]."""
-    positives = torch.zeros_like(similarity, dtype=torch.bool)
-    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    positives = _positives(similarity, text_to_image)
     metrics = {}
     for name, scores, hits in (
         ("image_retrieval", similarity, positives),

@@ -25,7 +25,7 @@ def evaluate_zeroshot(predictor: Any, data: str | Path, classnames: str | Path, 
 def evaluate_retrieval(
     predictor: Any, data: str | Path, images_dir: str | Path | None = None, rerank: int | None = None
 ) -> dict:
-    """Embedding retrieval; with `rerank` k (a predictor with `match_logits`), each query's top k are
+    """Embedding retrieval; with `rerank` k (a predictor with `matcher`), each query's top k are
     re-scored by the image-text matching head as BLIP does (k = 256 for COCO in the paper)."""
     items = read_captions(str(data), images_dir=images_dir)
     images, captions = [i.path for i in items], [i.captions for i in items]
@@ -34,9 +34,7 @@ def evaluate_retrieval(
         return {"task": "zeroshot_retrieval", "dataset": str(data), "metrics": metrics}
     texts = [c for caps in captions for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    reranked = reranked_retrieval(
-        similarity, text_to_image, lambda i, t: predictor.match_logits(images, texts, i, t), rerank
-    )
+    reranked = reranked_retrieval(similarity, text_to_image, predictor.matcher(images, texts), rerank)
     return {
         "task": f"reranked_retrieval (k={rerank})",
         "dataset": str(data),

@@ -53,18 +53,21 @@ class Attention(nn.Module):
         if self.is_cross:
             if context is None:
                 raise ValueError("cross-attention needs a context")
-            q = self.q_proj(x)
-            k, v = self.kv_proj(context).chunk(2, dim=-1)
+            q, (k, v) = self._heads(self.q_proj(x)), self.context_kv(context)
         else:
-            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+            q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
         if is_causal and attn_mask is not None:
             attn_mask = attn_mask & causal_mask(q.shape[2], q.device)
             is_causal = False
         return self._attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)

@@ -99,12 +99,15 @@ class MedLayer(nn.Module):
         self.mlp = Mlp(width, round(width * cfg.mlp_ratio), act=cfg.act)
         self.norm2 = nn.LayerNorm(width, eps=eps)
 
+    def _self_attention(self, mode: TextMode) -> tuple[Attention, nn.LayerNorm]:
+        if mode == "decoder" and self.decoder_attn is not None:
+            return self.decoder_attn, self.decoder_norm1
+        return self.attn, self.norm1
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, mode: TextMode, image_tokens: torch.Tensor | None
     ) -> torch.Tensor:
-        attn, norm = self.attn, self.norm1
-        if mode == "decoder" and self.decoder_attn is not None:
-            attn, norm = self.decoder_attn, self.decoder_norm1
+        attn, norm = self._self_attention(mode)
         x = norm(x + attn(x, attn_mask=mask))
         if mode != "text":
             x = self.norm_cross(x + self.cross_attn(x, image_tokens))
@@ -114,9 +117,7 @@ class MedLayer(nn.Module):
         self, x: torch.Tensor, past: KeyValue | None, mask: torch.Tensor, cross_kv: KeyValue
     ) -> tuple[torch.Tensor, KeyValue]:
         """Decoder mode for the newest positions only, reading and extending the self-attention cache."""
-        attn, norm = (
-            (self.decoder_attn, self.decoder_norm1) if self.decoder_attn is not None else (self.attn, self.norm1)
-        )
+        attn, norm = self._self_attention("decoder")
         out, present = attn.cached(x, past, attn_mask=mask)
         x = norm(x + out)
         x = self.norm_cross(x + self.cross_attn.cached(x, None, context_kv=cross_kv)[0])
@@ -139,6 +140,14 @@ class MedTextTransformer(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Normalised word + position embeddings of ids [B, t] at positions start .. start + t - 1."""
+        end = start + ids.shape[1]
+        if end > self.cfg.max_positions:
+            raise ValueError(f"text of {end} tokens exceeds max_positions {self.cfg.max_positions}")
+        positions = torch.arange(start, end, device=ids.device)
+        return self.embed_norm(self.word_embeddings(ids) + self.position_embeddings(positions))
+
     def forward(
         self,
         ids: torch.Tensor,
@@ -147,13 +156,10 @@ class MedTextTransformer(nn.Module):
         mode: TextMode,
         image_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        length = ids.shape[1]
-        if length > self.cfg.max_positions:
-            raise ValueError(f"text of {length} tokens exceeds max_positions {self.cfg.max_positions}")
         if mode != "text" and image_tokens is None:
             raise ValueError(f"text mode '{mode}' cross-attends to image tokens; none were given")
-        positions = torch.arange(length, device=ids.device)
-        x = self.embed_norm(self.word_embeddings(ids) + self.position_embeddings(positions))
+        length = ids.shape[1]
+        x = self._embed(ids, 0)
         attend = padding_mask(mask)  # [B, 1, 1, L]
         if mode == "decoder":
             attend = attend & causal_mask(length, ids.device)
@@ -168,10 +174,8 @@ class MedTextTransformer(nn.Module):
         key_mask [B, past + t]: 1 where a position (earlier or new) is a real token."""
         past = 0 if cache is None else cache[0][0].shape[2]
         length = past + ids.shape[1]
-        if length > self.cfg.max_positions:
-            raise ValueError(f"decoding past max_positions {self.cfg.max_positions}")
+        x = self._embed(ids, past)
         positions = torch.arange(past, length, device=ids.device)
-        x = self.embed_norm(self.word_embeddings(ids) + self.position_embeddings(positions))
         # New row i (position past + i) sees keys up to itself.
         causal = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]  # [t, past + t]
         mask = padding_mask(key_mask) & causal
@@ -253,8 +257,12 @@ class Blip(nn.Module):
 
     def decoder_states(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         ids = self._with_first(text, self.cfg.text.dec_token_id)
-        decoder = self.text_decoder if self.text_decoder is not None else self.text
-        return decoder(ids, text_mask, mode="decoder", image_tokens=image_tokens)
+        return self.decoder_text(ids, text_mask, mode="decoder", image_tokens=image_tokens)
+
+    @property
+    def decoder_text(self) -> MedTextTransformer:
+        """The text transformer the decoder runs on: its own under share none, else the shared one."""
+        return self.text_decoder if self.text_decoder is not None else self.text
 
     def lm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, L, V]: position i predicts token i + 1; the first token is read as [DEC]."""
@@ -310,7 +318,7 @@ class CaptionDecoder:
 
     def __init__(self, blip: Blip, image_tokens: torch.Tensor):
         self.blip = blip
-        self.decoder = blip.text_decoder if blip.text_decoder is not None else blip.text
+        self.decoder = blip.decoder_text
         self.cross_kv = [layer.cross_attn.context_kv(image_tokens) for layer in self.decoder.layers]
         self.cache: list[KeyValue] | None = None
         self.key_mask: torch.Tensor | None = None

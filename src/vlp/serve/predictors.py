@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +12,22 @@ from PIL import Image
 from vlp.checkpoint import Pretrained
 from vlp.data.sources import load_image
 from vlp.generation import GenerationConfig, generate
+
+ImageInput = Image.Image | str | Path
+
+
+def pixel_batches(
+    images: Sequence[ImageInput],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[torch.Tensor]:
+    """Images (PIL or paths) -> preprocessed pixel batches [b, 3, S, S] on `device`."""
+    for start in range(0, len(images), batch_size):
+        chunk = [
+            im if isinstance(im, Image.Image) else load_image(Path(im)) for im in images[start : start + batch_size]
+        ]
+        yield torch.stack([transform(im) for im in chunk]).to(device)
 
 
 class DualEncoderPredictor:
@@ -47,15 +63,10 @@ class DualEncoderPredictor:
         return cls(load_pretrained(path), **kwargs)
 
     @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+    def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images (PIL or paths) -> [N, E]."""
         out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [
-                im if isinstance(im, Image.Image) else load_image(Path(im))
-                for im in images[start : start + self.batch_size]
-            ]
-            pixels = torch.stack([self.transform(im) for im in chunk]).to(self.device)
+        for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
             with self.autocast:
                 out.append(self.model.encode_image(pixels).float().cpu())
         return torch.cat(out) if out else torch.empty(0, 0)
@@ -109,14 +120,11 @@ class CaptionPredictor:
         return cls(load_pretrained(path), **kwargs)
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[Image.Image | str | Path]) -> list[str]:
+    def caption(self, images: Sequence[ImageInput]) -> list[str]:
         captions = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [im if isinstance(im, Image.Image) else load_image(Path(im))
-                     for im in images[start:start + self.batch_size]]
-            pixels = torch.stack([self.transform(im) for im in chunk]).to(self.device)
+        for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
             decoder = self.model.caption_decoder(self.model.encode_image_tokens(pixels)[1])
-            prompt = self.prompt.to(self.device).expand(len(chunk), -1)
+            prompt = self.prompt.to(self.device).expand(len(pixels), -1)
             captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, self.generation)]
         return captions
 
@@ -130,27 +138,29 @@ class MatchingPredictor(DualEncoderPredictor):
             raise TypeError(f"a {pretrained.family.name} model has no image-text matching head")
 
     @torch.inference_mode()
-    def match_logits(
-        self, images: Sequence[Image.Image | str | Path], texts: Sequence[str], image_indices: torch.Tensor,
-        text_indices: torch.Tensor,
-    ) -> torch.Tensor:
-        """ITM match logits [P] of the pairs (images[image_indices[p]], texts[text_indices[p]]). Image tokens
-        are computed once per image and kept in memory."""
+    def matcher(
+        self, images: Sequence[ImageInput], texts: Sequence[str]
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A function of pairs (image_indices [P], text_indices [P]) -> ITM match logits [P] of
+        (images[i], texts[t]). Image tokens and text ids are computed once, here, and kept in memory."""
         tokens = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [im if isinstance(im, Image.Image) else load_image(Path(im))
-                     for im in images[start:start + self.batch_size]]
-            pixels = torch.stack([self.transform(im) for im in chunk]).to(self.device)
+        for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
             with self.autocast:
                 tokens.append(self.model.encode_image_tokens(pixels)[1])
-        tokens = torch.cat(tokens)
+        all_tokens = torch.cat(tokens)
         ids, mask = self.tokenizer(list(texts))
-        out = []
-        for start in range(0, len(image_indices), self.batch_size):
-            pair_images = image_indices[start:start + self.batch_size].to(self.device)
-            pair_texts = text_indices[start:start + self.batch_size]
-            with self.autocast:
-                logits = self.model.itm_logits(ids[pair_texts].to(self.device), mask[pair_texts].to(self.device),
-                                               tokens[pair_images])
-            out.append(logits[:, 1].float().cpu())
-        return torch.cat(out)
+
+        @torch.inference_mode()
+        def match_logits(image_indices: torch.Tensor, text_indices: torch.Tensor) -> torch.Tensor:
+            out = []
+            for start in range(0, len(image_indices), self.batch_size):
+                pair_images = image_indices[start : start + self.batch_size].to(self.device)
+                pair_texts = text_indices[start : start + self.batch_size]
+                with self.autocast:
+                    logits = self.model.itm_logits(
+                        ids[pair_texts].to(self.device), mask[pair_texts].to(self.device), all_tokens[pair_images]
+                    )
+                out.append(logits[:, 1].float().cpu())
+            return torch.cat(out)
+
+        return match_logits
