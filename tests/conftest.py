@@ -41,3 +41,32 @@ def tiny_run_overrides(data: str, steps: int, **extra: object) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+BLIP_TINY = {
+    "model.family": "blip",
+    "model.embed_dim": 64,
+    "model.vision": "{kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
+    "model.text": "{vocab_size: 512, max_positions: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
+    "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}",
+    "tokenizer.kind": "wordpiece",
+    "tokenizer.pad_token": "'[PAD]'",
+    "tokenizer.unk_token": "'[UNK]'",
+    "tokenizer.bos_token": "'[CLS]'",
+    "tokenizer.eos_token": "'[SEP]'",
+    "tokenizer.extra_tokens": "['[ENC]', '[DEC]']",
+}
+
+
+@pytest.fixture(scope="session")
+def trained_blip(shapes_world, tmp_path_factory):
+    """A tiny BLIP pre-trained for 400 steps on the shapes world (~30 s), shared by the BLIP, VQA and
+    CapFilt tests."""
+    from vlp.train.loop import load_run_config, train
+
+    run = tmp_path_factory.mktemp("blip") / "run"
+    overrides = tiny_run_overrides(
+        str(shapes_world / "train.csv"), steps=400, **{**BLIP_TINY, "train.batch_size": 32, "train.log_every": 50}
+    )
+    train(load_run_config(None, overrides), run)
+    return run

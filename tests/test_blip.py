@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_run_overrides
+from conftest import BLIP_TINY, tiny_run_overrides
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError
@@ -167,19 +167,6 @@ def test_distillation_without_alpha_or_queue_is_plain_itc_and_the_queue_fills():
         BlipObjective(tiny_blip(momentum=0.995, queue_size=6).train(), BlipObjectiveConfig())(batch)
 
 
-BLIP_TINY = {
-    "model.family": "blip",
-    "model.embed_dim": 64,
-    "model.vision": "{kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
-    "model.text": "{vocab_size: 512, max_positions: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
-    "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}",
-    "tokenizer.kind": "wordpiece",
-    "tokenizer.pad_token": "'[PAD]'",
-    "tokenizer.unk_token": "'[UNK]'",
-    "tokenizer.bos_token": "'[CLS]'",
-    "tokenizer.eos_token": "'[SEP]'",
-    "tokenizer.extra_tokens": "['[ENC]', '[DEC]']",
-}
 
 
 def test_a_tokenizer_that_disagrees_with_the_model_is_named(shapes_world, tmp_path):
@@ -190,12 +177,8 @@ def test_a_tokenizer_that_disagrees_with_the_model_is_named(shapes_world, tmp_pa
         train(load_run_config(None, overrides), tmp_path / "run")
 
 
-def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, tmp_path, capsys):
-    overrides = tiny_run_overrides(
-        str(shapes_world / "train.csv"), steps=400, **{**BLIP_TINY, "train.batch_size": 32, "train.log_every": 50}
-    )
-    run = tmp_path / "blip"
-    train(load_run_config(None, overrides), run)
+def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, trained_blip, tmp_path, capsys):
+    run = trained_blip
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     assert last["lm_loss"] < 0.6 * first["lm_loss"]

@@ -63,6 +63,20 @@ def _captioner(args: argparse.Namespace):
     return CaptionPredictor.from_checkpoint(args.checkpoint, generation=generation, prompt=args.prompt)
 
 
+def _answerer(args: argparse.Namespace):
+    from vlp.evals.vqa import read_answer_list
+    from vlp.serve.predictors import VqaPredictor
+
+    if args.method == "rank" and not args.answer_list:
+        raise ConfigError("--method rank needs --answer-list (a JSON list, or a VQAv2 annotations file)")
+    answers = read_answer_list(args.answer_list) if args.answer_list else ()
+    return VqaPredictor.from_checkpoint(args.checkpoint, method=args.method, answer_list=answers, k=args.k)
+
+
+def _cmd_ask(args: argparse.Namespace) -> None:
+    print(_answerer(args).answer([args.image], [args.question])[0])
+
+
 def _cmd_caption(args: argparse.Namespace) -> None:
     for path, caption in zip(args.image, _captioner(args).caption(args.image), strict=True):
         print(f"{path}: {caption}")
@@ -78,6 +92,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
         result = evaluate_captioning(_captioner(args).caption, args.data, args.images, meteor=not args.no_meteor,
                                      ptb=args.ptb)
+    elif args.task == "vqa":
+        from vlp.evals.vqa import evaluate_vqa
+
+        result = evaluate_vqa(_answerer(args).answer, args.questions, args.annotations, args.images,
+                              image_pattern=args.image_pattern)
     elif args.rerank:
         from vlp.serve.predictors import MatchingPredictor
 
@@ -125,6 +144,18 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     pretrained = load_pretrained(args.src, config=args.config, tokenizer=args.tokenizer)
     out = export_pretrained(pretrained, args.to, args.out)
     print(f"{args.src} -> {args.to} checkpoint in {out}")
+
+
+def _cmd_capfilt(args: argparse.Namespace) -> None:
+    from vlp.capfilt import CapFiltConfig, run_capfilt
+    from vlp.config import load_config
+
+    cfg = load_config(CapFiltConfig, args.config, args.set)
+    summary = run_capfilt(args.model, args.human, args.web, args.out, cfg, truth=args.truth)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"bootstrapped dataset: {summary['dataset']} ({summary['pairs']} pairs: {summary['human']} human, "
+              f"{summary['web']['kept']}/{summary['web']['total']} web, "
+              f"{summary['synthetic']['kept']}/{summary['synthetic']['total']} synthetic kept)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -195,6 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--prompt", default="", help='a caption prefix such as "a picture of"')
     caption.set_defaults(func=_cmd_caption)
+    vqa = ev.add_parser("vqa", help="visual question answering: VQA accuracy")
+    vqa.add_argument("--questions", required=True, help="VQAv2 questions JSON")
+    vqa.add_argument("--annotations", required=True, help="VQAv2 annotations JSON")
+    vqa.add_argument("--images", help="image folder (default: beside the questions file)")
+    vqa.add_argument("--image-pattern", help="image file name with {image_id} and {data_subtype} "
+                     "(default: VQAv2's COCO_{data_subtype}_{image_id:012d}.jpg)")
+    vqa.add_argument("--out", help="write results JSON (with the predictions) here")
+    vqa.set_defaults(func=_cmd_eval)
+    ask = sub.add_parser("ask", help="answer a question about an image (BLIP-VQA)")
+    ask.add_argument("image")
+    ask.add_argument("question")
+    ask.set_defaults(func=_cmd_ask)
+    for p in (vqa, ask):
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--method", choices=["generate", "rank"], default="generate",
+                       help="generate with beam search, or rank a list of candidate answers")
+        p.add_argument("--answer-list", help="candidates for --method rank: a JSON list, or a VQAv2 annotations "
+                       "file whose most frequent answers are taken")
+        p.add_argument("--k", type=int, default=128, help="candidates re-scored in full by --method rank")
     cap.add_argument("--out", help="write results JSON here")
     cap.set_defaults(func=_cmd_eval)
     for p in (zs, rt):
@@ -228,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", help="open_clip model config JSON, for a bare state-dict file")
     cv.add_argument("--tokenizer", help="tokenizer to use instead of the one beside the weights")
     cv.set_defaults(func=_cmd_convert)
+
+    cf = sub.add_parser("capfilt", help="bootstrap a cleaner dataset from noisy web pairs (BLIP's CapFilt)")
+    cf.add_argument("--model", required=True, help="pre-trained BLIP checkpoint")
+    cf.add_argument("--human", required=True, help="human-annotated pairs (CSV or COCO captions JSON)")
+    cf.add_argument("--web", required=True, help="noisy web pairs (CSV or COCO captions JSON)")
+    cf.add_argument("--out", required=True, help="folder for the fine-tuned models, scores and the new dataset")
+    cf.add_argument("--config", help="YAML/JSON with CapFilt settings (steps, lr, top_p, threshold, pretrain_config...)")
+    cf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a CapFilt setting")
+    cf.add_argument("--truth", help="JSON list of {file_name, caption, noisy}: report the filter's precision/recall")
+    cf.set_defaults(func=_cmd_capfilt)
 
     demo = sub.add_parser("demo", help="shapes world -> tiny CLIP and SigLIP -> evaluation -> report")
     demo.add_argument("--out", default="runs/demo")

@@ -134,7 +134,11 @@ class ParallelModel:
     On one process both are the model itself.
     """
 
-    def __init__(self, model: nn.Module, strategy: Strategy, device: torch.device):
+    def __init__(
+        self, model: nn.Module, strategy: Strategy, device: torch.device, *, every_parameter_used: bool = True
+    ):
+        """every_parameter_used False: some parameters may get no gradient in a step (an objective with
+        a term switched off); DDP then looks for them after each backward."""
         self.model, self.strategy = model, strategy
         self.module: nn.Module = model
         self.replicated: list[nn.Parameter] = []
@@ -144,7 +148,10 @@ class ParallelModel:
             # Buffers are not broadcast: the only ones vlp models hold (BLIP's feature queues) are updated
             # identically on every process, and broadcasting them would move megabytes every step.
             self.module = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=not every_parameter_used,
             )
         else:
             from torch.distributed.fsdp import fully_shard

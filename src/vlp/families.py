@@ -5,15 +5,18 @@ A static table, not a registry filled by import side effects: adding a family is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from vlp.config import ConfigError, from_dict
-from vlp.models.blip import Blip, BlipConfig
+from vlp.data.pipeline import train_batches, training_captions
+from vlp.data.vqa import vqa_batches, vqa_texts
+from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
-from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
+from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig, VqaObjective, VqaObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 
 
@@ -24,11 +27,16 @@ class Family:
     model_cls: Callable[[Any], nn.Module]
     objective_config_cls: type
     objective_cls: Callable[[Any, Any], Any]
+    # The training data it reads: batches(data config, transform, tokenizer, batch_size=, seed=, start_step=,
+    # rank=, world_size=) and the texts a new tokenizer is trained on.
+    batches: Callable[..., Iterator[dict[str, Any]]] = train_batches
+    texts: Callable[[Any], Iterator[str]] = training_captions
 
 
 FAMILIES: dict[str, Family] = {
     "clip": Family("clip", DualEncoderConfig, DualEncoder, ContrastiveObjectiveConfig, ContrastiveObjective),
     "blip": Family("blip", BlipConfig, Blip, BlipObjectiveConfig, BlipObjective),
+    "blip_vqa": Family("blip_vqa", BlipVqaConfig, BlipVqa, VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts),
 }
 
 

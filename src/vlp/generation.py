@@ -1,6 +1,6 @@
 """Text generation for every captioning family: greedy, beam search and nucleus sampling, batched.
 
-A family hands over a stepwise decoder (BLIP's `CaptionDecoder`): `start_tokens(prompt)` gives the
+A family hands over a stepwise decoder (BLIP's `StepDecoder`): `start_tokens(prompt)` gives the
 prefix, `decoder(tokens, real)` feeds new tokens and returns next-token logits from its key/value
 cache, `reorder(index)` keeps and repeats rows for beam search, and `eos_token_id` / `pad_token_id`.
 """

@@ -37,6 +37,10 @@ class DataConfig:
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 1000  # WebDataset sample shuffle
     samples_per_epoch: int | None = None  # WebDataset epoch length; None = one pass over the shards
+    # VQA (family blip_vqa): `train` is a VQAv2 questions file, `annotations` its answers file; image
+    # paths are `images` / image_pattern with {image_id} and {data_subtype}; None = VQAv2's COCO names.
+    annotations: str | None = None
+    image_pattern: str | None = None
 
 
 def flatten_pairs(items: list[ImageCaptions]) -> list[tuple[Path, str]]:

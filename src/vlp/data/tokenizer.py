@@ -144,8 +144,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         backend.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece()
+        # Every ASCII letter, digit and punctuation mark is a token, as in BERT's vocabulary, so a
+        # fine-tuning task whose texts hold characters the pre-training captions lacked (VQA's "2")
+        # does not see them as [UNK].
+        alphabet = string.ascii_lowercase + string.digits + string.punctuation
         trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=specials, show_progress=False
+            vocab_size=cfg.vocab_size, special_tokens=specials, show_progress=False,
+            initial_alphabet=list(alphabet if cfg.lowercase else alphabet + string.ascii_uppercase),
         )
     backend.train_from_iterator((clean_text(t, cfg.clean) for t in texts), trainer=trainer)
     return configure_tokenizer(backend, cfg)

@@ -15,6 +15,7 @@ The paper shares everything between encoder and decoder except the self-attentio
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -105,22 +106,32 @@ class MedLayer(nn.Module):
         return self.attn, self.norm1
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, mode: TextMode, image_tokens: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        mode: TextMode,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         attn, norm = self._self_attention(mode)
         x = norm(x + attn(x, attn_mask=mask))
         if mode != "text":
-            x = self.norm_cross(x + self.cross_attn(x, image_tokens))
+            x = self.norm_cross(x + self.cross_attn(x, context, attn_mask=context_mask))
         return self.norm2(x + self.mlp(x))
 
     def decode(
-        self, x: torch.Tensor, past: KeyValue | None, mask: torch.Tensor, cross_kv: KeyValue
+        self,
+        x: torch.Tensor,
+        past: KeyValue | None,
+        mask: torch.Tensor,
+        cross_kv: KeyValue,
+        context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
         """Decoder mode for the newest positions only, reading and extending the self-attention cache."""
         attn, norm = self._self_attention("decoder")
         out, present = attn.cached(x, past, attn_mask=mask)
         x = norm(x + out)
-        x = self.norm_cross(x + self.cross_attn.cached(x, None, context_kv=cross_kv)[0])
+        x = self.norm_cross(x + self.cross_attn.cached(x, None, attn_mask=context_mask, context_kv=cross_kv)[0])
         return self.norm2(x + self.mlp(x)), present
 
 
@@ -154,21 +165,30 @@ class MedTextTransformer(nn.Module):
         mask: torch.Tensor,
         *,
         mode: TextMode,
-        image_tokens: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if mode != "text" and image_tokens is None:
-            raise ValueError(f"text mode '{mode}' cross-attends to image tokens; none were given")
+        """context [B, M, Dc]: what the grounded modes cross-attend to (image tokens, or BLIP-VQA's question
+        states); context_mask [B, M], 1 = real, when the context has padding."""
+        if mode != "text" and context is None:
+            raise ValueError(f"text mode '{mode}' cross-attends to a context (image tokens); none was given")
         length = ids.shape[1]
         x = self._embed(ids, 0)
         attend = padding_mask(mask)  # [B, 1, 1, L]
         if mode == "decoder":
             attend = attend & causal_mask(length, ids.device)
+        cross_mask = None if context_mask is None else padding_mask(context_mask)
         for layer in self.layers:
-            x = layer(x, attend, mode, image_tokens)
+            x = layer(x, attend, mode, context, cross_mask)
         return x
 
     def decode(
-        self, ids: torch.Tensor, key_mask: torch.Tensor, cache: list[KeyValue] | None, cross_kv: list[KeyValue]
+        self,
+        ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        cache: list[KeyValue] | None,
+        cross_kv: list[KeyValue],
+        context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KeyValue]]:
         """Decoder states [B, t, D] of the newest `t` tokens given the cached earlier ones.
         key_mask [B, past + t]: 1 where a position (earlier or new) is a real token."""
@@ -179,9 +199,10 @@ class MedTextTransformer(nn.Module):
         # New row i (position past + i) sees keys up to itself.
         causal = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]  # [t, past + t]
         mask = padding_mask(key_mask) & causal
+        cross_mask = None if context_mask is None else padding_mask(context_mask)
         present = []
         for index, layer in enumerate(self.layers):
-            x, kv = layer.decode(x, None if cache is None else cache[index], mask, cross_kv[index])
+            x, kv = layer.decode(x, None if cache is None else cache[index], mask, cross_kv[index], cross_mask)
             present.append(kv)
         return x, present
 
@@ -252,12 +273,12 @@ class Blip(nn.Module):
     def itm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Match / no-match logits [B, 2] (index 1 = match) from the image-grounded encoder's [ENC] state."""
         ids = self._with_first(text, self.cfg.text.enc_token_id)
-        states = self.text(ids, text_mask, mode="multimodal", image_tokens=image_tokens)
+        states = self.text(ids, text_mask, mode="multimodal", context=image_tokens)
         return self.itm_head(states[:, 0])
 
     def decoder_states(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         ids = self._with_first(text, self.cfg.text.dec_token_id)
-        return self.decoder_text(ids, text_mask, mode="decoder", image_tokens=image_tokens)
+        return self.decoder_text(ids, text_mask, mode="decoder", context=image_tokens)
 
     @property
     def decoder_text(self) -> MedTextTransformer:
@@ -268,9 +289,9 @@ class Blip(nn.Module):
         """Next-token logits [B, L, V]: position i predicts token i + 1; the first token is read as [DEC]."""
         return self.lm_head(self.decoder_states(text, text_mask, image_tokens))
 
-    def caption_decoder(self, image_tokens: torch.Tensor) -> CaptionDecoder:
+    def caption_decoder(self, image_tokens: torch.Tensor) -> StepDecoder:
         """The image-grounded decoder, stepwise with a key/value cache, for `vlp.generation`."""
-        return CaptionDecoder(self, image_tokens)
+        return StepDecoder(self.decoder_text, self.lm_head, image_tokens)
 
     @torch.no_grad()
     def update_momentum_encoder(self) -> None:
@@ -311,37 +332,119 @@ class Blip(nn.Module):
         )
 
 
-class CaptionDecoder:
-    """BLIP's decoder for incremental generation: cross-attention keys and values of the image are
-    computed once, self-attention keys and values are cached per layer, so each new token costs one
-    position rather than the whole prefix again. Rows may be reordered (beam search)."""
+class StepDecoder:
+    """A MED decoder for incremental generation: cross-attention keys and values of the context (image
+    tokens, or question states) are computed once, self-attention keys and values are cached per layer,
+    so each new token costs one position rather than the whole prefix again. Rows may be reordered
+    (beam search)."""
 
-    def __init__(self, blip: Blip, image_tokens: torch.Tensor):
-        self.blip = blip
-        self.decoder = blip.decoder_text
-        self.cross_kv = [layer.cross_attn.context_kv(image_tokens) for layer in self.decoder.layers]
+    def __init__(
+        self,
+        decoder: MedTextTransformer,
+        lm_head: LMHead,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ):
+        self.decoder, self.lm_head = decoder, lm_head
+        self.cross_kv = [layer.cross_attn.context_kv(context) for layer in decoder.layers]
+        self.context_mask = context_mask
         self.cache: list[KeyValue] | None = None
         self.key_mask: torch.Tensor | None = None
-        self.eos_token_id = blip.cfg.text.eos_token_id
-        self.pad_token_id = blip.cfg.text.pad_token_id
+        self.dec_token_id = decoder.cfg.dec_token_id
+        self.eos_token_id = decoder.cfg.eos_token_id
+        self.pad_token_id = decoder.cfg.pad_token_id
 
     def start_tokens(self, prompt: torch.Tensor) -> torch.Tensor:
-        """The prefix every caption starts from: [DEC] then the prompt's tokens [B, P] (may be empty)."""
-        first = torch.full(
-            (prompt.shape[0], 1), self.blip.cfg.text.dec_token_id, dtype=torch.long, device=prompt.device
-        )
+        """The prefix every sequence starts from: [DEC] then the prompt's tokens [B, P] (may be empty)."""
+        first = torch.full((prompt.shape[0], 1), self.dec_token_id, dtype=torch.long, device=prompt.device)
         return torch.cat([first, prompt], dim=1)
 
     def __call__(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] after feeding `tokens` [B, t]; `real` [B, t] is 0 for padding fed
         after a row has finished."""
         self.key_mask = real if self.key_mask is None else torch.cat([self.key_mask, real], dim=1)
-        states, self.cache = self.decoder.decode(tokens, self.key_mask, self.cache, self.cross_kv)
-        return self.blip.lm_head(states[:, -1])
+        states, self.cache = self.decoder.decode(tokens, self.key_mask, self.cache, self.cross_kv, self.context_mask)
+        return self.lm_head(states[:, -1])
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (repeats allowed), in that order."""
         self.cross_kv = [(k[index], v[index]) for k, v in self.cross_kv]
+        if self.context_mask is not None:
+            self.context_mask = self.context_mask[index]
         if self.cache is not None:
             self.cache = [(k[index], v[index]) for k, v in self.cache]
             self.key_mask = self.key_mask[index]
+
+
+@dataclass
+class BlipVqaConfig:
+    """BLIP for VQA: the image-grounded encoder reads the question; a separate answer decoder (not tied to
+    the encoder) cross-attends to the question's states and writes the answer."""
+
+    vision: ImageTowerConfig = field(
+        default_factory=lambda: VisionConfig(
+            image_size=480, patch_size=16, norm_eps=1e-6, ln_pre=False, patch_bias=True
+        )
+    )
+    text: MedConfig = field(default_factory=MedConfig)
+
+
+class BlipVqa(nn.Module):
+    def __init__(self, cfg: BlipVqaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg.vision)
+        self.text = MedTextTransformer(cfg.text, cfg.vision.width, decoder_self_attention=False)
+        self.answer_decoder = MedTextTransformer(cfg.text, cfg.text.width, decoder_self_attention=False)
+        self.lm_head = LMHead(cfg.text)
+
+    def encode_question(
+        self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Question states [B, Lq, D] of the image-grounded encoder ([ENC] first)."""
+        ids = question.clone()
+        ids[:, 0] = self.cfg.text.enc_token_id
+        return self.text(ids, question_mask, mode="multimodal", context=self.visual(images)[1])
+
+    def answer_logits(
+        self,
+        answer: torch.Tensor,
+        answer_mask: torch.Tensor,
+        question_states: torch.Tensor,
+        question_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Next-token logits [A, La, V] of answers, each row given its question's states (rows aligned)."""
+        ids = answer.clone()
+        ids[:, 0] = self.cfg.text.dec_token_id
+        states = self.answer_decoder(
+            ids, answer_mask, mode="decoder", context=question_states, context_mask=question_mask
+        )
+        return self.lm_head(states)
+
+    def answer_decoder_for(self, question_states: torch.Tensor, question_mask: torch.Tensor) -> StepDecoder:
+        return StepDecoder(self.answer_decoder, self.lm_head, question_states, question_mask)
+
+    def forward(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        return self.encode_question(images, question, question_mask)
+
+    @torch.no_grad()
+    def init_from(self, blip: Blip) -> list[str]:
+        """Start from a pre-trained BLIP as the paper does: its image encoder, its text encoder as the
+        question encoder, its image-grounded decoder (self-attention, cross-attention, FFN, LM head) as
+        the answer decoder. Returns the answer decoder's tensors left at their initialisation because
+        their shapes differ (cross-attention keys/values when the image width is not the text width)."""
+        self.visual.load_state_dict(blip.visual.state_dict())
+        encoder = {k: v for k, v in blip.text.state_dict().items() if ".decoder_" not in k}
+        self.text.load_state_dict(encoder)
+        decoder = blip.decoder_text.state_dict()
+        if blip.text_decoder is None and blip.cfg.text.share == "all_but_self_attention":
+            decoder = {k: v for k, v in decoder.items() if not re.search(r"\.(attn|norm1)\.", k)}
+            decoder = {
+                k.replace(".decoder_attn.", ".attn.").replace(".decoder_norm1.", ".norm1."): v
+                for k, v in decoder.items()
+            }
+        target = self.answer_decoder.state_dict()
+        skipped = [k for k, v in decoder.items() if target[k].shape != v.shape]
+        self.answer_decoder.load_state_dict({k: v for k, v in decoder.items() if k not in skipped}, strict=False)
+        self.lm_head.load_state_dict(blip.lm_head.state_dict())
+        return skipped

@@ -32,6 +32,11 @@ class BlipObjectiveConfig:
     alpha: float = 0.4
     alpha_warmup_steps: int = 2000
 
+    def uses_every_parameter(self) -> bool:
+        """A term weighted 0 is not computed (CapFilt's LM-only captioner, ITC + ITM-only filter), which
+        leaves some parameters without gradients: distributed training must be told."""
+        return all(w > 0 for w in (self.itc_weight, self.itm_weight, self.lm_weight))
+
 
 def sample_negatives(
     similarity: torch.Tensor, offset: int, hard: bool, generator: torch.Generator | None = None
@@ -44,6 +49,12 @@ def sample_negatives(
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
+def _next_token_targets(text: torch.Tensor, text_mask: torch.Tensor, prompt_length: int = 0) -> torch.Tensor:
+    targets = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
+    targets[:, :prompt_length] = -100
+    return targets
+
+
 def lm_loss(
     logits: torch.Tensor,
     text: torch.Tensor,
@@ -54,11 +65,26 @@ def lm_loss(
 ) -> torch.Tensor:
     """Teacher-forced next-token cross-entropy: position i predicts token i + 1; padding and the first
     `prompt_length` predicted tokens are ignored. logits [B, L, V], text and mask [B, L]."""
-    targets = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
-    targets[:, :prompt_length] = -100
     return F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, label_smoothing=label_smoothing
+        logits[:, :-1].float().transpose(1, 2),
+        _next_token_targets(text, text_mask, prompt_length),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
     )
+
+
+def sequence_losses(
+    logits: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-sequence summed next-token cross-entropy [B] (the negative log-likelihood when not smoothed)."""
+    per_token = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2),
+        _next_token_targets(text, text_mask),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    return per_token.sum(dim=1)
 
 
 class BlipObjective:
@@ -72,13 +98,31 @@ class BlipObjective:
         blip = unwrap(self.model)
         out = self.model(image, text, mask)
         sizes = local_sizes(image.shape[0], image.device)
-        offset, local = sum(sizes[: rank()]), image.shape[0]
-        if blip.momentum_encoder is None:
-            itc = contrastive_loss(out.image_features, out.text_features, 1 / out.temperature)
-        else:
-            itc = self._distilled_itc(blip, out, batch, sizes, offset)
+        offset = sum(sizes[: rank()])
+        values: dict[str, torch.Tensor] = {"temperature": out.temperature.detach()}
+        if self.cfg.itc_weight:
+            if blip.momentum_encoder is None:
+                itc = contrastive_loss(out.image_features, out.text_features, 1 / out.temperature)
+            else:
+                itc = self._distilled_itc(blip, out, batch, sizes, offset)
+            values["itc_loss"] = self.cfg.itc_weight * itc
+        if self.cfg.itm_weight:
+            itm, accuracy = self._itm(blip, out, text, mask, sizes, offset)
+            values["itm_loss"], values["itm_accuracy"] = self.cfg.itm_weight * itm, accuracy
+        if self.cfg.lm_weight:
+            lm_logits = blip.lm_logits(text, mask, out.image_tokens)
+            lm = lm_loss(
+                lm_logits, text, mask, prompt_length=self.cfg.prompt_length, label_smoothing=self.cfg.label_smoothing
+            )
+            values["lm_loss"] = self.cfg.lm_weight * lm
+        return values
 
-        # ITM: every process picks its negatives among the whole global batch.
+    def _itm(
+        self, blip: nn.Module, out: Any, text: torch.Tensor, mask: torch.Tensor, sizes: list[int], offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM loss and accuracy over the positives and one hard negative per text and per image; every
+        process picks its negatives among the whole global batch."""
+        local = text.shape[0]
         all_tokens = all_gather_with_grad(out.image_tokens, sizes)
         with torch.no_grad():
             all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
@@ -91,19 +135,7 @@ class BlipObjective:
         itm_images = torch.cat([out.image_tokens, all_tokens[negative_images], out.image_tokens])
         logits = blip.itm_logits(itm_text, itm_mask, itm_images).float()
         labels = torch.cat([torch.ones(local), torch.zeros(2 * local)]).long().to(logits.device)
-        itm = F.cross_entropy(logits, labels)
-
-        lm_logits = blip.lm_logits(text, mask, out.image_tokens)
-        lm = lm_loss(
-            lm_logits, text, mask, prompt_length=self.cfg.prompt_length, label_smoothing=self.cfg.label_smoothing
-        )
-        return {
-            "itc_loss": self.cfg.itc_weight * itc,
-            "itm_loss": self.cfg.itm_weight * itm,
-            "lm_loss": self.cfg.lm_weight * lm,
-            "itm_accuracy": (logits.argmax(dim=1) == labels).float().mean(),
-            "temperature": out.temperature.detach(),
-        }
+        return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == labels).float().mean()
 
     def _distilled_itc(
         self, blip: nn.Module, out: Any, batch: dict[str, Any], sizes: list[int], offset: int
@@ -135,3 +167,29 @@ class BlipObjective:
     def after_step(self) -> None:
         blip = unwrap(self.model)
         blip.temperature.clamp_(blip.cfg.min_temperature, blip.cfg.max_temperature)
+
+
+@dataclass
+class VqaObjectiveConfig:
+    label_smoothing: float = 0.1
+
+
+class VqaObjective:
+    """BLIP's VQA loss: every distinct answer of a question is decoded from the question's states and its
+    summed token loss weighted by the share of annotators who gave it; summed, divided by the questions."""
+
+    def __init__(self, model: nn.Module, cfg: VqaObjectiveConfig):
+        self.model = model
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        question_mask = batch["question_mask"]
+        states = self.model(batch["image"], batch["question"], question_mask)
+        rows = batch["answer_question"]
+        logits = unwrap(self.model).answer_logits(
+            batch["answer"], batch["answer_mask"], states[rows], question_mask[rows]
+        )
+        losses = sequence_losses(
+            logits, batch["answer"], batch["answer_mask"], label_smoothing=self.cfg.label_smoothing
+        )
+        return {"vqa_loss": (batch["answer_weight"] * losses).sum() / batch["image"].shape[0]}

@@ -138,6 +138,24 @@ class MatchingPredictor(DualEncoderPredictor):
             raise TypeError(f"a {pretrained.family.name} model has no image-text matching head")
 
     @torch.inference_mode()
+    def match_probabilities(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
+        """p(match) [N] of each aligned pair (images[i], texts[i]) from the ITM head's two-way softmax."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} texts for {len(images)} images")
+        out = []
+        for start, pixels in zip(
+            range(0, len(images), self.batch_size),
+            pixel_batches(images, self.transform, self.batch_size, self.device),
+            strict=True,
+        ):
+            ids, mask = self.tokenizer(list(texts[start : start + self.batch_size]))
+            with self.autocast:
+                tokens = self.model.encode_image_tokens(pixels)[1]
+                logits = self.model.itm_logits(ids.to(self.device), mask.to(self.device), tokens)
+            out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    @torch.inference_mode()
     def matcher(
         self, images: Sequence[ImageInput], texts: Sequence[str]
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -164,3 +182,82 @@ class MatchingPredictor(DualEncoderPredictor):
             return torch.cat(out)
 
         return match_logits
+
+
+class VqaPredictor:
+    """`answer(images, questions)` for BLIP-VQA, by generation (beam search) or by ranking a list of
+    candidate answers as BLIP reports its numbers: every candidate's first token is scored at the [DEC]
+    step, the best `k` are re-scored by their whole log-likelihood, the best one is the answer."""
+
+    def __init__(
+        self,
+        pretrained: Pretrained,
+        *,
+        method: Literal["generate", "rank"] = "generate",
+        answer_list: Sequence[str] = (),
+        k: int = 128,
+        batch_size: int = 32,
+        device: str | None = None,
+        generation: GenerationConfig | None = None,
+    ):
+        if not hasattr(pretrained.model, "answer_decoder_for"):
+            raise TypeError(f"a {pretrained.family.name} model does not answer questions")
+        if method == "rank" and not answer_list:
+            raise ValueError("ranked answering needs a list of candidate answers")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = pretrained.model.to(self.device).eval()
+        self.transform = pretrained.image_transform()
+        self.tokenizer = pretrained.tokenizer
+        self.method, self.k, self.batch_size = method, k, batch_size
+        # BLIP's VQA generation: beam 3, at most 10 tokens.
+        self.generation = generation or GenerationConfig(
+            method="beam", num_beams=3, max_new_tokens=10, min_new_tokens=1
+        )
+        self.answer_list = list(answer_list)
+        if self.answer_list:
+            ids, mask = self.tokenizer(self.answer_list)
+            length = int(mask.sum(dim=1).max())
+            self.candidates, self.candidate_mask = ids[:, :length].to(self.device), mask[:, :length].to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> VqaPredictor:
+        from vlp.convert import load_pretrained
+
+        return cls(load_pretrained(path), **kwargs)
+
+    @torch.inference_mode()
+    def answer(self, images: Sequence[ImageInput], questions: Sequence[str]) -> list[str]:
+        if len(images) != len(questions):
+            raise ValueError(f"{len(questions)} questions for {len(images)} images")
+        answers = []
+        for start, pixels in zip(
+            range(0, len(images), self.batch_size),
+            pixel_batches(images, self.transform, self.batch_size, self.device),
+            strict=True,
+        ):
+            ids, mask = self.tokenizer(list(questions[start : start + self.batch_size]))
+            length = int(mask.sum(dim=1).max())
+            ids, mask = ids[:, :length].to(self.device), mask[:, :length].to(self.device)
+            states = self.model.encode_question(pixels, ids, mask)
+            if self.method == "rank":
+                answers += self._rank(states, mask)
+            else:
+                decoder = self.model.answer_decoder_for(states, mask)
+                prompt = ids.new_empty(len(ids), 0)
+                answers += [self.tokenizer.decode(a) for a in generate(decoder, prompt, self.generation)]
+        return answers
+
+    def _rank(self, states: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        from vlp.objectives.blip import sequence_losses
+
+        batch, k = len(states), min(self.k, len(self.answer_list))
+        decoder = self.model.answer_decoder_for(states, mask)
+        start = decoder.start_tokens(states.new_empty(batch, 0, dtype=torch.long))
+        first = decoder(start, torch.ones_like(start)).float().log_softmax(dim=-1)  # [B, V]
+        top = first[:, self.candidates[:, 1]].topk(k, dim=1).indices  # [B, k]
+        rows = torch.arange(batch, device=self.device).repeat_interleave(k)
+        candidates, candidate_mask = self.candidates[top.view(-1)], self.candidate_mask[top.view(-1)]
+        logits = self.model.answer_logits(candidates, candidate_mask, states[rows], mask[rows])
+        loglik = -sequence_losses(logits, candidates, candidate_mask).view(batch, k)
+        best = top.gather(1, loglik.argmax(dim=1, keepdim=True)).squeeze(1)
+        return [self.answer_list[i] for i in best.tolist()]

@@ -24,13 +24,14 @@ from vlp.checkpoint import (
     STATE_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    Pretrained,
     list_checkpoints,
     load_weights,
     resolve_checkpoint,
     save_checkpoint,
 )
 from vlp.config import ConfigError, apply_overrides, from_dict, read_mapping, to_dict
-from vlp.data.pipeline import DataConfig, train_batches, training_captions
+from vlp.data.pipeline import DataConfig
 from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.distributed import (
@@ -69,6 +70,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward pass
     device: str = "auto"  # auto = cuda when present, else cpu
     seed: int = 0
+    # A checkpoint (vlp, Hugging Face or open_clip folder) to start from: its weights, and its tokenizer
+    # unless tokenizer.path is set. Another family starts through the model's `init_from` (BLIP -> VQA).
+    init_from: str | None = None
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -112,16 +116,36 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_tokenizer(cfg: RunConfig, out: Path, resume_from: Path | None) -> Tokenizer:
+def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: Path | None,
+                       initial: Pretrained | None) -> Tokenizer:
     if resume_from is not None:
         return Tokenizer.from_file(resume_from)
     if cfg.tokenizer.path:
         return Tokenizer.from_file(cfg.tokenizer.path)
+    if initial is not None:
+        initial.tokenizer.save(out)
+        return initial.tokenizer
     if rank() == 0:  # one process trains it; the others read what it wrote
-        log.info("training a %s tokenizer on the training captions", cfg.tokenizer.kind)
-        train_tokenizer(training_captions(cfg.data), cfg.tokenizer).save(out)
+        log.info("training a %s tokenizer on the training texts", cfg.tokenizer.kind)
+        train_tokenizer(family.texts(cfg.data), cfg.tokenizer).save(out)
     barrier()
     return Tokenizer.from_file(out)
+
+
+def _initialise(model: torch.nn.Module, initial: Pretrained) -> None:
+    """Copy a pre-trained model's weights into a new one: the same family loads them whole; another
+    goes through the new model's `init_from` (BLIP-VQA from BLIP)."""
+    if type(initial.model) is type(model):
+        model.load_state_dict(initial.model.state_dict())
+    elif hasattr(model, "init_from"):
+        skipped = model.init_from(initial.model)
+        if skipped:
+            log.warning("not initialised from %s (shapes differ): %s", initial.path, ", ".join(skipped))
+    else:
+        raise ConfigError(
+            f"config key 'train.init_from': a {type(model).__name__} cannot start from a "
+            f"{type(initial.model).__name__} checkpoint ({initial.path})"
+        )
 
 
 def _split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -293,16 +317,26 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     torch.manual_seed(tc.seed)
     device = _device(tc.device)
 
-    tokenizer = _prepare_tokenizer(cfg, out, resume_from)
+    initial = None
+    if tc.init_from and resume_from is None:
+        from vlp.convert import load_pretrained
+
+        initial = load_pretrained(tc.init_from)
+    tokenizer = _prepare_tokenizer(cfg, family, out, resume_from, initial)
     _check_tokenizer_fits(tokenizer, model_cfg)
     model = family.model_cls(model_cfg)
     start_step = 0
+    if initial is not None:
+        _initialise(model, initial)
+        log.info("initialised from %s", initial.path)
+        del initial
     if resume_from is not None:
         load_weights(model, resume_from / WEIGHTS_FILE)
         start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
-    parallel = ParallelModel(model, tc.strategy, device)
+    every_parameter_used = getattr(objective_cfg, "uses_every_parameter", lambda: True)()
+    parallel = ParallelModel(model, tc.strategy, device, every_parameter_used=every_parameter_used)
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
     objective = family.objective_cls(forward_model, objective_cfg)
     optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
@@ -320,7 +354,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         _truncate_metrics(metrics_path, start_step)
 
-    batches = train_batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
+    batches = family.batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
                             batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
                             world_size=world)
 
