@@ -167,8 +167,6 @@ def test_distillation_without_alpha_or_queue_is_plain_itc_and_the_queue_fills():
         BlipObjective(tiny_blip(momentum=0.995, queue_size=6).train(), BlipObjectiveConfig())(batch)
 
 
-
-
 def test_a_tokenizer_that_disagrees_with_the_model_is_named(shapes_world, tmp_path):
     overrides = tiny_run_overrides(
         str(shapes_world / "train.csv"), steps=1, **{**BLIP_TINY, "tokenizer.extra_tokens": "['[DEC]', '[ENC]']"}
@@ -264,3 +262,18 @@ def test_greedy_beam_and_nucleus_decoding():
         assert beams[1:] == _caption(model, images[1:], method="beam", num_beams=3, max_new_tokens=6, min_new_tokens=4)
         samples = [_caption(model, images, method="nucleus", top_p=0.9, seed=s, max_new_tokens=6) for s in range(4)]
         assert len({str(s) for s in samples}) > 1
+
+
+@pytest.mark.parametrize("share", ["all_but_self_attention", "all", "none"])
+@pytest.mark.parametrize("terms", [(0, 0, 1), (1, 1, 0), (1, 0, 0), (0, 1, 0), (0, 1, 1)])
+def test_switched_off_terms_freeze_exactly_the_parameters_without_gradient(share, terms):
+    """DDP needs every trainable parameter to get a gradient each step (CapFilt's captioner is LM only)."""
+    model = tiny_blip(share).train()
+    cfg = BlipObjectiveConfig(itc_weight=terms[0], itm_weight=terms[1], lm_weight=terms[2])
+    BlipObjective.prepare(model, cfg)
+    images, text, mask = _inputs(4)
+    values = BlipObjective(model, cfg)({"image": images, "text": text, "text_mask": mask})
+    sum(v for k, v in values.items() if k.endswith("_loss")).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_gradient = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trainable == with_gradient, trainable ^ with_gradient

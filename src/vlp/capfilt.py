@@ -163,7 +163,9 @@ def _write_dataset(out: Path, kind: str, records: list[dict[str, Any]]) -> Path:
             writer = csv.writer(f)
             writer.writerow(["filepath", "title", "source", "itm_score"])
             for r in records:
-                writer.writerow([r["image"], r["caption"], r["source"], "" if r["itm_score"] is None else r["itm_score"]])
+                writer.writerow(
+                    [r["image"], r["caption"], r["source"], "" if r["itm_score"] is None else r["itm_score"]]
+                )
         return path
     path = out / "bootstrapped.json"
     ids = {image: i + 1 for i, image in enumerate(dict.fromkeys(r["image"] for r in records))}
@@ -212,18 +214,14 @@ def assemble(
     out: Path, human: str, web_spec: str, scored: Path, cfg: CapFiltConfig, truth: str | Path | None = None
 ) -> dict[str, Any]:
     """Human pairs + kept web + kept synthetic, written in the web data's format; returns the summary."""
-    human_pairs = [
-        (item.path, c) for item in read_captions(human, images_dir=cfg.images_human) for c in item.captions
-    ]
+    human_pairs = [(item.path, c) for item in read_captions(human, images_dir=cfg.images_human) for c in item.captions]
     scored_records = [
         json.loads(line) for path in sorted(scored.glob("chunk-*.jsonl")) for line in path.read_text().splitlines()
     ]
     for r in scored_records:
         r["kept"] = r["itm_score"] >= cfg.threshold
     records = [{"image": str(p), "caption": c, "source": "human", "itm_score": None} for p, c in human_pairs]
-    records += [
-        {k: r[k] for k in ("image", "caption", "source", "itm_score")} for r in scored_records if r["kept"]
-    ]
+    records += [{k: r[k] for k in ("image", "caption", "source", "itm_score")} for r in scored_records if r["kept"]]
     dataset = _write_dataset(out, detect_format(web_spec), records)
     summary: dict[str, Any] = {"dataset": str(dataset), "threshold": cfg.threshold, "human": len(human_pairs)}
     for source in ("web", "synthetic"):
@@ -244,7 +242,9 @@ def run_capfilt(
     out = Path(out)
     for spec, name in ((human, "--human"), (web, "--web")):
         if detect_format(spec) == "webdataset":
-            raise DataError(f"{name} {spec}: CapFilt reads CSV or COCO captions JSON; WebDataset input is not supported")
+            raise DataError(
+                f"{name} {spec}: CapFilt reads CSV or COCO captions JSON; WebDataset input is not supported"
+            )
     web_pairs = [(item.path, c) for item in read_captions(web, images_dir=cfg.images_web) for c in item.captions]
     created_group = not torch.distributed.is_initialized()
     setup_from_environment()
@@ -256,7 +256,12 @@ def run_capfilt(
 
 
 def _run(
-    model: Path, human: str, web: str, web_pairs: list[tuple[Path, str]], out: Path, cfg: CapFiltConfig,
+    model: Path,
+    human: str,
+    web: str,
+    web_pairs: list[tuple[Path, str]],
+    out: Path,
+    cfg: CapFiltConfig,
     truth: str | None,
 ) -> dict[str, Any]:
     captioner = finetune("captioner", model, human, out / "captioner", cfg)

@@ -2,7 +2,8 @@
 
 A family hands over a stepwise decoder (BLIP's `StepDecoder`): `start_tokens(prompt)` gives the
 prefix, `decoder(tokens, real)` feeds new tokens and returns next-token logits from its key/value
-cache, `reorder(index)` keeps and repeats rows for beam search, and `eos_token_id` / `pad_token_id`.
+cache, `reorder(index)` keeps and repeats rows for beam search, and `eos_token_id` / `pad_token_id`; an
+optional `max_length` caps the whole sequence.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def _nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | No
     return order.gather(1, choice).squeeze(1)
 
 
+def _new_token_budget(decoder: Any, prefix_length: int, cfg: GenerationConfig) -> int:
+    """max_new_tokens, cut so that the sequence fits the decoder's positions (when it has a limit)."""
+    limit = getattr(decoder, "max_length", None)
+    return cfg.max_new_tokens if limit is None else max(0, min(cfg.max_new_tokens, limit - prefix_length))
+
+
 def _trim(rows: torch.Tensor, eos: int) -> list[list[int]]:
     out = []
     for row in rows.tolist():
@@ -69,7 +76,7 @@ def generate(decoder: Any, prompt: torch.Tensor, cfg: GenerationConfig) -> list[
     logits = decoder(sequences, torch.ones_like(sequences))
     finished = torch.zeros(len(sequences), dtype=torch.bool, device=prompt.device)
     new = []
-    for step in range(cfg.max_new_tokens):
+    for step in range(_new_token_budget(decoder, sequences.shape[1], cfg)):
         logits = _adjust(logits, sequences, step, cfg, eos) / cfg.temperature
         token = logits.argmax(dim=-1) if cfg.method == "greedy" else _nucleus(logits, cfg.top_p, generator)
         token = token.masked_fill(finished, pad)
@@ -98,7 +105,7 @@ def _beam_search(decoder: Any, prompt: torch.Tensor, cfg: GenerationConfig) -> l
     finished = torch.zeros(batch * k, dtype=torch.bool, device=prompt.device)
     lengths = torch.zeros(batch * k, device=prompt.device)
     new = torch.empty(batch * k, 0, dtype=torch.long, device=prompt.device)
-    for step in range(cfg.max_new_tokens):
+    for step in range(_new_token_budget(decoder, sequences.shape[1], cfg)):
         logprobs = _adjust(logits, sequences, step, cfg, eos).log_softmax(dim=-1)
         logprobs[finished] = float("-inf")
         logprobs[finished, pad] = 0.0

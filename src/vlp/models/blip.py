@@ -293,6 +293,36 @@ class Blip(nn.Module):
         """The image-grounded decoder, stepwise with a key/value cache, for `vlp.generation`."""
         return StepDecoder(self.decoder_text, self.lm_head, image_tokens)
 
+    def _objectives_using(self, name: str) -> set[str]:
+        """Which objectives (itc, itm, lm) parameter `name` takes part in."""
+        top, share = name.split(".")[0], self.cfg.text.share
+        if top in ("vision_proj", "text_proj", "temperature"):
+            return {"itc"}
+        if top == "itm_head":
+            return {"itm"}
+        if top in ("lm_head", "text_decoder"):
+            return {"lm"}
+        if top != "text":
+            return {"itc", "itm", "lm"}  # the image encoder
+        cross = re.search(r"\.(cross_attn|norm_cross)\.", name) is not None
+        if re.search(r"\.decoder_(attn|norm1)\.", name):
+            return {"lm"}
+        if share == "none":  # the decoder is text_decoder; this is the encoder alone
+            return {"itm"} if cross else {"itc", "itm"}
+        if cross:
+            return {"itm", "lm"}
+        if share == "all_but_self_attention" and re.search(r"\.(attn|norm1)\.", name):
+            return {"itc", "itm"}
+        return {"itc", "itm", "lm"}
+
+    def freeze_unused(self, *, itc: bool, itm: bool, lm: bool) -> list[str]:
+        """Stop training the parameters that only switched-off objectives use; returns their names."""
+        active = {term for term, on in (("itc", itc), ("itm", itm), ("lm", lm)) if on}
+        names = [n for n, p in self.named_parameters() if p.requires_grad and not self._objectives_using(n) & active]
+        for name in names:
+            self.get_parameter(name).requires_grad_(False)
+        return names
+
     @torch.no_grad()
     def update_momentum_encoder(self) -> None:
         """momentum params <- m * momentum params + (1 - m) * params."""
@@ -353,6 +383,7 @@ class StepDecoder:
         self.dec_token_id = decoder.cfg.dec_token_id
         self.eos_token_id = decoder.cfg.eos_token_id
         self.pad_token_id = decoder.cfg.pad_token_id
+        self.max_length = decoder.cfg.max_positions
 
     def start_tokens(self, prompt: torch.Tensor) -> torch.Tensor:
         """The prefix every sequence starts from: [DEC] then the prompt's tokens [B, P] (may be empty)."""

@@ -7,6 +7,7 @@ positive itself; `hard_negatives: false` draws them uniformly instead (the paper
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,6 @@ class BlipObjectiveConfig:
     # softmax with the one-hot labels; alpha ramps up from 0 over the first steps.
     alpha: float = 0.4
     alpha_warmup_steps: int = 2000
-
-    def uses_every_parameter(self) -> bool:
-        """A term weighted 0 is not computed (CapFilt's LM-only captioner, ITC + ITM-only filter), which
-        leaves some parameters without gradients: distributed training must be told."""
-        return all(w > 0 for w in (self.itc_weight, self.itm_weight, self.lm_weight))
 
 
 def sample_negatives(
@@ -88,6 +84,14 @@ def sequence_losses(
 
 
 class BlipObjective:
+    @staticmethod
+    def prepare(model: nn.Module, cfg: BlipObjectiveConfig) -> None:
+        """Terms weighted 0 are not computed (CapFilt's LM-only captioner and ITC + ITM-only filter); the
+        parameters only they use are frozen, so that every trained parameter gets a gradient, as DDP needs."""
+        frozen = model.freeze_unused(itc=cfg.itc_weight > 0, itm=cfg.itm_weight > 0, lm=cfg.lm_weight > 0)
+        if frozen:
+            logging.getLogger("vlp.train").info("objective terms off: %d parameter tensors frozen", len(frozen))
+
     def __init__(self, model: nn.Module, cfg: BlipObjectiveConfig):
         """`model` is the Blip model, or the DDP wrapper around it that forward passes go through."""
         self.model = model

@@ -335,8 +335,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
-    every_parameter_used = getattr(objective_cfg, "uses_every_parameter", lambda: True)()
-    parallel = ParallelModel(model, tc.strategy, device, every_parameter_used=every_parameter_used)
+    if hasattr(family.objective_cls, "prepare"):  # before wrapping: DDP registers the trainable parameters
+        family.objective_cls.prepare(model, objective_cfg)
+    parallel = ParallelModel(model, tc.strategy, device)
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
     objective = family.objective_cls(forward_model, objective_cfg)
     optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
