@@ -142,7 +142,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from vlp.convert import export_pretrained, load_pretrained
 
     pretrained = load_pretrained(args.src, config=args.config, tokenizer=args.tokenizer)
-    out = export_pretrained(pretrained, args.to, args.out)
+    out = export_pretrained(pretrained, args.to, args.out, architecture=args.architecture)
     print(f"{args.src} -> {args.to} checkpoint in {out}")
 
 
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", required=True)
     cv.add_argument("--config", help="open_clip model config JSON, for a bare state-dict file")
     cv.add_argument("--tokenizer", help="tokenizer to use instead of the one beside the weights")
+    cv.add_argument("--architecture", choices=["BlipForConditionalGeneration", "BlipForImageTextRetrieval",
+                                               "BlipForQuestionAnswering"],
+                    help="the Hugging Face BLIP class to write (default: captioning; VQA for a BLIP-VQA)")
     cv.set_defaults(func=_cmd_convert)
 
     cf = sub.add_parser("capfilt", help="bootstrap a cleaner dataset from noisy web pairs (BLIP's CapFilt)")

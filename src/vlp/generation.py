@@ -90,40 +90,60 @@ def generate(decoder: Any, prompt: torch.Tensor, cfg: GenerationConfig) -> list[
 
 
 def _beam_search(decoder: Any, prompt: torch.Tensor, cfg: GenerationConfig) -> list[list[int]]:
-    """Keep the `num_beams` best partial captions per image. A beam that ends stays in the running with
-    its score frozen (it only extends with padding, at no cost); at the end beams are ranked by
-    log-probability over length ** length_penalty."""
-    eos, pad, k = decoder.eos_token_id, decoder.pad_token_id, cfg.num_beams
-    batch = prompt.shape[0]
-    rows = torch.arange(batch, device=prompt.device).repeat_interleave(k)
-    decoder.reorder(rows)
-    sequences = decoder.start_tokens(prompt[rows])
+    """Beam search as BLIP's reference (Hugging Face's `generate`) runs it, so that captions match theirs.
+
+    Each step ranks the 2k best continuations of the k running beams. Those ending in end-of-text among
+    the first k become finished hypotheses scored log-probability / new length ** length_penalty;
+    the best k that do not end keep running. A row stops once k hypotheses are finished and its best
+    running beam, scored at its current length, cannot beat the worst of them; at the last allowed
+    position the k best continuations are finished as they are. Penalties act on log-probabilities.
+    """
+    eos, k = decoder.eos_token_id, cfg.num_beams
+    batch, device = prompt.shape[0], prompt.device
+    decoder.reorder(torch.arange(batch, device=device).repeat_interleave(k))
+    sequences = decoder.start_tokens(prompt.repeat_interleave(k, dim=0))  # [B*k, P]
     logits = decoder(sequences, torch.ones_like(sequences))
-    scores = torch.full((batch, k), float("-inf"), device=prompt.device)
-    scores[:, 0] = 0.0  # the k copies start identical: only one may expand at the first step
-    scores = scores.view(-1)
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=prompt.device)
-    lengths = torch.zeros(batch * k, device=prompt.device)
-    new = torch.empty(batch * k, 0, dtype=torch.long, device=prompt.device)
-    for step in range(_new_token_budget(decoder, sequences.shape[1], cfg)):
-        logprobs = _adjust(logits, sequences, step, cfg, eos).log_softmax(dim=-1)
-        logprobs[finished] = float("-inf")
-        logprobs[finished, pad] = 0.0
+    budget = _new_token_budget(decoder, sequences.shape[1], cfg)
+    offsets = torch.arange(batch, device=device)[:, None] * k
+    running = torch.full((batch, k), -1.0e9, device=device)
+    running[:, 0] = 0.0  # the k copies start identical: only one may expand at the first step
+    new = torch.empty(batch, k, 0, dtype=torch.long, device=device)
+    done_tokens = torch.full((batch, k, max(budget, 1)), decoder.pad_token_id, dtype=torch.long, device=device)
+    done_scores = torch.full((batch, k), -1.0e9, device=device)
+    done = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    first_k = torch.arange(2 * k, device=device) < k
+    for step in range(budget):
+        logprobs = _adjust(logits.float().log_softmax(dim=-1), sequences, step, cfg, eos)
         vocab = logprobs.shape[1]
-        candidates = (scores[:, None] + logprobs).view(batch, k * vocab)
-        top_scores, top = candidates.topk(k, dim=1)
-        beam = (top // vocab + torch.arange(batch, device=prompt.device)[:, None] * k).view(-1)
-        token = (top % vocab).view(-1)
-        scores = top_scores.view(-1)
-        was_finished = finished[beam]
-        sequences = torch.cat([sequences[beam], token[:, None]], dim=1)
-        new = torch.cat([new[beam], token[:, None]], dim=1)
-        lengths = lengths[beam] + (~was_finished).float()
-        finished = was_finished | (token == eos)
-        decoder.reorder(beam)
-        if finished.all():
+        total = (running.view(-1, 1) + logprobs).view(batch, k * vocab)
+        top_scores, top = total.topk(2 * k, dim=1)  # [B, 2k]
+        source, token = top // vocab, top % vocab
+        candidates = torch.cat([new.gather(1, source[..., None].expand(-1, -1, step)), token[..., None]], dim=2)
+        ends = (token == eos) | (step == budget - 1)
+        # Running beams for the next step: the best k continuations that did not end.
+        keep = (top_scores - 1.0e9 * ends.float()).topk(k, dim=1).indices
+        running, new = (
+            (top_scores - 1.0e9 * ends.float()).gather(1, keep),
+            candidates.gather(1, keep[..., None].expand(-1, -1, step + 1)),
+        )
+        # Finished hypotheses: merge the ones that just ended among the first k, keep the best k.
+        final = top_scores / (step + 1) ** cfg.length_penalty
+        final = final - 1.0e9 * (~(ends & first_k)).float() - 1.0e9 * (~improvable).float()
+        padded = torch.full((batch, 2 * k, done_tokens.shape[2]), decoder.pad_token_id, dtype=torch.long, device=device)
+        padded[:, :, : step + 1] = candidates
+        best = torch.cat([done_scores, final], dim=1).topk(k, dim=1).indices
+        done_scores = torch.cat([done_scores, final], dim=1).gather(1, best)
+        done_tokens = torch.cat([done_tokens, padded], dim=1).gather(1, best[..., None].expand(-1, -1, padded.shape[2]))
+        done = torch.cat([done, ends & first_k], dim=1).gather(1, best)
+        rows = (source.gather(1, keep) + offsets).view(-1)
+        decoder.reorder(rows)
+        sequences = torch.cat([sequences[rows], new[:, :, -1].reshape(-1, 1)], dim=1)
+        worst = torch.where(done, done_scores.min(dim=1, keepdim=True).values, torch.tensor(-1.0e9, device=device))
+        improvable &= (running[:, :1] / (step + 1) ** cfg.length_penalty > worst).any(dim=1, keepdim=True)
+        if step == budget - 1 or not improvable.any():
             break
-        logits = decoder(token[:, None], (~finished).long()[:, None])
-    ranked = (scores / lengths.clamp(min=1) ** cfg.length_penalty).view(batch, k)
-    best = ranked.argmax(dim=1) + torch.arange(batch, device=prompt.device) * k
-    return _trim(new[best], eos)
+        logits = decoder(new[:, :, -1].reshape(-1, 1), torch.ones(batch * k, 1, dtype=torch.long, device=device))
+    if budget == 0:
+        return [[] for _ in range(batch)]
+    return _trim(done_tokens[:, 0], eos)

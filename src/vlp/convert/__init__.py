@@ -1,6 +1,7 @@
 """Checkpoint interop: load Hugging Face, open_clip and vlp checkpoints; export to each.
 
-The key maps live here, not in the models: `hf.py` (CLIPModel, SiglipModel), `open_clip.py`
+The key maps live here, not in the models: `hf.py` (CLIPModel, SiglipModel), `hf_blip.py` (the BLIP
+heads), `open_clip.py`
 (built-in ViT + text towers), `keymap.py` (the rule engine, safe weight reading), `tokenizers.py`
 (the reference tokenizers rebuilt on the `tokenizers` library).
 """
@@ -58,10 +59,11 @@ def load_pretrained(
     return loaded
 
 
-def export_pretrained(pretrained: Pretrained, fmt: Format, out: str | Path) -> Path:
+def export_pretrained(pretrained: Pretrained, fmt: Format, out: str | Path, architecture: str | None = None) -> Path:
+    """`architecture`: which Hugging Face class a BLIP is written for (captioning by default)."""
     out = Path(out)
     if fmt == "hf":
-        return export_hf(pretrained, out)
+        return export_hf(pretrained, out, architecture)
     if fmt == "open_clip":
         return export_open_clip(pretrained, out)
     if fmt == "vlp":

@@ -105,10 +105,10 @@ def is_hf_folder(path: Path) -> bool:
 def _read_config(folder: Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if model_type not in (*MODEL_TYPES, "blip"):
         raise CheckpointError(
-            f"{folder}/config.json: model_type '{model_type}' is not a dual encoder vlp loads "
-            f"(expected one of {', '.join(MODEL_TYPES)})"
+            f"{folder}/config.json: model_type '{model_type}' is not one vlp loads "
+            f"(expected one of {', '.join(MODEL_TYPES)}, blip)"
         )
     return config
 
@@ -301,6 +301,11 @@ def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
     config = _read_config(folder)
     model_type = config["model_type"]
+    if model_type == "blip":
+        from vlp.convert.hf_blip import load_hf_blip
+
+        state, path = read_hf_weights(folder)
+        return load_hf_blip(folder, config, state, path, tokenizer)
     cfg = config_from_hf(config)
     model = DualEncoder(cfg)
     state, path = read_hf_weights(folder)
@@ -455,9 +460,14 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
 
 
-def export_hf(pretrained: Pretrained, out: Path) -> Path:
-    """Write a folder that `transformers.CLIPModel` / `SiglipModel.from_pretrained` and AutoTokenizer load."""
+def export_hf(pretrained: Pretrained, out: Path, architecture: str | None = None) -> Path:
+    """Write a folder that `transformers.CLIPModel` / `SiglipModel` / the BLIP classes' `from_pretrained`
+    and AutoTokenizer load. `architecture` picks among BLIP's heads (captioning by default)."""
     cfg = pretrained.config
+    if pretrained.family.name in ("blip", "blip_vqa"):
+        from vlp.convert.hf_blip import export_hf_blip
+
+        return export_hf_blip(pretrained, out, architecture)
     if not isinstance(cfg, DualEncoderConfig):
         raise ConversionError(f"family '{pretrained.family.name}' has no Hugging Face export yet")
     config = hf_config_from_vlp(cfg, pretrained.tokenizer)

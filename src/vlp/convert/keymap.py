@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from vlp.checkpoint import CheckpointError
 
-# unsqueeze: the foreign tensor has a leading axis of size 1 that vlp's lacks ([1] vs a scalar, [1, N, D] vs [N, D]).
-Transform = Literal["copy", "transpose", "unsqueeze"]
+# unsqueeze: the foreign tensor has a leading axis of size 1 that vlp's lacks ([1] vs a scalar, [1, N, D] vs [N, D]);
+# unsqueeze2: two ([1, 1, D] vs [D], HF BLIP's class embedding).
+Transform = Literal["copy", "transpose", "unsqueeze", "unsqueeze2"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ def to_vlp(
         if r.transform == "transpose":
             tensor = tensor.t()
         want = [expected[k].shape for k in r.ours]
-        if r.transform == "unsqueeze" and tensor.dim() and tensor.shape[0] == 1:
-            tensor = tensor.squeeze(0)
+        for _ in range({"unsqueeze": 1, "unsqueeze2": 2}.get(r.transform, 0)):
+            if tensor.dim() and tensor.shape[0] == 1:
+                tensor = tensor.squeeze(0)
         sizes = [s[0] if len(s) else 1 for s in want]
         total = torch.Size([sum(sizes), *want[0][1:]]) if len(want) > 1 else want[0]
         if tensor.shape != total:
@@ -109,6 +111,8 @@ def from_vlp(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, tor
             tensor = tensor.t()
         elif r.transform == "unsqueeze":
             tensor = tensor.unsqueeze(0)
+        elif r.transform == "unsqueeze2":
+            tensor = tensor[None, None]
         chunks = tensor.chunk(len(r.theirs), dim=0) if len(r.theirs) > 1 else (tensor,)
         for key, chunk in zip(r.theirs, chunks):
             out[key] = chunk.detach().cpu().contiguous()
