@@ -97,6 +97,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
         result = evaluate_vqa(_answerer(args).answer, args.questions, args.annotations, args.images,
                               image_pattern=args.image_pattern)
+    elif args.task == "nlvr":
+        from vlp.evals.nlvr import evaluate_nlvr
+        from vlp.serve.predictors import NlvrPredictor
+
+        result = evaluate_nlvr(NlvrPredictor.from_checkpoint(args.checkpoint).true_probability, args.data, args.images)
     elif args.rerank:
         from vlp.serve.predictors import MatchingPredictor
 
@@ -234,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: VQAv2's COCO_{data_subtype}_{image_id:012d}.jpg)")
     vqa.add_argument("--out", help="write results JSON (with the predictions) here")
     vqa.set_defaults(func=_cmd_eval)
+    nl = ev.add_parser("nlvr", help="statements about image pairs (NLVR2): accuracy")
+    nl.add_argument("--data", required=True, help="JSON list of {images: [left, right], sentence, label}")
+    nl.add_argument("--images", help="folder the image paths resolve against (default: beside the file)")
+    nl.add_argument("--checkpoint", required=True)
+    nl.add_argument("--out", help="write results JSON here")
+    nl.set_defaults(func=_cmd_eval)
     ask = sub.add_parser("ask", help="answer a question about an image (BLIP-VQA)")
     ask.add_argument("image")
     ask.add_argument("question")

@@ -12,11 +12,19 @@ from typing import Any
 from torch import nn
 
 from vlp.config import ConfigError, from_dict
+from vlp.data.nlvr import nlvr_batches, nlvr_texts
 from vlp.data.pipeline import train_batches, training_captions
 from vlp.data.vqa import vqa_batches, vqa_texts
-from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig
+from vlp.models.blip import Blip, BlipConfig, BlipNlvr, BlipNlvrConfig, BlipVqa, BlipVqaConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
-from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig, VqaObjective, VqaObjectiveConfig
+from vlp.objectives.blip import (
+    BlipObjective,
+    BlipObjectiveConfig,
+    NlvrObjective,
+    NlvrObjectiveConfig,
+    VqaObjective,
+    VqaObjectiveConfig,
+)
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 
 
@@ -37,6 +45,9 @@ FAMILIES: dict[str, Family] = {
     "clip": Family("clip", DualEncoderConfig, DualEncoder, ContrastiveObjectiveConfig, ContrastiveObjective),
     "blip": Family("blip", BlipConfig, Blip, BlipObjectiveConfig, BlipObjective),
     "blip_vqa": Family("blip_vqa", BlipVqaConfig, BlipVqa, VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts),
+    "blip_nlvr": Family(
+        "blip_nlvr", BlipNlvrConfig, BlipNlvr, NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts
+    ),
 }
 
 

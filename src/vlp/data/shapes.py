@@ -332,12 +332,51 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
             (out / "captions_test_heldout.json").write_text(json.dumps({
                 "info": info, "images": [i for i in images if i["id"] in keep],
                 "annotations": [c for c in captions if c["image_id"] in keep]}))
+        if split != "web":
+            # Its own random stream, so that adding it left every other file of a seed as it was.
+            _write_nlvr(out / f"nlvr_{split}.json", scenes, images, random.Random(f"{cfg.seed}-nlvr-{split}"))
         manifest[split] = {"images": count, "captions": len(captions), "objects": len(instances),
                            "questions": len(questions)}
     _write_zeroshot(out, cfg, rng)
     manifest["classify"] = {"images": cfg.classify}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _pair_statements(left: Scene, right: Scene) -> list[tuple[str, bool]]:
+    """(statement, truth) about a pair of scenes, NLVR2-style."""
+    def count(scene: Scene, shape: str) -> int:
+        return sum(o.shape == shape for o in scene.objects)
+
+    out = []
+    for shape in SHAPES:
+        a, b = count(left, shape), count(right, shape)
+        out.append((f"the left image has more {_plural(shape)} than the right image", a > b))
+        out.append((f"the right image has more {_plural(shape)} than the left image", b > a))
+        out.append((f"both images contain a {shape}", a > 0 and b > 0))
+    for color in COLORS:
+        in_left, in_right = (any(o.color == color for o in s.objects) for s in (left, right))
+        out.append((f"only the left image contains {_article(color + ' shape')}", in_left and not in_right))
+    out.append(("the two images have the same number of shapes", len(left.objects) == len(right.objects)))
+    return out
+
+
+def _write_nlvr(path: Path, scenes: list[Scene], images: list[dict], rng: random.Random) -> None:
+    """Statements about pairs of images with true / false labels, half of each, in BLIP's NLVR2 layout:
+    a JSON list of {images: [left, right], sentence, label}."""
+    pairs = []
+    for index in range(len(scenes)):
+        left, right = rng.randrange(len(scenes)), rng.randrange(len(scenes))
+        want = index % 2 == 0
+        options = [s for s, truth in _pair_statements(scenes[left], scenes[right]) if truth == want]
+        if options:
+            pairs.append({"images": [images[left]["file_name"], images[right]["file_name"]],
+                          "sentence": rng.choice(options), "label": want})
+    path.write_text(json.dumps(pairs))
 
 
 def _corrupt_web(captions: list[dict], images: list[dict], noise: float,

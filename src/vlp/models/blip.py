@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -138,13 +139,21 @@ class MedLayer(nn.Module):
 class MedTextTransformer(nn.Module):
     """Word + position embeddings and MED layers. [B, L] ids -> [B, L, D] states."""
 
-    def __init__(self, cfg: MedConfig, context_width: int, decoder_self_attention: bool):
+    def __init__(
+        self,
+        cfg: MedConfig,
+        context_width: int,
+        decoder_self_attention: bool,
+        make_layer: Callable[[int], nn.Module] | None = None,
+    ):
+        """make_layer(index) builds layers other than MedLayer (NLVR2's two-image layers)."""
         super().__init__()
         self.cfg = cfg
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.width)
         self.embed_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.layers = nn.ModuleList(MedLayer(cfg, context_width, decoder_self_attention) for _ in range(cfg.layers))
+        make_layer = make_layer or (lambda index: MedLayer(cfg, context_width, decoder_self_attention))
+        self.layers = nn.ModuleList(make_layer(index) for index in range(cfg.layers))
         for module in self.modules():  # BERT's initialisation
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -479,3 +488,80 @@ class BlipVqa(nn.Module):
         self.answer_decoder.load_state_dict({k: v for k, v in decoder.items() if k not in skipped}, strict=False)
         self.lm_head.load_state_dict(blip.lm_head.state_dict())
         return skipped
+
+
+@dataclass
+class BlipNlvrConfig:
+    """BLIP for NLVR2: is a statement true of a pair of images? The image-grounded encoder gets two
+    cross-attentions per layer, one per image."""
+
+    vision: ImageTowerConfig = field(
+        default_factory=lambda: VisionConfig(
+            image_size=384, patch_size=16, norm_eps=1e-6, ln_pre=False, patch_bias=True
+        )
+    )
+    text: MedConfig = field(default_factory=MedConfig)
+
+
+class TwoImageLayer(MedLayer):
+    """A MED encoder layer reading two images: each has its own cross-attention; their outputs are
+    averaged in the first half of the layers and concatenated then projected (`merge`) in the second,
+    before the shared residual LayerNorm, as BLIP's NLVR2 model does."""
+
+    def __init__(self, cfg: MedConfig, context_width: int, concatenate: bool):
+        super().__init__(cfg, context_width, decoder_self_attention=False)
+        self.cross_attn_right = Attention(cfg.width, cfg.heads, context_dim=context_width)
+        self.merge = nn.Linear(2 * cfg.width, cfg.width) if concatenate else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        mode: TextMode,
+        context: tuple[torch.Tensor, torch.Tensor] | None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if mode != "multimodal":
+            return super().forward(x, mask, mode, None if context is None else context[0], context_mask)
+        x = self.norm1(x + self.attn(x, attn_mask=mask))
+        left, right = self.cross_attn(x, context[0]), self.cross_attn_right(x, context[1])
+        merged = self.merge(torch.cat([left, right], dim=-1)) if self.merge is not None else (left + right) / 2
+        x = self.norm_cross(x + merged)
+        return self.norm2(x + self.mlp(x))
+
+
+class BlipNlvr(nn.Module):
+    def __init__(self, cfg: BlipNlvrConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg.vision)
+        half = cfg.text.layers // 2
+        self.text = MedTextTransformer(
+            cfg.text, cfg.vision.width, False, lambda index: TwoImageLayer(cfg.text, cfg.vision.width, index >= half)
+        )
+        width = cfg.text.width
+        self.classifier = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+
+    def forward(
+        self, left: torch.Tensor, right: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """True / false logits [B, 2] (index 1 = true) of statements about (left, right) image pairs."""
+        tokens = self.visual(torch.cat([left, right]))[1]
+        ids = text.clone()
+        ids[:, 0] = self.cfg.text.enc_token_id
+        states = self.text(ids, text_mask, mode="multimodal", context=tokens.chunk(2))
+        return self.classifier(states[:, 0])
+
+    @torch.no_grad()
+    def init_from(self, blip: Blip) -> list[str]:
+        """Start from a pre-trained BLIP: its image encoder and image-grounded encoder, both cross-attentions
+        from its one, as the paper does. The merge layers and the classifier start fresh."""
+        self.visual.load_state_dict(blip.visual.state_dict())
+        encoder = {k: v for k, v in blip.text.state_dict().items() if ".decoder_" not in k}
+        encoder.update(
+            {k.replace(".cross_attn.", ".cross_attn_right."): v for k, v in encoder.items() if ".cross_attn." in k}
+        )
+        missing, unexpected = self.text.load_state_dict(encoder, strict=False)
+        if unexpected or any(".merge." not in k for k in missing):
+            raise ValueError(f"BLIP text weights do not fit: missing {missing}, unexpected {unexpected}")
+        return []

@@ -197,3 +197,24 @@ class VqaObjective:
             logits, batch["answer"], batch["answer_mask"], label_smoothing=self.cfg.label_smoothing
         )
         return {"vqa_loss": (batch["answer_weight"] * losses).sum() / batch["image"].shape[0]}
+
+
+@dataclass
+class NlvrObjectiveConfig:
+    label_smoothing: float = 0.0
+
+
+class NlvrObjective:
+    """Cross-entropy of BLIP-NLVR's true / false head on statements about image pairs."""
+
+    def __init__(self, model: nn.Module, cfg: NlvrObjectiveConfig):
+        self.model = model
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self.model(batch["left"], batch["right"], batch["text"], batch["text_mask"]).float()
+        labels = batch["label"]
+        return {
+            "nlvr_loss": F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing),
+            "nlvr_accuracy": (logits.argmax(dim=1) == labels).float().mean(),
+        }

@@ -261,3 +261,41 @@ class VqaPredictor:
         loglik = -sequence_losses(logits, candidates, candidate_mask).view(batch, k)
         best = top.gather(1, loglik.argmax(dim=1, keepdim=True)).squeeze(1)
         return [self.answer_list[i] for i in best.tolist()]
+
+
+class NlvrPredictor:
+    """`true_probability(lefts, rights, sentences)` for BLIP-NLVR: p(statement is true of the pair)."""
+
+    def __init__(self, pretrained: Pretrained, *, batch_size: int = 32, device: str | None = None):
+        if pretrained.family.name != "blip_nlvr":
+            raise TypeError(f"a {pretrained.family.name} model does not judge statements about image pairs")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = pretrained.model.to(self.device).eval()
+        self.transform = pretrained.image_transform()
+        self.tokenizer = pretrained.tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> NlvrPredictor:
+        from vlp.convert import load_pretrained
+
+        return cls(load_pretrained(path), **kwargs)
+
+    @torch.inference_mode()
+    def true_probability(
+        self, lefts: Sequence[ImageInput], rights: Sequence[ImageInput], sentences: Sequence[str]
+    ) -> torch.Tensor:
+        if not len(lefts) == len(rights) == len(sentences):
+            raise ValueError(f"{len(lefts)} left images, {len(rights)} right images, {len(sentences)} sentences")
+        out = []
+        batches = zip(
+            range(0, len(lefts), self.batch_size),
+            pixel_batches(lefts, self.transform, self.batch_size, self.device),
+            pixel_batches(rights, self.transform, self.batch_size, self.device),
+            strict=True,
+        )
+        for start, left, right in batches:
+            ids, mask = self.tokenizer(list(sentences[start : start + self.batch_size]))
+            logits = self.model(left, right, ids.to(self.device), mask.to(self.device))
+            out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+        return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,126 @@
+"""NLVR2-style data: a statement about a pair of images, true or false. BLIP's layout: a JSON list of
+{"images": [left, right], "sentence": ..., "label": true/false (or "True"/"False")}."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlp.data.pipeline import DataConfig, EpochBatchSampler
+from vlp.data.sources import BadSamples, DataError, load_image
+from vlp.data.tokenizer import Tokenizer
+from vlp.data.transforms import ImageTransform
+
+
+@dataclass
+class ImagePairStatement:
+    left: Path
+    right: Path
+    sentence: str
+    label: bool
+
+
+def _label(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise DataError(f"{where}: label {value!r} is not true or false")
+
+
+def read_nlvr(path: str | Path, images_dir: str | Path | None = None) -> list[ImagePairStatement]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"NLVR file not found: {path}")
+    root = Path(images_dir) if images_dir else path.parent
+    try:
+        entries = json.loads(path.read_text())
+        out = []
+        for n, e in enumerate(entries):
+            if not str(e["sentence"]).strip():
+                raise DataError(f"{path} entry {n}: empty sentence")
+            left, right = e["images"]
+            out.append(
+                ImagePairStatement(root / left, root / right, e["sentence"], _label(e["label"], f"{path} entry {n}"))
+            )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path} is not an NLVR file (list of images [left, right], sentence, label): {err}") from err
+    return out
+
+
+class NlvrDataset(Dataset):
+    def __init__(self, items: list[ImagePairStatement], transform: ImageTransform, seed: int):
+        self.items, self.transform, self.seed = items, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = item
+        entry = self.items[index]
+        try:
+            left, right = load_image(entry.left), load_image(entry.right)
+        except DataError as err:
+            return {"bad": str(err)}
+        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        return {"left": self.transform(left, rng), "right": self.transform(right, rng), "sentence": entry.sentence,
+                "label": int(entry.label)}  # fmt: skip
+
+
+class NlvrCollate:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        good = [i for i in items if "bad" not in i]
+        bad = [i["bad"] for i in items if "bad" in i]
+        if not good:
+            return {"bad": bad, "size": 0}
+        text, text_mask = self.tokenizer([i["sentence"] for i in good])
+        return {
+            "left": torch.stack([i["left"] for i in good]),
+            "right": torch.stack([i["right"] for i in good]),
+            "text": text,
+            "text_mask": text_mask,
+            "label": torch.tensor([i["label"] for i in good]),
+            "bad": bad,
+            "size": len(good),
+        }
+
+
+def nlvr_batches(
+    cfg: DataConfig,
+    transform: ImageTransform,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Endless training batches of image pairs with statements and labels from `data.train`."""
+    if not cfg.train:
+        raise DataError("NLVR training needs data.train (a JSON list of images, sentence, label)")
+    items = read_nlvr(cfg.train, cfg.images)
+    sampler = EpochBatchSampler(len(items), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                start_step=start_step)  # fmt: skip
+    loader = DataLoader(NlvrDataset(items, transform, seed), batch_sampler=sampler, collate_fn=NlvrCollate(tokenizer),
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                        pin_memory=torch.cuda.is_available())  # fmt: skip
+    bad = BadSamples(max_fraction=cfg.max_bad_fraction)
+    for batch in loader:
+        bad.update(batch["size"], batch.pop("bad"))
+        if batch["size"]:
+            yield batch
+
+
+def nlvr_texts(cfg: DataConfig) -> Iterator[str]:
+    yield from (item.sentence for item in read_nlvr(cfg.train, cfg.images))
