@@ -202,7 +202,10 @@ def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, trained_bl
 
     image = str(next((shapes_world / "images" / "test").iterdir()))
     assert main(["caption", image, "--checkpoint", str(run), "--method", "beam", "--max-new-tokens", "12"]) == 0
-    assert capsys.readouterr().out.startswith(f"{image}: a ")
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{image}: ") and any(
+        s in printed for s in ("circle", "square", "triangle", "star", "cross")
+    )
     # ITM re-ranking runs end to end (at this size it ranks worse than the embeddings: see the README).
     out = tmp_path / "rerank.json"
     assert (
