@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from vlp.data.pipeline import DataConfig, EpochBatchSampler
+from vlp.data.pipeline import DataConfig, counted_good_batches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, load_image
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import ImageTransform
@@ -110,16 +110,17 @@ def nlvr_batches(
     if not cfg.train:
         raise DataError("NLVR training needs data.train (a JSON list of images, sentence, label)")
     items = read_nlvr(cfg.train, cfg.images)
-    sampler = EpochBatchSampler(len(items), batch_size, seed=seed, rank=rank, world_size=world_size,
-                                start_step=start_step)  # fmt: skip
-    loader = DataLoader(NlvrDataset(items, transform, seed), batch_sampler=sampler, collate_fn=NlvrCollate(tokenizer),
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                        pin_memory=torch.cuda.is_available())  # fmt: skip
-    bad = BadSamples(max_fraction=cfg.max_bad_fraction)
-    for batch in loader:
-        bad.update(batch["size"], batch.pop("bad"))
-        if batch["size"]:
-            yield batch
+    batches = map_style_batches(
+        NlvrDataset(items, transform, seed),
+        NlvrCollate(tokenizer),
+        cfg,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=start_step,
+        rank=rank,
+        world_size=world_size,
+    )
+    yield from counted_good_batches(batches, BadSamples(max_fraction=cfg.max_bad_fraction))
 
 
 def nlvr_texts(cfg: DataConfig) -> Iterator[str]:

@@ -185,13 +185,25 @@ def train_batches(
     else:
         items = read_captions(cfg.train, images_dir=cfg.images, image_key=cfg.image_key,
                               caption_key=cfg.caption_key, bad=bad)
-        pairs = flatten_pairs(items)
-        sampler = EpochBatchSampler(len(pairs), batch_size, seed=seed, rank=rank, world_size=world_size,
-                                    start_step=start_step)
-        batches = iter(DataLoader(PairDataset(pairs, transform, seed), batch_sampler=sampler, collate_fn=collate,
-                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                  prefetch_factor=4 if cfg.num_workers > 0 else None,
-                                  pin_memory=torch.cuda.is_available()))
+        batches = map_style_batches(PairDataset(flatten_pairs(items), transform, seed), collate, cfg,
+                                    batch_size=batch_size, seed=seed, start_step=start_step, rank=rank,
+                                    world_size=world_size)
+    yield from counted_good_batches(batches, bad)
+
+
+def map_style_batches(dataset: Dataset, collate: Any, cfg: DataConfig, *, batch_size: int, seed: int,
+                      start_step: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+    """Endless batches of a map-style dataset indexed by (index, epoch), in the resumable seeded order."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                start_step=start_step)
+    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                           persistent_workers=cfg.num_workers > 0,
+                           prefetch_factor=4 if cfg.num_workers > 0 else None,
+                           pin_memory=torch.cuda.is_available()))
+
+
+def counted_good_batches(batches: Iterator[dict[str, Any]], bad: BadSamples) -> Iterator[dict[str, Any]]:
+    """Batches with their `bad` reasons counted (stopping past the allowed share) and empty ones dropped."""
     for batch in batches:
         bad.update(batch["size"], batch.pop("bad"))
         if batch["size"]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from vlp.data.pipeline import DataConfig, EpochBatchSampler
+from vlp.data.pipeline import DataConfig, counted_good_batches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, load_image
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import ImageTransform
@@ -117,7 +117,7 @@ class VqaDataset(Dataset):
         }
 
 
-def _trimmed(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_trimmed(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenised texts cut to the batch's longest (the tokenizer pads to its full context length)."""
     ids, mask = tokenizer(texts)
     length = int(mask.sum(dim=1).max())
@@ -137,9 +137,9 @@ class VqaCollate:
         bad += ["a question without answers" for i in items if "bad" not in i and not i["answers"]]
         if not good:
             return {"bad": bad, "size": 0}
-        question, question_mask = _trimmed(self.tokenizer, [i["question"] for i in good])
+        question, question_mask = tokenize_trimmed(self.tokenizer, [i["question"] for i in good])
         flat = [(row, answer, weight) for row, i in enumerate(good) for answer, weight in i["answers"]]
-        answer, answer_mask = _trimmed(self.tokenizer, [a for _, a, _ in flat])
+        answer, answer_mask = tokenize_trimmed(self.tokenizer, [a for _, a, _ in flat])
         return {
             "image": torch.stack([i["image"] for i in good]),
             "question": question,
@@ -168,22 +168,17 @@ def vqa_batches(
     if not cfg.train or not cfg.annotations:
         raise DataError("VQA training needs data.train (questions file) and data.annotations (answers file)")
     questions = read_vqa(cfg.train, cfg.annotations, images_dir=cfg.images, image_pattern=cfg.image_pattern)
-    sampler = EpochBatchSampler(
-        len(questions), batch_size, seed=seed, rank=rank, world_size=world_size, start_step=start_step
-    )
-    loader = DataLoader(
+    batches = map_style_batches(
         VqaDataset(questions, transform, seed),
-        batch_sampler=sampler,
-        collate_fn=VqaCollate(tokenizer),
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        VqaCollate(tokenizer),
+        cfg,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=start_step,
+        rank=rank,
+        world_size=world_size,
     )
-    bad = BadSamples(max_fraction=cfg.max_bad_fraction)
-    for batch in loader:
-        bad.update(batch["size"], batch.pop("bad"))
-        if batch["size"]:
-            yield batch
+    yield from counted_good_batches(batches, BadSamples(max_fraction=cfg.max_bad_fraction))
 
 
 def vqa_texts(cfg: DataConfig) -> Iterator[str]:

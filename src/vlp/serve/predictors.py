@@ -11,6 +11,7 @@ from PIL import Image
 
 from vlp.checkpoint import Pretrained
 from vlp.data.sources import load_image
+from vlp.data.vqa import tokenize_trimmed
 from vlp.generation import GenerationConfig, generate
 
 ImageInput = Image.Image | str | Path
@@ -215,9 +216,8 @@ class VqaPredictor:
         )
         self.answer_list = list(answer_list)
         if self.answer_list:
-            ids, mask = self.tokenizer(self.answer_list)
-            length = int(mask.sum(dim=1).max())
-            self.candidates, self.candidate_mask = ids[:, :length].to(self.device), mask[:, :length].to(self.device)
+            ids, mask = tokenize_trimmed(self.tokenizer, self.answer_list)
+            self.candidates, self.candidate_mask = ids.to(self.device), mask.to(self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> VqaPredictor:
@@ -235,9 +235,8 @@ class VqaPredictor:
             pixel_batches(images, self.transform, self.batch_size, self.device),
             strict=True,
         ):
-            ids, mask = self.tokenizer(list(questions[start : start + self.batch_size]))
-            length = int(mask.sum(dim=1).max())
-            ids, mask = ids[:, :length].to(self.device), mask[:, :length].to(self.device)
+            ids, mask = tokenize_trimmed(self.tokenizer, list(questions[start : start + self.batch_size]))
+            ids, mask = ids.to(self.device), mask.to(self.device)
             states = self.model.encode_question(pixels, ids, mask)
             if self.method == "rank":
                 answers += self._rank(states, mask)
