@@ -41,6 +41,8 @@ $(INTEROP_STAMP): pyproject.toml
 		print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['test'] if not r.startswith('torch')))" \
 		> $(INTEROP)/requirements.txt
 	$(INTEROP)/bin/pip install --quiet -r $(INTEROP)/requirements.txt
+	# open_clip 3.3's CoCa.generate imports transformers' BeamSearchScorer, which 4.56 stopped exporting.
+	$(INTEROP)/bin/pip install --quiet "transformers>=4.45,<4.56"
 	$(INTEROP)/bin/pip install --quiet --no-deps -e .
 	@touch $(INTEROP_STAMP)
 
@@ -50,6 +52,6 @@ interop: $(INTEROP_STAMP)
 clean:
 	rm -rf runs data $(VENV) $(INTEROP)
 
-# vlp beside open_clip and transformers, all on the interop environment's torch; about 20 minutes on 2 cores.
+# vlp beside open_clip and transformers, all on the interop environment's torch; about 30 minutes on 2 cores.
 bench: $(INTEROP_STAMP)
 	$(INTEROP)/bin/python benchmarks/bench.py

@@ -1,6 +1,6 @@
 """vlp against its peers on this machine, side by side in one run: `make bench`.
 
-    .venv-interop/bin/python benchmarks/bench.py [--sections train,embed,memory] [--quick]
+    .venv-interop/bin/python benchmarks/bench.py [--sections train,embed,memory,coca] [--quick]
 
 Runs in the environment `make interop` builds, where open_clip and transformers import beside vlp, so
 every contender uses the same torch. Prints ratios and writes benchmarks/results.json. Never part of
@@ -92,6 +92,12 @@ def memory_section(quick: bool) -> dict[str, Any]:
     return result
 
 
+def coca_section(data: Path, quick: bool) -> dict[str, Any]:
+    import coca
+
+    return coca.measure(data, quick)
+
+
 def report(results: dict[str, Any]) -> list[str]:
     lines = []
     if "train" in results:
@@ -129,12 +135,27 @@ def report(results: dict[str, Any]) -> list[str]:
         for key, value in m.items():
             if "fraction" in key:
                 lines.append(f"loss memory {key}: {value:.3f}")
+    if "coca" in results:
+        step, gen = results["coca"]["train_step"], results["coca"]["generation"]
+        lines.append(
+            f"coca train step (batch {step['batch_size']}, bf16): pairs/s "
+            + ", ".join(
+                f"{k} {v:.1f} ({step['speedup_over_blip'][k]:.2f}x blip)" for k, v in step["pairs_per_s"].items()
+            )
+        )
+        lines.append(
+            f"coca generation ({gen['images']} images x {gen['new_tokens']} tokens): tokens/s "
+            + ", ".join(f"{k} {v:.1f}" for k, v in gen["tokens_per_s"].items())
+            + "; vlp / open_clip "
+            + ", ".join(f"{m} {v:.2f}x" for m, v in gen["vlp_over_open_clip"].items())
+            + f"; greedy tokens equal: {gen['greedy_tokens_equal']}"
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="train,embed,memory")
+    parser.add_argument("--sections", default="train,embed,memory,coca")
     parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks the harness runs")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -166,6 +187,8 @@ def main() -> None:
         results["embed"] = embed_section(args.data, args.quick, device)
     if "memory" in sections:
         results["memory"] = memory_section(args.quick)
+    if "coca" in sections and device.type == "cpu":
+        results["coca"] = coca_section(args.data, args.quick)
     for line in report(results):
         print(line)
     if args.out:

@@ -87,6 +87,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     if args.task == "zeroshot":
         result = evaluate_zeroshot(_predictor(args), args.data, args.classnames, args.templates)
+    elif args.task == "probe":
+        from vlp.evals.probe import ProbeConfig
+        from vlp.evals.runner import evaluate_probe
+
+        cfg = ProbeConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, heads=args.heads)
+        result = evaluate_probe(_predictor(args), args.data, args.classnames, test=args.test,
+                                test_fraction=args.test_fraction, cfg=cfg)
     elif args.task == "captioning":
         from vlp.evals.captioning import evaluate_captioning
 
@@ -209,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--data", required=True, help="ImageFolder directory or CSV with filepath,label")
     zs.add_argument("--classnames", required=True)
     zs.add_argument("--templates", required=True)
+    pr = ev.add_parser("probe", help="linear and attentional probes trained on frozen image features")
+    pr.add_argument("--data", required=True, help="training images: ImageFolder directory or CSV with filepath,label")
+    pr.add_argument("--classnames", required=True)
+    pr.add_argument("--test", help="test images (default: a seeded --test-fraction of --data)")
+    pr.add_argument("--test-fraction", type=float, default=0.3)
+    pr.add_argument("--steps", type=int, default=500, help="optimiser steps of each probe")
+    pr.add_argument("--lr", type=float, default=3e-3)
+    pr.add_argument("--weight-decay", type=float, default=1e-4)
+    pr.add_argument("--heads", type=int, default=4, help="heads of the attentional probe's pooler")
     rt = ev.add_parser("retrieval", help="image-text retrieval")
     rt.add_argument("--data", required=True, help="COCO captions JSON or CSV (several captions per image)")
     rt.add_argument("--images")
@@ -258,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--k", type=int, default=128, help="candidates re-scored in full by --method rank")
     cap.add_argument("--out", help="write results JSON here")
     cap.set_defaults(func=_cmd_eval)
-    for p in (zs, rt):
+    for p in (zs, rt, pr):
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--out", help="write results JSON here")
         p.set_defaults(func=_cmd_eval)
@@ -278,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--templates", help="templates file, one per line with {}")
     cl.set_defaults(func=_cmd_classify)
 
-    for p in (zs, rt, em, cl):
+    for p in (zs, rt, pr, em, cl):
         p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: autocast the towers, about 2x faster where bf16 matmuls are")
 

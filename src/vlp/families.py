@@ -17,6 +17,7 @@ from vlp.data.pipeline import train_batches, training_captions
 from vlp.data.vqa import vqa_batches, vqa_texts
 from vlp.models.blip import Blip, BlipConfig, BlipNlvr, BlipNlvrConfig, BlipVqa, BlipVqaConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.models.coca import Coca, CocaConfig
 from vlp.objectives.blip import (
     BlipObjective,
     BlipObjectiveConfig,
@@ -25,6 +26,7 @@ from vlp.objectives.blip import (
     VqaObjective,
     VqaObjectiveConfig,
 )
+from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 
 
@@ -44,6 +46,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "clip": Family("clip", DualEncoderConfig, DualEncoder, ContrastiveObjectiveConfig, ContrastiveObjective),
     "blip": Family("blip", BlipConfig, Blip, BlipObjectiveConfig, BlipObjective),
+    "coca": Family("coca", CocaConfig, Coca, CocaObjectiveConfig, CocaObjective),
     "blip_vqa": Family("blip_vqa", BlipVqaConfig, BlipVqa, VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts),
     "blip_nlvr": Family(
         "blip_nlvr", BlipNlvrConfig, BlipNlvr, NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts

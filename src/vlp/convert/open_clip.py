@@ -4,8 +4,9 @@ Accepted forms: a folder with `open_clip_config.json` ({"model_cfg", "preprocess
 `open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, as open_clip's `save_for_hf` writes it;
 or any state-dict file with the model config JSON given beside it (e.g. `ViT-B-32-quickgelu.json`).
 Built-in ViT image towers, timm's SigLIP ViTs (`vit_{base,large,so400m}_patch*_siglip_*` with a MAP
-head, as open_clip's `ViT-*-SigLIP` configs use) and the built-in text transformer are supported; other
-timm and Hugging Face towers, ResNets, LayerScale and attentional pooling are refused by name.
+head, as open_clip's `ViT-*-SigLIP` configs use) and the built-in text transformer are supported, and
+CoCa (`coca_ViT-*`, a config with `multimodal_cfg`) as vlp's `coca` family; other timm and Hugging Face
+towers, ResNets and LayerScale are refused by name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
 from vlp.families import FAMILIES
 from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.models.coca import Coca, CocaConfig
 from vlp.towers import TextConfig, VisionConfig
 
 CONFIG_FILE = "open_clip_config.json"
@@ -149,9 +152,25 @@ def _builtin_vision(model_cfg: dict[str, Any], vision: dict[str, Any]) -> Vision
     )
 
 
+def _builtin_text(model_cfg: dict[str, Any], text: dict[str, Any], **extra: Any) -> TextConfig:
+    return TextConfig(
+        vocab_size=text.get("vocab_size", 49408),
+        context_length=text.get("context_length", 77),
+        width=text.get("width", 512),
+        layers=text.get("layers", 12),
+        heads=text.get("heads", 8),
+        mlp_ratio=text.get("mlp_ratio", 4.0),
+        act=_activation(model_cfg, text, "text_cfg"),
+        norm_eps=_eps(text, "text_cfg"),
+        **extra,
+    )
+
+
 def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
     if "multimodal_cfg" in model_cfg:
-        raise ConversionError("open_clip CoCa configs (multimodal_cfg) are not dual encoders")
+        raise ConversionError(
+            "open_clip CoCa configs (multimodal_cfg) are not dual encoders: see coca_config_from_open_clip"
+        )
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     timm = vision.get("timm_model_name") is not None
     _check_defaults(vision, _VISION_DEFAULTS, "vision_cfg")
@@ -161,15 +180,9 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
     if pool not in _POOL:
         raise ConversionError(f"open_clip text_cfg.pool_type '{pool}' is not supported ({', '.join(_POOL)})")
     causal = not text.get("no_causal_mask", False)
-    text_cfg = TextConfig(
-        vocab_size=text.get("vocab_size", 49408),
-        context_length=text.get("context_length", 77),
-        width=text.get("width", 512),
-        layers=text.get("layers", 12),
-        heads=text.get("heads", 8),
-        mlp_ratio=text.get("mlp_ratio", 4.0),
-        act=_activation(model_cfg, text, "text_cfg"),
-        norm_eps=_eps(text, "text_cfg"),
+    text_cfg = _builtin_text(
+        model_cfg,
+        text,
         causal=causal,
         mask_padding=bool(text.get("use_pad_mask")) and not causal,
         pool=_POOL[pool],
@@ -187,10 +200,14 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
     )
 
 
-def _block_rules(layers: int) -> list[Rule]:
+def _block_rules(
+    layers: int, ours_prefix: str = "blocks", theirs_prefix: str = "transformer.resblocks", cross: bool = False
+) -> list[Rule]:
+    """open_clip's residual attention blocks (packed q/k/v, `c_fc`/`c_proj` MLP) <-> TransformerBlocks,
+    or with `cross` its cross-attention blocks (`ln_1_kv` on the context) <-> CrossAttentionBlocks."""
     rules = []
     for i in range(layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.resblocks.{i}."
+        ours, theirs = f"{ours_prefix}.{i}.", f"{theirs_prefix}.{i}."
         pairs = [
             ("norm1", "ln_1"),
             ("attn.out_proj", "attn.out_proj"),
@@ -198,10 +215,13 @@ def _block_rules(layers: int) -> list[Rule]:
             ("mlp.fc1", "mlp.c_fc"),
             ("mlp.fc2", "mlp.c_proj"),
         ]
+        if cross:
+            pairs.append(("norm_context", "ln_1_kv"))
         rules += [rule(f"{ours}{a}.{p}", f"{theirs}{b}.{p}") for a, b in pairs for p in ("weight", "bias")]
+        projections = ("q_proj", "kv_proj") if cross else ("qkv_proj",)
         rules += [
-            rule(ours + "attn.qkv_proj.weight", theirs + "attn.in_proj_weight"),
-            rule(ours + "attn.qkv_proj.bias", theirs + "attn.in_proj_bias"),
+            rule(tuple(f"{ours}attn.{name}.{p}" for name in projections), f"{theirs}attn.in_proj_{p}")
+            for p in ("weight", "bias")
         ]
     return rules
 
@@ -232,25 +252,32 @@ def _timm_vision_rules(layers: int) -> list[Rule]:
     return prefixed(rules, "", "trunk.")
 
 
+def _builtin_vision_rules(vision: VisionConfig) -> list[Rule]:
+    """open_clip's built-in ViT up to its last block (ln_post is the model's to place)."""
+    rules = [
+        rule("patch_embed.proj.weight", "conv1.weight"),
+        rule("class_embedding", "class_embedding"),
+        rule("pos_embed", "positional_embedding"),
+        *_block_rules(vision.layers),
+    ]
+    return rules + (weight_and_bias("ln_pre", "ln_pre") if vision.ln_pre else [])
+
+
+def _text_rules(text: TextConfig) -> list[Rule]:
+    return [
+        rule("token_embedding.weight", "token_embedding.weight"),
+        rule("pos_embed", "positional_embedding"),
+        *_block_rules(text.layers),
+        *weight_and_bias("ln_final", "ln_final"),
+    ]
+
+
 def open_clip_rules(cfg: DualEncoderConfig, custom_text: bool) -> list[Rule]:
     if cfg.vision.pool == "map":  # timm's SigLIP tower; no projection after it
         vision = _timm_vision_rules(cfg.vision.layers)
     else:
-        vision = [
-            rule("patch_embed.proj.weight", "conv1.weight"),
-            rule("class_embedding", "class_embedding"),
-            rule("pos_embed", "positional_embedding"),
-            *_block_rules(cfg.vision.layers),
-            *weight_and_bias("ln_post", "ln_post"),
-        ]
-        if cfg.vision.ln_pre:
-            vision += weight_and_bias("ln_pre", "ln_pre")
-    text = [
-        rule("token_embedding.weight", "token_embedding.weight"),
-        rule("pos_embed", "positional_embedding"),
-        *_block_rules(cfg.text.layers),
-        *weight_and_bias("ln_final", "ln_final"),
-    ]
+        vision = [*_builtin_vision_rules(cfg.vision), *weight_and_bias("ln_post", "ln_post")]
+    text = _text_rules(cfg.text)
     text_prefix = "text." if custom_text else ""
     rules = prefixed(vision, "visual.", "visual.") + prefixed(text, "text.", text_prefix)
     if cfg.vision_projection:
@@ -260,6 +287,100 @@ def open_clip_rules(cfg: DualEncoderConfig, custom_text: bool) -> list[Rule]:
     else:  # a [width, embed] matrix used as x @ proj
         rules.append(rule("text_projection.weight", text_prefix + "text_projection", "transpose"))
     rules.append(rule("logit_scale", "logit_scale"))
+    if cfg.init_logit_bias is not None:
+        rules.append(rule("logit_bias", "logit_bias"))
+    return rules
+
+
+def _coca_dims(cfg: CocaConfig) -> None:
+    """open_clip's CoCa decoder reads the text states and the pooled image tokens at one width."""
+    if not cfg.text.width == cfg.embed_dim:
+        raise ConversionError(
+            f"open_clip's CoCa needs text.width ({cfg.text.width}) == embed_dim ({cfg.embed_dim}): its "
+            "multimodal decoder reads text states and image tokens at one width"
+        )
+
+
+def coca_config_from_open_clip(model_cfg: dict[str, Any]) -> CocaConfig:
+    """open_clip's CoCa (`coca_ViT-*`): one 256-query attentional pooler whose query 0 is the contrastive
+    embedding, the legacy CLS mask of its released weights. Start and end ids are CLIP BPE's until the
+    tokenizer is known."""
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    multimodal = model_cfg["multimodal_cfg"]
+    if vision.get("timm_model_name") or text.get("hf_model_name"):
+        raise ConversionError("open_clip CoCa with a timm or Hugging Face tower is not supported")
+    if vision.get("attentional_pool") is not True:
+        raise ConversionError(
+            f"open_clip CoCa vision_cfg.attentional_pool = {vision.get('attentional_pool')!r}: vlp reads the "
+            "single attentional pooler (true); the 'parallel' and 'cascade' variants are open_clip's unreleased WIP"
+        )
+    _check_defaults(vision, {**_VISION_DEFAULTS, "attentional_pool": True, "pool_type": "tok"}, "vision_cfg")
+    _check_defaults(
+        text,
+        {
+            **_TEXT_DEFAULTS,
+            "embed_cls": True,
+            "no_causal_mask": False,
+            "proj_bias": False,
+            "norm_kwargs": None,
+            "act_kwargs": None,
+        },
+        "text_cfg",
+    )
+    _check_defaults(multimodal, {"ls_init_value": None}, "multimodal_cfg")
+    # The decoder is built with MLP ratio 4 and the default LayerNorm whatever its config says; vlp's
+    # multimodal half shares the text's.
+    if text.get("mlp_ratio", 4.0) != 4.0:
+        raise ConversionError("open_clip CoCa text_cfg.mlp_ratio must be 4 (its decoder's fixed ratio)")
+    cfg = CocaConfig(
+        embed_dim=model_cfg["embed_dim"],
+        vision=replace(_builtin_vision(model_cfg, vision), ln_post=False),
+        text=_builtin_text(model_cfg, text),
+        multimodal_layers=multimodal.get("layers", 12),
+        multimodal_heads=multimodal.get("heads", 8),
+        pooler="shared",
+        caption_queries=vision.get("attn_pooler_queries", 256),
+        pooler_heads=vision.get("attn_pooler_heads", 8),
+        cls_mask="legacy",
+        init_logit_bias=model_cfg.get("init_logit_bias"),
+        pad_token_id=text.get("pad_id", 0),
+    )
+    _coca_dims(cfg)
+    if multimodal.get("width", 512) != cfg.text.width:
+        raise ConversionError(f"open_clip CoCa multimodal_cfg.width {multimodal.get('width', 512)} != text_cfg.width")
+    return cfg
+
+
+def coca_rules(cfg: CocaConfig) -> list[Rule]:
+    if not isinstance(cfg.vision, VisionConfig) or cfg.pooler != "shared":
+        raise ConversionError("open_clip's CoCa layout needs a ViT image tower and pooler: shared")
+    pool = "visual.attn_pool.attn."
+    if cfg.vision.width == cfg.embed_dim:  # torch's MultiheadAttention packs q/k/v when the widths agree
+        pool_qkv = [rule(("pooler.attn.q_proj.weight", "pooler.attn.kv_proj.weight"), pool + "in_proj_weight")]
+    else:
+        pool_qkv = [
+            rule("pooler.attn.q_proj.weight", pool + "q_proj_weight"),
+            rule("pooler.attn.kv_proj.weight", (pool + "k_proj_weight", pool + "v_proj_weight")),
+        ]
+    rules = [
+        *prefixed(_builtin_vision_rules(cfg.vision), "visual.", "visual."),
+        rule("pooler.query", "visual.attn_pool.query"),
+        *weight_and_bias("pooler.norm_query", "visual.attn_pool.ln_q"),
+        *weight_and_bias("pooler.norm_context", "visual.attn_pool.ln_k"),
+        *pool_qkv,
+        rule(("pooler.attn.q_proj.bias", "pooler.attn.kv_proj.bias"), pool + "in_proj_bias"),
+        *weight_and_bias("pooler.attn.out_proj", pool + "out_proj"),
+        *weight_and_bias("ln_post", "visual.ln_post"),
+        rule("image_projection.weight", "visual.proj", "transpose"),
+        *prefixed(_text_rules(cfg.text), "text.", "text."),
+        rule("text.cls_embedding", "text.cls_emb"),
+        rule("text_projection.weight", "text.text_projection", "transpose"),
+        *_block_rules(cfg.multimodal_layers, "decoder.self_blocks", "text_decoder.resblocks"),
+        *_block_rules(cfg.multimodal_layers, "decoder.cross_blocks", "text_decoder.cross_attn", cross=True),
+        *weight_and_bias("decoder.ln_final", "text_decoder.ln_final"),
+        rule("decoder.lm_head.weight", "text_decoder.text_projection", "transpose"),
+        rule("logit_scale", "logit_scale"),
+    ]
     if cfg.init_logit_bias is not None:
         rules.append(rule("logit_bias", "logit_bias"))
     return rules
@@ -337,14 +458,23 @@ def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: s
             )
         folder, config_path, weights = path.parent, Path(config), path
     model_cfg, preprocess = _read_model_cfg(config_path)
-    cfg = config_from_open_clip(model_cfg)
-    model = DualEncoder(cfg)
+    if "multimodal_cfg" in model_cfg:
+        cfg, family = coca_config_from_open_clip(model_cfg), FAMILIES["coca"]
+    else:
+        cfg, family = config_from_open_clip(model_cfg), FAMILIES["clip"]
     state = read_state_dict(weights)
-    rules = open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
+    text_tokenizer = _tokenizer(model_cfg, folder, tokenizer)
+    if isinstance(cfg, CocaConfig):
+        # Generation starts from the tokenizer's start token and stops at its end token.
+        ids, mask = text_tokenizer("")
+        cfg = replace(cfg, bos_token_id=int(ids[0, 0]), eos_token_id=int(ids[0, int(mask[0].sum()) - 1]))
+        model, rules = Coca(cfg), coca_rules(cfg)
+    else:
+        model, rules = DualEncoder(cfg), open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
     model.load_state_dict(to_vlp(state, rules, model.state_dict(), source=str(weights), ignore=IGNORED_KEYS))
     model.eval()
     image_config = image_config_from_open_clip(preprocess, cfg.vision.image_size)
-    return Pretrained(FAMILIES["clip"], cfg, model, image_config, _tokenizer(model_cfg, folder, tokenizer), path)
+    return Pretrained(family, cfg, model, image_config, text_tokenizer, path)
 
 
 def _norm_kwargs(eps: float) -> dict[str, Any]:
@@ -375,6 +505,35 @@ def _timm_siglip_config(cfg: DualEncoderConfig) -> dict[str, Any]:
     }
 
 
+def _builtin_vision_config(v: VisionConfig) -> dict[str, Any]:
+    return dict(
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        width=v.width,
+        layers=v.layers,
+        head_width=v.width // v.heads,
+        mlp_ratio=v.mlp_ratio,
+        no_ln_pre=not v.ln_pre,
+        pool_type="tok" if v.pool == "cls" else "avg",
+        **_norm_kwargs(v.norm_eps),
+        **_act_kwargs(v.act),
+    )
+
+
+def _text_config(t: TextConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    return dict(
+        context_length=t.context_length,
+        vocab_size=t.vocab_size,
+        width=t.width,
+        heads=t.heads,
+        layers=t.layers,
+        mlp_ratio=t.mlp_ratio,
+        pad_id=tokenizer.pad_id,
+        **_norm_kwargs(t.norm_eps),
+        **_act_kwargs(t.act),
+    )
+
+
 def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     v, t = cfg.vision, cfg.text
     if not isinstance(v, VisionConfig):
@@ -392,32 +551,13 @@ def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> d
             wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip uses one activation)")
         if wrong:
             raise ConversionError("the model has no open_clip built-in layout: " + ", ".join(wrong))
-        vision = dict(
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-            width=v.width,
-            layers=v.layers,
-            head_width=v.width // v.heads,
-            mlp_ratio=v.mlp_ratio,
-            no_ln_pre=not v.ln_pre,
-            pool_type="tok" if v.pool == "cls" else "avg",
-            **_norm_kwargs(v.norm_eps),
-            **_act_kwargs(v.act),
-        )
+        vision = _builtin_vision_config(v)
     pool = {"argmax": "argmax", "eot": "eos", "last": "last", "first": "first"}[t.pool]
     text = dict(
-        context_length=t.context_length,
-        vocab_size=t.vocab_size,
-        width=t.width,
-        heads=t.heads,
-        layers=t.layers,
-        mlp_ratio=t.mlp_ratio,
+        **_text_config(t, tokenizer),
         no_causal_mask=not t.causal,
         pool_type=pool,
         proj_bias=cfg.text_projection_bias,
-        pad_id=tokenizer.pad_id,
-        **_norm_kwargs(t.norm_eps),
-        **_act_kwargs(t.act),
     )
     if t.pool == "eot":
         text["eos_id"] = t.eot_token_id if t.eot_token_id is not None else end_of_text_id(tokenizer)
@@ -433,13 +573,67 @@ def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> d
     return config
 
 
+def coca_config_to_open_clip(cfg: CocaConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """A vlp CoCa as open_clip builds it, when it has open_clip's layout."""
+    v, t = cfg.vision, cfg.text
+    if not isinstance(v, VisionConfig):
+        raise ConversionError(f"the image tower is a {v.kind}; only ViT towers have an open_clip equivalent")
+    needs = {
+        "pooler": (cfg.pooler, "shared"),
+        # open_clip 3.3's configs cannot ask for the corrected mask: its towers always use the legacy one.
+        "cls_mask": (cfg.cls_mask, "legacy"),
+        "vision.class_token": (v.class_token, True),
+        "vision.patch_bias": (v.patch_bias, False),
+        "vision.ln_post": (v.ln_post, False),
+        "text.mlp_ratio": (t.mlp_ratio, 4.0),
+        "text.norm_eps": (t.norm_eps, 1e-5),
+    }
+    wrong = [f"{k}={a} (needs {b})" for k, (a, b) in needs.items() if a != b]
+    if v.act != t.act or t.act == "gelu_tanh":
+        wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip's CoCa uses one: gelu or quick_gelu)")
+    if wrong:
+        raise ConversionError("the model has no open_clip CoCa layout: " + ", ".join(wrong))
+    _coca_dims(cfg)
+    vision = {
+        **_builtin_vision_config(v),
+        "pool_type": "tok",
+        "attentional_pool": True,
+        "attn_pooler_queries": cfg.caption_queries,
+        "attn_pooler_heads": cfg.pooler_heads,
+        "output_tokens": True,
+    }
+    text = {**_text_config(t, tokenizer), "embed_cls": True, "output_tokens": True}
+    multimodal = {
+        "context_length": t.context_length,
+        "vocab_size": t.vocab_size,
+        "width": t.width,
+        "heads": cfg.multimodal_heads or t.heads,
+        "layers": cfg.multimodal_layers,
+    }
+    config: dict[str, Any] = {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": vision,
+        "text_cfg": text,
+        "multimodal_cfg": multimodal,
+        "custom_text": True,
+    }
+    if t.act == "quick_gelu":
+        config["quick_gelu"] = True
+    if cfg.init_logit_bias is not None:
+        config["init_logit_bias"] = cfg.init_logit_bias
+    return config
+
+
 def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
     """Write open_clip's `save_for_hf` layout: open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
-    cfg = pretrained.config
-    if not isinstance(cfg, DualEncoderConfig):
+    cfg, tokenizer = pretrained.config, pretrained.tokenizer
+    if isinstance(cfg, DualEncoderConfig):
+        model_cfg = open_clip_config_from_vlp(cfg, tokenizer)
+        rules = open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
+    elif isinstance(cfg, CocaConfig):
+        model_cfg, rules = coca_config_to_open_clip(cfg, tokenizer), coca_rules(cfg)
+    else:
         raise ConversionError(f"family '{pretrained.family.name}' has no open_clip export yet")
-    tokenizer = pretrained.tokenizer
-    model_cfg = open_clip_config_from_vlp(cfg, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     # open_clip's own CLIP BPE needs no files; any other tokenizer travels as a Hugging Face tokenizer folder.
     if not _is_open_clip_bpe(tokenizer):
@@ -447,9 +641,7 @@ def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
         model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
         clean = tokenizer.clean if tokenizer.clean in ("whitespace", "lower", "canonicalize") else "whitespace"
         model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
-    state = from_vlp(
-        pretrained.model.state_dict(), open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
-    )
+    state = from_vlp(pretrained.model.state_dict(), rules)
     save_file(state, str(out / WEIGHTS_FILES[0]), metadata={"format": "pt"})
     image = pretrained.image_config
     preprocess = {

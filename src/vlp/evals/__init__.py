@@ -1,6 +1,6 @@
 """Evaluation tasks. Each receives predict functions and returns named metrics."""
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

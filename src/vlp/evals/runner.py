@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vlp.data.sources import read_captions
+from vlp.evals.probe import ProbeConfig, frozen_feature_probes, split_train_test
 from vlp.evals.retrieval import reranked_retrieval, zeroshot_retrieval
 from vlp.evals.zeroshot import read_classification_data, read_lines, zeroshot_classification
 
@@ -40,6 +41,40 @@ def evaluate_retrieval(
         "dataset": str(data),
         "metrics": reranked,
         "embedding_metrics": metrics,
+    }
+
+
+def evaluate_probe(
+    predictor: Any,
+    data: str | Path,
+    classnames: str | Path,
+    *,
+    test: str | Path | None = None,
+    test_fraction: float = 0.3,
+    cfg: ProbeConfig | None = None,
+) -> dict:
+    """Linear and attentional probes on frozen image features: trained on `data`, scored on `test`, or
+    on a seeded `test_fraction` of `data` when no test set is given."""
+    names = read_lines(classnames)
+    paths, labels = read_classification_data(data, names)
+    if test is None:
+        train_paths, train_labels, test_paths, test_labels = split_train_test(paths, labels, test_fraction)
+    else:
+        (train_paths, train_labels), (test_paths, test_labels) = (paths, labels), read_classification_data(test, names)
+    metrics = frozen_feature_probes(
+        predictor.embed_images,
+        predictor.embed_image_tokens,
+        (train_paths, train_labels),
+        (test_paths, test_labels),
+        len(names),
+        cfg,
+    )
+    return {
+        "task": "frozen_feature_probe",
+        "dataset": str(data),
+        "metrics": metrics,
+        "train_images": len(train_paths),
+        "test_images": len(test_paths),
     }
 
 

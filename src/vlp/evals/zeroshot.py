@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from vlp.evals import EmbedFn
-
 from vlp.data.sources import IMAGE_EXTENSIONS, DataError
+from vlp.evals import EmbedFn
 
 
 def read_lines(path: str | Path) -> list[str]:

@@ -17,6 +17,15 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
+def incremental_causal_mask(key_mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The mask of `new` positions decoded after cached ones: key_mask [B, past + new] (1 = real token)
+    -> [B, 1, new, past + new], new row i (position past + i) seeing real keys up to itself."""
+    length = key_mask.shape[1]
+    positions = torch.arange(length - new, length, device=key_mask.device)
+    causal = torch.arange(length, device=key_mask.device)[None, :] <= positions[:, None]  # [new, past + new]
+    return padding_mask(key_mask) & causal
+
+
 class Attention(nn.Module):
     """Self-attention with one fused q/k/v projection, or cross-attention to a context of `context_dim`.
 

@@ -1,4 +1,4 @@
-"""The pre-norm transformer block: self-attention, optional cross-attention, MLP."""
+"""Pre-norm transformer blocks: self-attention (optional cross-attention) + MLP, and cross-attention + MLP."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from torch import nn
 
 from vlp.layers.attention import Attention
 from vlp.layers.mlp import Activation, Mlp
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 class TransformerBlock(nn.Module):
@@ -43,4 +45,48 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, attn_mask=context_mask)
+        return x + self.mlp(self.norm2(x))
+
+    def decode(self, x: torch.Tensor, past: KeyValue | None, attn_mask: torch.Tensor) -> tuple[torch.Tensor, KeyValue]:
+        """Incremental decoding of the newest positions x [B, t, D] of a self-attention block: returns them
+        and the extended key/value cache."""
+        if self.cross_attn is not None:
+            raise ValueError("decode runs self-attention blocks; pair them with CrossAttentionBlocks for a context")
+        out, present = self.attn.cached(self.norm1(x), past, attn_mask=attn_mask)
+        x = x + out
+        return x + self.mlp(self.norm2(x)), present
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries from x attend to a normalised context, then an MLP of its own: the multimodal half of
+    open_clip's CoCa decoder pairs one of these with each causal self-attention block."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        context_dim: int,
+        mlp_ratio: float = 4.0,
+        act: Activation = "gelu",
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_context = nn.LayerNorm(context_dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, context_dim=context_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act=act)
+
+    def context_kv(self, context: torch.Tensor) -> KeyValue:
+        """Keys and values [B, H, M, Dh] of a context [B, M, Dc]; computed once per image in generation."""
+        return self.attn.context_kv(self.norm_context(context))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, context_kv: KeyValue | None = None
+    ) -> torch.Tensor:
+        """x [B, N, D] attends to context [B, M, Dc], or to its keys and values from `context_kv`."""
+        if context_kv is None:
+            context_kv = self.context_kv(context)
+        x = x + self.attn.cached(self.norm1(x), None, context_kv=context_kv)[0]
         return x + self.mlp(self.norm2(x))

@@ -30,7 +30,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix:
     Prefix rows (the class token) are kept as they are; the patch rows are treated as a square image.
     """
     prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
-    old = int(math.isqrt(patches.shape[0]))
+    old = math.isqrt(patches.shape[0])
     if old * old != patches.shape[0]:
         raise ValueError(f"position table of {patches.shape[0]} patch rows is not a square grid")
     if (old, old) == tuple(grid):

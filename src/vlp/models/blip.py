@@ -24,11 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.layers import Activation, Attention, Mlp, causal_mask, make_activation, padding_mask
+from vlp.layers import (
+    Activation,
+    Attention,
+    KeyValue,
+    Mlp,
+    causal_mask,
+    incremental_causal_mask,
+    make_activation,
+    padding_mask,
+)
 from vlp.towers import ImageTowerConfig, VisionConfig, build_image_tower
 
 TextMode = Literal["text", "multimodal", "decoder"]
-KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -202,12 +210,8 @@ class MedTextTransformer(nn.Module):
         """Decoder states [B, t, D] of the newest `t` tokens given the cached earlier ones.
         key_mask [B, past + t]: 1 where a position (earlier or new) is a real token."""
         past = 0 if cache is None else cache[0][0].shape[2]
-        length = past + ids.shape[1]
         x = self._embed(ids, past)
-        positions = torch.arange(past, length, device=ids.device)
-        # New row i (position past + i) sees keys up to itself.
-        causal = torch.arange(length, device=ids.device)[None, :] <= positions[:, None]  # [t, past + t]
-        mask = padding_mask(key_mask) & causal
+        mask = incremental_causal_mask(key_mask, ids.shape[1])
         cross_mask = None if context_mask is None else padding_mask(context_mask)
         present = []
         for index, layer in enumerate(self.layers):

@@ -64,13 +64,22 @@ class DualEncoderPredictor:
         return cls(load_pretrained(path), **kwargs)
 
     @torch.inference_mode()
-    def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Images (PIL or paths) -> [N, E]."""
+    def _per_image_batch(
+        self, images: Sequence[ImageInput], encode: Callable[[torch.Tensor], torch.Tensor], empty: tuple[int, ...]
+    ) -> torch.Tensor:
         out = []
         for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
             with self.autocast:
-                out.append(self.model.encode_image(pixels).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, 0)
+                out.append(encode(pixels).float().cpu())
+        return torch.cat(out) if out else torch.empty(empty)
+
+    def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images (PIL or paths) -> [N, E]."""
+        return self._per_image_batch(images, self.model.encode_image, (0, 0))
+
+    def embed_image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes)."""
+        return self._per_image_batch(images, self.model.visual.forward_features, (0, 0, 0))
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:

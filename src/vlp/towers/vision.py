@@ -26,6 +26,7 @@ class VisionConfig:
     class_token: bool = True
     patch_bias: bool = False  # CLIP's patch conv has no bias, SigLIP's has one
     ln_pre: bool = True  # CLIP normalises tokens before the blocks, SigLIP does not
+    ln_post: bool = True  # open_clip's CoCa normalises after its attentional pooler instead
     pool: Literal["cls", "mean", "map"] = "cls"
     grad_checkpointing: bool = False
 
@@ -51,7 +52,7 @@ class VisionTransformer(nn.Module):
             TransformerBlock(width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps)
             for _ in range(cfg.layers)
         )
-        self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.ln_post else nn.Identity()
         self.pool = (
             AttentionPool(width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps)
             if cfg.pool == "map" else None
