@@ -50,7 +50,9 @@ def clean_text(text: str, mode: TextClean) -> str:
         return " ".join(text.split())
     if mode == "canonicalize_hf":
         return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
-    raise ValueError(f"unknown text cleaning '{mode}'; expected none, whitespace, lower, canonicalize or canonicalize_hf")
+    raise ValueError(
+        f"unknown text cleaning '{mode}'; expected none, whitespace, lower, canonicalize or canonicalize_hf"
+    )
 
 
 @dataclass
@@ -128,32 +130,65 @@ def _special_tokens(cfg: TokenizerConfig) -> list[str]:
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """Train a byte-level BPE or a WordPiece tokenizer on `texts` and fix it to the context length."""
-    specials = _special_tokens(cfg)
+    cleaned = (clean_text(t, cfg.clean) for t in texts)
+    if cfg.kind != "bpe":
+        return configure_tokenizer(_train_wordpiece(list(cleaned), cfg), cfg)
     norm = [normalizers.NFC()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
-    if cfg.kind == "bpe":
-        backend = BackendTokenizer(models.BPE())
-        backend.normalizer = normalizers.Sequence(norm)
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        )
-    else:
-        backend = BackendTokenizer(models.WordPiece(unk_token=cfg.unk_token))
-        backend.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece()
-        # Every ASCII letter, digit and punctuation mark is a token, as in BERT's vocabulary, so a
-        # fine-tuning task whose texts hold characters the pre-training captions lacked (VQA's "2")
-        # does not see them as [UNK].
-        alphabet = string.ascii_lowercase + string.digits + string.punctuation
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=specials, show_progress=False,
-            initial_alphabet=list(alphabet if cfg.lowercase else alphabet + string.ascii_uppercase),
-        )
-    backend.train_from_iterator((clean_text(t, cfg.clean) for t in texts), trainer=trainer)
+    backend = BackendTokenizer(models.BPE())
+    backend.normalizer = normalizers.Sequence(norm)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=_special_tokens(cfg),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(cleaned, trainer=trainer)
     return configure_tokenizer(backend, cfg)
+
+
+def _wordpiece_backend(vocab: dict[str, int] | None, cfg: TokenizerConfig) -> BackendTokenizer:
+    model = models.WordPiece(vocab, unk_token=cfg.unk_token) if vocab else models.WordPiece(unk_token=cfg.unk_token)
+    backend = BackendTokenizer(model)
+    backend.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    return backend
+
+
+def _train_wordpiece(texts: list[str], cfg: TokenizerConfig) -> BackendTokenizer:
+    """WordPiece training that gives the same vocabulary in every process.
+
+    The trainer numbers the "##c" piece of each character met inside a word in hash-map order, which
+    changes between processes, and breaks ties between equally frequent merges by those numbers
+    (tokenizers #1794): the vocabulary, and so a whole training run, was not reproducible. Here those
+    pieces are handed to the trainer first, in sorted order, then kept as ordinary vocabulary entries.
+    """
+    backend = _wordpiece_backend(None, cfg)
+    inside_word: set[str] = set()
+    for start in range(0, len(texts), 4096):  # pre-tokenized in chunks: one call per text would be slow
+        chunk = backend.normalizer.normalize_str("\n".join(texts[start : start + 4096]))
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(chunk):
+            inside_word.update(word[1:])
+    specials = _special_tokens(cfg)
+    pieces = [f"##{c}" for c in sorted(inside_word)]
+    # Every ASCII letter, digit and punctuation mark is a token, as in BERT's vocabulary, so a
+    # fine-tuning task whose texts hold characters the pre-training captions lacked (VQA's "2")
+    # does not see them as [UNK].
+    alphabet = string.ascii_lowercase + string.digits + string.punctuation
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=specials + pieces,
+        show_progress=False,
+        initial_alphabet=list(alphabet if cfg.lowercase else alphabet + string.ascii_uppercase),
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    # Rebuilt from the vocabulary alone: the trainer also registered the pieces as special tokens, which
+    # would split them out of raw text and drop them from decoded captions.
+    trained = _wordpiece_backend(backend.get_vocab(with_added_tokens=False), cfg)
+    trained.add_special_tokens(specials)
+    return trained
 
 
 def configure_tokenizer(backend: BackendTokenizer, cfg: TokenizerConfig) -> Tokenizer:
