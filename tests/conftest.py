@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,6 +13,13 @@ import torch
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def free_port() -> int:
+    """A loopback port for a two-process gloo group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

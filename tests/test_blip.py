@@ -1,12 +1,15 @@
 """BLIP: the three text modes, encoder-decoder sharing, ITM negatives, the LM loss, and a run that learns."""
 
 import json
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import BLIP_TINY, tiny_run_overrides
+from conftest import BLIP_TINY, free_port, tiny_run_overrides
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError
@@ -128,6 +131,45 @@ def test_objective_names_its_losses_and_clamps_the_temperature():
         model.temperature.fill_(0.9)
     objective.after_step()
     assert model.temperature.item() == pytest.approx(0.5)
+
+
+def test_trailing_padding_changes_no_output_and_the_objective_cuts_it():
+    model = tiny_blip()
+    images, text, mask = _inputs(3)
+    wide_text, wide_mask = F.pad(text, (0, 2)), F.pad(mask, (0, 2))  # the tokenizer's context: 12
+    narrow, wide = model(images, text, mask), model(images, wide_text, wide_mask)
+    torch.testing.assert_close(narrow.text_features, wide.text_features)
+    tokens = narrow.image_tokens
+    torch.testing.assert_close(model.itm_logits(text, mask, tokens), model.itm_logits(wide_text, wide_mask, tokens))
+    torch.testing.assert_close(
+        model.lm_logits(text, mask, tokens), model.lm_logits(wide_text, wide_mask, tokens)[:, :10]
+    )
+    seen = []
+    model.text.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    BlipObjective(model.train(), BlipObjectiveConfig())({"image": images, "text": wide_text, "text_mask": wide_mask})
+    assert seen and set(seen) == {10}  # ITC, ITM positives and negatives, and LM (shared layers) all cut
+
+
+def _lengths_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    images, text, mask = _inputs(4)
+    mask[:, 6 + 2 * rank :] = 0  # the longest caption: 6 tokens on rank 0, 8 on rank 1
+    model = tiny_blip().train()
+    seen = []
+    model.text.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    values = BlipObjective(model, BlipObjectiveConfig())({"image": images, "text": text * mask, "text_mask": mask})
+    torch.save((seen, {k: v.item() for k, v in values.items()}), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_processes_cut_their_texts_to_one_length(tmp_path):
+    """ITM gathers every process's texts, so each cuts to the longest caption of the global batch."""
+    mp.spawn(_lengths_worker, args=(free_port(), str(tmp_path / "seen")), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen, values = torch.load(tmp_path / f"seen.{rank}")
+        assert seen and set(seen) == {8}, rank
+        assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), values
 
 
 def test_momentum_encoders_are_an_exponential_moving_average():

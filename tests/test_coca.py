@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import tiny_run_overrides
+from conftest import free_port, tiny_run_overrides
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError
@@ -236,10 +235,7 @@ def _two_process_worker(rank, port, out):
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     """Features are gathered for the contrastive loss; the caption loss is the token mean of the global
     batch although the two processes hold different numbers of caption tokens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_process_worker, args=(port, str(tmp_path / "out.pt")), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=(free_port(), str(tmp_path / "out.pt")), nprocs=2, join=True)
     distributed_loss, distributed_grads = torch.load(tmp_path / "out.pt")
     model = tiny_coca().train()
     loss, grads = _loss_and_grads(model, model, _six_captions())

@@ -6,7 +6,6 @@ with one process that sees the whole batch.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import free_port
 from vlp.distributed import all_reduce_mean, setup_from_environment
 from vlp.losses import contrastive_loss, sigmoid_loss
 
@@ -80,16 +80,10 @@ def _worker(rank, port, out):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out)
 
 

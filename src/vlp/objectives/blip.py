@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.distributed import all_gather_with_grad, local_sizes, rank, unwrap
+from vlp.distributed import all_gather_with_grad, is_distributed, local_sizes, rank, unwrap
 from vlp.losses import contrastive_loss
 
 
@@ -83,6 +84,16 @@ def sequence_losses(
     return per_token.sum(dim=1)
 
 
+def trim_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row of every process: BLIP runs three text
+    passes, which then cost what the captions hold rather than the tokenizer's whole context. Padding is
+    masked everywhere, so no output changes; every process keeps one length because ITM gathers texts."""
+    length = mask.sum(dim=1).max()
+    if is_distributed():
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    return text[:, : int(length)], mask[:, : int(length)]
+
+
 class BlipObjective:
     @staticmethod
     def prepare(model: nn.Module, cfg: BlipObjectiveConfig) -> None:
@@ -98,7 +109,9 @@ class BlipObjective:
         self.cfg = cfg
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        image, text, mask = batch["image"], batch["text"], batch["text_mask"]
+        text, mask = trim_padding(batch["text"], batch["text_mask"])
+        batch = {**batch, "text": text, "text_mask": mask}
+        image = batch["image"]
         blip = unwrap(self.model)
         out = self.model(image, text, mask)
         sizes = local_sizes(image.shape[0], image.device)
@@ -212,7 +225,8 @@ class NlvrObjective:
         self.cfg = cfg
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = self.model(batch["left"], batch["right"], batch["text"], batch["text_mask"]).float()
+        text, mask = trim_padding(batch["text"], batch["text_mask"])
+        logits = self.model(batch["left"], batch["right"], text, mask).float()
         labels = batch["label"]
         return {
             "nlvr_loss": F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing),
