@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -37,11 +38,20 @@ def machine() -> dict[str, object]:
 
 def shapes_pairs(root: Path, count: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
     """`count` shapes-world images as normalised [N, 3, S, S] pixels, and their captions."""
-    if not (root / "train.csv").is_file():
+
+    def read_pairs() -> list[tuple[Path, str]]:
+        if not (root / "train.csv").is_file():
+            return []
+        return [(item.path, caption) for item in read_csv(root / "train.csv") for caption in item.captions]
+
+    pairs = read_pairs()
+    if len(pairs) < count:  # none yet, or the smaller world of a --quick run: a full run would time fewer pairs
+        shutil.rmtree(root, ignore_errors=True)
         make_shapes_world(
             root, ShapesWorldConfig(seed=0, image_size=image_size, train=count, test=8, web=8, classify=8, shards=1)
         )
-    pairs = [(item.path, caption) for item in read_csv(root / "train.csv") for caption in item.captions][:count]
+        pairs = read_pairs()
+    pairs = pairs[:count]
     transform = ImageTransform(ImageConfig(size=image_size), train=False)  # CLIP's normalisation
     pixels = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in pairs])
     return pixels, [caption for _, caption in pairs]
