@@ -320,12 +320,6 @@ def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
     return Pretrained(FAMILIES["clip"], cfg, model, image_config, text_tokenizer, folder)
 
 
-def end_of_text_id(tokenizer: Tokenizer) -> int:
-    """The id the tokenizer ends every text with: the last real token of an empty text."""
-    ids, mask = tokenizer("")
-    return int(ids[0, int(mask[0].sum()) - 1])
-
-
 def model_type_of(cfg: DualEncoderConfig) -> str:
     """Which HF architecture a vlp dual encoder is, or a ConversionError saying what does not fit either."""
     vision = cfg.vision
@@ -404,13 +398,13 @@ def hf_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str
     if model_type == "siglip":
         if t.pool != "last":
             raise ConversionError(f"SigLIP pools the last text token; this model pools '{t.pool}'")
-        text.update(projection_size=cfg.embed_dim, eos_token_id=end_of_text_id(tokenizer))
+        text.update(projection_size=cfg.embed_dim, eos_token_id=tokenizer.framing_ids()[1])
         vision["vision_use_head"] = True
     else:
         if t.pool == "argmax":
             eos = 2  # transformers pools at the largest id exactly when the configured eos id is 2
         elif t.pool == "eot":
-            eos = t.eot_token_id if t.eot_token_id is not None else end_of_text_id(tokenizer)
+            eos = t.eot_token_id if t.eot_token_id is not None else tokenizer.framing_ids()[1]
             if eos == 2:
                 raise ConversionError("end-of-text id 2 makes transformers pool at the largest id, not at end-of-text")
         else:
@@ -454,7 +448,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": tokenizer.context_length,
         "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
-        "eos_token": tokenizer.backend.id_to_token(end_of_text_id(tokenizer)),
+        "eos_token": tokenizer.backend.id_to_token(tokenizer.framing_ids()[1]),
         "vlp_text_clean": tokenizer.clean,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))

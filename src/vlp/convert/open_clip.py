@@ -21,7 +21,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from vlp.checkpoint import CheckpointError, Pretrained
-from vlp.convert.hf import ConversionError, end_of_text_id, save_hf_tokenizer
+from vlp.convert.hf import ConversionError, save_hf_tokenizer
 from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
 from vlp.data.tokenizer import Tokenizer
@@ -466,8 +466,8 @@ def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: s
     text_tokenizer = _tokenizer(model_cfg, folder, tokenizer)
     if isinstance(cfg, CocaConfig):
         # Generation starts from the tokenizer's start token and stops at its end token.
-        ids, mask = text_tokenizer("")
-        cfg = replace(cfg, bos_token_id=int(ids[0, 0]), eos_token_id=int(ids[0, int(mask[0].sum()) - 1]))
+        bos, eos = text_tokenizer.framing_ids()
+        cfg = replace(cfg, bos_token_id=bos, eos_token_id=eos)
         model, rules = Coca(cfg), coca_rules(cfg)
     else:
         model, rules = DualEncoder(cfg), open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
@@ -560,7 +560,7 @@ def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> d
         proj_bias=cfg.text_projection_bias,
     )
     if t.pool == "eot":
-        text["eos_id"] = t.eot_token_id if t.eot_token_id is not None else end_of_text_id(tokenizer)
+        text["eos_id"] = t.eot_token_id if t.eot_token_id is not None else tokenizer.framing_ids()[1]
     if t.mask_padding and not t.causal:
         text["use_pad_mask"] = True
     config: dict[str, Any] = {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}

@@ -50,9 +50,7 @@ def clean_text(text: str, mode: TextClean) -> str:
         return " ".join(text.split())
     if mode == "canonicalize_hf":
         return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
-    raise ValueError(
-        f"unknown text cleaning '{mode}'; expected none, whitespace, lower, canonicalize or canonicalize_hf"
-    )
+    raise ValueError(f"unknown text cleaning '{mode}'; expected none, whitespace, lower, canonicalize or canonicalize_hf")
 
 
 @dataclass
@@ -108,6 +106,12 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def framing_ids(self) -> tuple[int, int]:
+        """The ids every text starts and ends with, whatever the tokens are called: the first and last real
+        tokens of an empty text (both the end token when the template has no start token)."""
+        ids, mask = self("")
+        return int(ids[0, 0]), int(ids[0, int(mask[0].sum()) - 1])
+
     def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
@@ -149,8 +153,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
 
 
 def _wordpiece_backend(vocab: dict[str, int] | None, cfg: TokenizerConfig) -> BackendTokenizer:
-    model = models.WordPiece(vocab, unk_token=cfg.unk_token) if vocab else models.WordPiece(unk_token=cfg.unk_token)
-    backend = BackendTokenizer(model)
+    backend = BackendTokenizer(models.WordPiece(vocab, unk_token=cfg.unk_token))
     backend.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()

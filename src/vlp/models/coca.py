@@ -32,6 +32,7 @@ from vlp.layers import (
     TransformerBlock,
     incremental_causal_mask,
 )
+from vlp.models.clip import DualEncoderOutput
 from vlp.towers import ImageTowerConfig, TextConfig, VisionConfig, build_image_tower
 
 
@@ -188,11 +189,7 @@ class MultimodalDecoder(nn.Module):
 
 
 @dataclass
-class CocaOutput:
-    image_features: torch.Tensor  # [B, E], L2-normalised
-    text_features: torch.Tensor  # [B, E], L2-normalised
-    logit_scale: torch.Tensor  # scalar, exp of the learned log-scale
-    logit_bias: torch.Tensor | None  # scalar or None
+class CocaOutput(DualEncoderOutput):
     caption_logits: torch.Tensor  # [B, T, V]: position i predicts text token i + 1
 
 

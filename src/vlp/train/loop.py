@@ -116,9 +116,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_tokenizer(
-    cfg: RunConfig, family: Family, out: Path, resume_from: Path | None, initial: Pretrained | None
-) -> Tokenizer:
+def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: Path | None,
+                       initial: Pretrained | None) -> Tokenizer:
     if resume_from is not None:
         return Tokenizer.from_file(resume_from)
     if cfg.tokenizer.path:
@@ -228,12 +227,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.accum_steps > 1:
             loss, values = accumulated_backward(
-                self.objective,
-                _split_batch(batch, self.accum_steps),
-                no_sync=self.parallel.no_sync,
-                autocast=self.autocast,
-                family=self.family,
-                step=step,
+                self.objective, _split_batch(batch, self.accum_steps), no_sync=self.parallel.no_sync,
+                autocast=self.autocast, family=self.family, step=step,
             )
         else:
             with self.autocast:
@@ -272,11 +267,8 @@ def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
             raise ConfigError(
                 f"config key 'model.text.{key}': {expected}, but the tokenizer's {token} is {tokenizer.token_id(token)}"
             )
-    # A model that generates from the start token to the end token (CoCa) must use the tokenizer's own,
-    # whatever they are called: the ids every text starts and ends with.
-    ids, mask = tokenizer("")
-    framing = {"bos_token_id": int(ids[0, 0]), "eos_token_id": int(ids[0, int(mask[0].sum()) - 1])}
-    for key, actual in framing.items():
+    # A model that generates from the start token to the end token (CoCa) must use the tokenizer's own.
+    for key, actual in zip(("bos_token_id", "eos_token_id"), tokenizer.framing_ids(), strict=True):
         expected = getattr(model_cfg, key, actual)
         if expected != actual:
             raise ConfigError(f"config key 'model.{key}': {expected}, but the tokenizer's is {actual}")
@@ -354,39 +346,23 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
     objective = family.objective_cls(forward_model, objective_cfg)
     optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
-    schedule = warmup_cosine(
-        optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps, min_lr_ratio=tc.min_lr_ratio
-    )
+    schedule = warmup_cosine(optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+                             min_lr_ratio=tc.min_lr_ratio)
     if resume_from is not None:
         saved = torch.load(resume_from / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         parallel.load_optimizer_state(optimizer, saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-    train_step = TrainStep(
-        parallel,
-        objective,
-        optimizer,
-        schedule,
-        accum_steps=tc.accum_steps,
-        grad_clip=tc.grad_clip,
-        precision=tc.precision,
-        device_type=device.type,
-        family=family.name,
-    )
+    train_step = TrainStep(parallel, objective, optimizer, schedule, accum_steps=tc.accum_steps,
+                           grad_clip=tc.grad_clip, precision=tc.precision, device_type=device.type,
+                           family=family.name)
     metrics_path = out / "metrics.jsonl"
     if is_main:
         (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         _truncate_metrics(metrics_path, start_step)
 
-    batches = family.batches(
-        cfg.data,
-        ImageTransform(cfg.image, train=True),
-        tokenizer,
-        batch_size=tc.batch_size // world,
-        seed=tc.seed,
-        start_step=start_step,
-        rank=rank(),
-        world_size=world,
-    )
+    batches = family.batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
+                            batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
+                            world_size=world)
 
     def checkpoint(step: int) -> Path:
         folder = out / CHECKPOINTS_DIR / f"step_{step:08d}"
@@ -394,16 +370,11 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         if not is_main:  # one writer; the others took part in gathering the shards
             return folder
         folder = save_checkpoint(
-            folder,
-            family=family,
-            model_config=model_cfg,
-            model=weights,
-            image_config=cfg.image,
-            tokenizer=tokenizer,
-            state={"step": step, "run": to_dict(cfg)},
+            folder, family=family, model_config=model_cfg, model=weights, image_config=cfg.image,
+            tokenizer=tokenizer, state={"step": step, "run": to_dict(cfg)},
             optimizer_state={"optimizer": optimizer_state, "schedule": schedule.state_dict()},
         )
-        for old in list_checkpoints(out)[: -tc.keep_checkpoints]:
+        for old in list_checkpoints(out)[:-tc.keep_checkpoints]:
             shutil.rmtree(old)
         return folder
 
@@ -412,14 +383,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     sums: dict[str, torch.Tensor] = {}
     interval_samples, interval_start, run_start = 0, time.perf_counter(), time.perf_counter()
     # Redrawn less often when stderr is a log file rather than a terminal.
-    bar = tqdm(
-        total=tc.steps,
-        initial=start_step,
-        disable=not (tc.progress and is_main),
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=0.1 if sys.stderr.isatty() else 10.0,
-    )
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and is_main), unit="step",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     with metrics_path.open("a") if is_main else contextlib.nullcontext() as metrics_file:
         for step in range(start_step + 1, tc.steps + 1):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
@@ -451,3 +416,4 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     if last is None:
         raise CheckpointError(f"no training steps were run: train.steps is {tc.steps}")
     return last
+
