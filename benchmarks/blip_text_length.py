@@ -54,7 +54,7 @@ def measure(context: int, steps: int, warmup: int) -> dict[str, float]:
         def step(index: int) -> None:
             blip_objectives.trim_padding = trim
             try:
-                train_step(batch, index)
+                train_step(batch)
             finally:
                 blip_objectives.trim_padding = cut
 

@@ -91,7 +91,7 @@ def step_times(images: torch.Tensor, texts: torch.Tensor, *, steps: int, warmup:
         parallel = ParallelModel(model.train(), "ddp", torch.device("cpu"))
         optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6)
         train_step = TrainStep(parallel, objective_cls(model, objective_cfg), optimizer, precision="bf16")
-        runners[name] = lambda step, train_step=train_step: train_step(batch, step)
+        runners[name] = lambda step, train_step=train_step: train_step(batch)
     seconds = interleaved_times(runners, steps=steps, warmup=warmup)
     pairs = {name: len(images) / value for name, value in seconds.items()}
     blip = next(iter(pairs))

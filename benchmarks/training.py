@@ -101,10 +101,8 @@ def vlp_step(
 
     def step(batch: Batch) -> float:
         images, texts = batch
-        loss, _, _ = train_step(
-            {"image": images, "text": texts, "text_mask": (texts != 0).long(), "size": len(images)}, 0
-        )
-        return loss.item()
+        result = train_step({"image": images, "text": texts, "text_mask": (texts != 0).long(), "size": len(images)})
+        return result.loss.item()
 
     return step
 

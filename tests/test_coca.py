@@ -194,7 +194,6 @@ def test_two_micro_batches_equal_one_batch(loss):
                 no_sync=contextlib.nullcontext,
                 autocast=contextlib.nullcontext(),
                 family="coca",
-                step=1,
             )
         grads.append((value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_one, one), (loss_accum, accumulated) = grads

@@ -8,7 +8,14 @@ import torch
 from PIL import Image
 
 from vlp.data.pipeline import DataConfig, EpochBatchSampler, train_batches
-from vlp.data.sources import BadSamples, DataError, decode_webdataset_sample, read_coco_captions, read_csv
+from vlp.data.sources import (
+    BadSamples,
+    DataError,
+    Skipped,
+    decode_webdataset_sample,
+    read_coco_captions,
+    read_csv,
+)
 from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
 
@@ -78,7 +85,8 @@ def test_bad_samples_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_pat
     rows.append("missing.png,a red circle")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     transform = ImageTransform(ImageConfig(size=16), train=True)
-    cfg = DataConfig(train=str(tmp_path / "train.csv"), num_workers=0, max_bad_fraction=0.1)
+    cfg = DataConfig(train=str(tmp_path / "train.csv"), num_workers=0, max_bad_fraction=0.1,
+                     bad_fraction_min_samples=100)
     batches = train_batches(cfg, transform, tokenizer, batch_size=61, seed=0)
     batch = next(batches)
     assert batch["size"] == 59 and batch["image"].shape == (59, 3, 16, 16)
@@ -164,3 +172,106 @@ def test_transforms_resize_crop_and_normalise():
     b = train(image, random.Random("1"))
     torch.testing.assert_close(a, b)
     assert ImageTransform(ImageConfig(size=16, resize_mode="squash"))(image).shape == (3, 16, 16)
+
+
+def _csv_with_bad_rows(folder, rows, empty=0, undecodable=0):
+    """A CSV of `rows` rows over 4 images: `empty` rows with empty captions, `undecodable` with bytes that
+    are not UTF-8."""
+    for i in range(4):
+        write_image(folder / f"{i}.png")
+    lines = [b"filepath,title"]
+    for i in range(rows):
+        if i < empty:
+            caption = b""
+        elif i < empty + undecodable:
+            caption = b"a red \xff\xfe circle"
+        else:
+            caption = b"a red circle"
+        lines.append(f"{i % 4}.png,".encode() + caption)
+    (folder / "train.csv").write_bytes(b"\n".join(lines) + b"\n")
+    return folder / "train.csv"
+
+
+@pytest.mark.parametrize(("empty", "stops"), [(10, False), (55, False), (70, True)])
+def test_rows_dropped_when_read_count_against_the_rows_read(tmp_path, empty, stops):
+    """10 and 55 empty captions of 1,200 rows (0.8%, 4.6%) are under the 5% limit; 70 (5.8%) are over it."""
+    path = _csv_with_bad_rows(tmp_path, 1200, empty=empty)
+    bad = BadSamples(max_fraction=0.05)
+    if stops:
+        with pytest.raises(DataError, match=r"5\.8% of the training samples are bad.*70 of 1200 rows"):
+            read_csv(path, bad=bad)
+    else:
+        items = read_csv(path, bad=bad)
+        assert sum(len(i.captions) for i in items) == 1200 - empty
+        assert bad.dropped == {"empty_caption": empty} and bad.fraction() == pytest.approx(empty / 1200)
+
+
+def test_a_few_bad_images_early_do_not_stop_a_run():
+    """3.5% bad images: the share is judged once `min_samples` were drawn, so the first batches' noise
+    (here 5 bad of the first 50) does not stop the run; a share truly over the limit does."""
+    bad = BadSamples(max_fraction=0.05, min_samples=2000)
+    reason = [Skipped("unreadable_image", "cannot read image x.png")]
+    bad.update(45, reason * 5)
+    for _ in range(39):
+        bad.update(48, reason * 2)  # 4% from here on
+    assert bad.drawn == 2000 and bad.fraction() == pytest.approx(83 / 2000)
+    with pytest.raises(DataError, match="unreadable_image"):
+        for _ in range(100):
+            bad.update(40, reason * 10)
+
+
+def test_non_utf8_rows_and_unknown_image_ids_are_skipped_by_name(tmp_path, caplog):
+    path = _csv_with_bad_rows(tmp_path, 40, undecodable=2)
+    bad = BadSamples(max_fraction=1.0)
+    items = read_csv(path, bad=bad)
+    assert sum(len(i.captions) for i in items) == 38
+    assert bad.dropped == {"undecodable_text": 2} and "train.csv line 2: text is not UTF-8" in caplog.text
+    data = {"images": [{"id": 1, "file_name": "0.png"}],
+            "annotations": [{"id": 7, "image_id": 1, "caption": "a red square"},
+                            {"id": 8, "image_id": 99, "caption": "a blue star"}]}
+    (tmp_path / "caps.json").write_text(json.dumps(data))
+    bad = BadSamples(max_fraction=1.0)
+    items = read_coco_captions(tmp_path / "caps.json", bad=bad)
+    assert [i.captions for i in items] == [["a red square"]]
+    assert bad.dropped == {"unknown_image_id": 1}
+    assert "annotation 8: image_id 99 is not among the file's images" in bad.examples[0]
+
+
+def _stream_keys(cfg, tokenizer, steps, *, position=None, seed=0):
+    """The image fingerprints of `steps` batches, and the stream's position after them."""
+    transform = ImageTransform(ImageConfig(size=16), train=True)
+    batches = train_batches(cfg, transform, tokenizer, batch_size=4, seed=seed, position=position)
+    seen = [tuple(round(float(x), 4) for x in next(batches)["image"].mean(dim=(1, 2, 3))) for _ in range(steps)]
+    return seen, batches.position()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_stream_repeats_by_seed_and_resumes_where_it_stopped(tmp_path, tokenizer, workers):
+    """The shuffle buffer and the augmentation follow train.seed (not the clock), and a stream resumed
+    at a checkpoint's position continues exactly as the uninterrupted one, across an epoch boundary."""
+    colours = [(20 * i % 256, 7 * i % 256, 255 - 9 * i % 256) for i in range(48)]
+    for shard in range(4):
+        write_shard(tmp_path / f"s-{shard:03d}.tar",
+                    [(f"k{shard}{i:02d}", {"png": png_bytes(colours[shard * 12 + i]), "txt": b"a square"})
+                     for i in range(12)])
+    cfg = DataConfig(train=str(tmp_path / "s-{000..003}.tar"), num_workers=workers, shuffle_buffer=8)
+    straight, _ = _stream_keys(cfg, tokenizer, 20)
+    assert _stream_keys(cfg, tokenizer, 20)[0] == straight
+    assert _stream_keys(cfg, tokenizer, 20, seed=1)[0] != straight
+    first, position = _stream_keys(cfg, tokenizer, 7)
+    assert first == straight[:7]
+    resumed, _ = _stream_keys(cfg, tokenizer, 13, position=position)
+    assert resumed == straight[7:]  # 12 batches an epoch: the resumed part crosses into the second
+
+
+def test_a_truncated_shard_is_counted(tmp_path, tokenizer):
+    good = [(f"s{i:03d}", {"png": png_bytes(), "txt": b"a green square"}) for i in range(20)]
+    write_shard(tmp_path / "d-000.tar", good)
+    write_shard(tmp_path / "d-001.tar", good[:10])
+    (tmp_path / "d-001.tar").write_bytes((tmp_path / "d-001.tar").read_bytes()[:3000])
+    cfg = DataConfig(train=str(tmp_path / "d-{000..001}.tar"), num_workers=0, shuffle_buffer=4)
+    batches = train_batches(cfg, ImageTransform(ImageConfig(size=16)), tokenizer, batch_size=4, seed=0)
+    for _ in range(8):
+        next(batches)
+    assert batches.bad.failed["truncated_shard"] >= 1
+    assert batches.bad.drawn == 32  # a broken shard is no sample: it does not count as drawn

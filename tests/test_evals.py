@@ -34,7 +34,7 @@ def test_classification_metrics_and_template_averaging():
     labels = torch.tensor([0, 2, 2, 1])
     m = classification_metrics(logits, labels)
     assert m["acc1"] == 0.5
-    assert m["acc5"] == 1.0
+    assert m["acc5"] is None  # fewer than five classes: not defined (CLIP_benchmark writes NaN)
     assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
 
     def embed(texts):
@@ -84,3 +84,25 @@ def test_reranking_rescores_only_the_top_k_with_the_matching_head():
     assert (
         partial["image_retrieval_recall@1"] == retrieval_metrics(similarity, text_to_image)["image_retrieval_recall@1"]
     )
+
+
+def test_classification_metrics_break_ties_as_clip_benchmark():
+    """CLIP_benchmark takes acc1/acc5 from `topk` and the balanced accuracy from `argmax` (the first of
+    equal logits); torch's `topk` puts another of the tied classes first here."""
+    logits = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0]])
+    labels = torch.tensor([0])
+    assert logits.argmax(dim=1).item() == 0 and logits.topk(1).indices.item() != 0
+    m = classification_metrics(logits, labels)
+    assert m["acc1"] == 0.0 and m["mean_per_class_recall"] == 1.0 and m["acc5"] == 1.0
+
+
+def test_reranking_below_the_reported_k_keeps_the_embedding_order_past_k():
+    """Re-ranking only the top 1 must leave recall@5 and @10 those of the embeddings, not of an
+    arbitrary order among candidates all scored alike."""
+    from vlp.evals.retrieval import reranked_retrieval, retrieval_metrics
+
+    torch.manual_seed(1)
+    similarity = torch.rand(40, 20)
+    text_to_image = torch.arange(20).repeat_interleave(2)
+    reranked = reranked_retrieval(similarity, text_to_image, lambda i, t: torch.zeros(len(i)), k=1)
+    assert reranked == retrieval_metrics(similarity, text_to_image)

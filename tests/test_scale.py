@@ -60,7 +60,6 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(loss):
                 no_sync=contextlib.nullcontext,
                 autocast=contextlib.nullcontext(),
                 family="clip",
-                step=1,
             )
         grads.append((value.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_one, one), (loss_accum, accumulated) = grads

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from vlp.checkpoint import ARCH_FILE, PREPROCESS_FILE, STATE_FILE, list_checkpoints, resolve_checkpoint
-from vlp.config import ConfigError
+from vlp.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from vlp.data.sources import DataError, detect_format, read_captions
 from vlp.distributed import barrier, rank, setup_from_environment, world_size
 from vlp.generation import GenerationConfig
@@ -41,24 +41,24 @@ Source = Literal["human", "web", "synthetic"]
 @dataclass
 class CapFiltConfig:
     # Fine-tuning of the captioner and of the filter (each), on the human-annotated pairs.
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-5  # BLIP's caption and retrieval fine-tuning rate
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    lr: NonNegativeFloat = 1e-5  # BLIP's caption and retrieval fine-tuning rate
+    warmup_steps: NonNegativeInt = 100
+    weight_decay: NonNegativeFloat = 0.05
     precision: Literal["fp32", "bf16"] = "bf16"
-    save_every: int = 500
-    num_workers: int = 2
+    save_every: PositiveInt = 500
+    num_workers: NonNegativeInt = 2
     # Captioning: nucleus sampling as the paper found best, one caption per web image.
-    top_p: float = 0.9
-    max_new_tokens: int = 30
-    min_new_tokens: int = 5
-    repetition_penalty: float = 1.0
+    top_p: Fraction = 0.9
+    max_new_tokens: PositiveInt = 30
+    min_new_tokens: NonNegativeInt = 5
+    repetition_penalty: PositiveFloat = 1.0
     # Filtering: keep a caption when the ITM head's p(match) reaches this (0.5 = its argmax says "match").
-    threshold: float = 0.5
-    chunk_size: int = 256  # web images per resumable unit of work
-    batch_size_inference: int = 64
-    seed: int = 0
+    threshold: Fraction = 0.5
+    chunk_size: PositiveInt = 256  # web images per resumable unit of work
+    batch_size_inference: PositiveInt = 64
+    seed: NonNegativeInt = 0
     # Step 5: a run config to pre-train a new model on the bootstrapped data, with overrides.
     pretrain_config: str | None = None
     pretrain_overrides: list[str] = field(default_factory=list)

@@ -7,8 +7,10 @@
     state.json          step and run config (training checkpoints only)
     optimizer.pt        optimizer and schedule state (training checkpoints only; loaded weights_only)
 
-Folders are written under a temporary name and renamed into place, so a killed run never leaves a
-half-written checkpoint where `--resume latest` would find it.
+A new folder is written under a temporary name and renamed into place, so a killed run never leaves
+a half-written checkpoint where `--resume latest` would find it. Writing into a folder that exists
+replaces only the checkpoint files above; nothing else there is touched. Weights that are not finite
+are never written, nor loaded.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlp.config import from_dict, to_dict
-from vlp.data.tokenizer import Tokenizer
+from vlp.config import ConfigError, from_dict, to_dict
+from vlp.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.families import Family, parse_model_config
+from vlp.model_size import LOAD_BYTES_PER_PARAMETER, check_model_fits
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "model.json"
@@ -35,6 +39,8 @@ PREPROCESS_FILE = "preprocess.json"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_FILES = (WEIGHTS_FILE, ARCH_FILE, PREPROCESS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, STATE_FILE,
+                    OPTIMIZER_FILE)
 
 
 class CheckpointError(FileNotFoundError):
@@ -56,6 +62,22 @@ class Pretrained:
         return ImageTransform(self.image_config, train=False)
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """`safetensors.save_file`, leaving the file with the mode every other file gets (it creates 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def first_nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor holding a NaN or an infinity, by name, or None."""
+    for key, value in weights.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return key
+    return None
+
+
 def save_checkpoint(
     folder: str | Path,
     *,
@@ -67,31 +89,53 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. `model` is the module, or its state dict when it was gathered
-    from shards."""
+    """Write a checkpoint folder. `model` is the module, or its state dict when it was gathered from shards.
+
+    The files are written to a temporary folder first; a new folder is then renamed into place, and in a
+    folder that exists only the checkpoint files are replaced. Non-finite weights are refused."""
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state_dict = model.state_dict() if isinstance(model, nn.Module) else model
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "family": family.name})
-    (tmp / ARCH_FILE).write_text(json.dumps({"family": family.name, **to_dict(model_config)}, indent=1))
-    (tmp / PREPROCESS_FILE).write_text(json.dumps(to_dict(image_config), indent=1))
-    tokenizer.save(tmp)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    if state is not None:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if folder.exists():
-        old = folder.with_name(f".old-{folder.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise CheckpointError(f"not writing {folder}: weight '{bad}' holds NaN or infinite values")
+    # The process id keeps two writers (a second run on the same folder) off each other's files.
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write_safetensors(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "family": family.name})
+        (tmp / ARCH_FILE).write_text(json.dumps({"family": family.name, **to_dict(model_config)}, indent=1))
+        (tmp / PREPROCESS_FILE).write_text(json.dumps(to_dict(image_config), indent=1))
+        tokenizer.save(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        if state is not None:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if folder.exists():
+            _replace_checkpoint_files(tmp, folder)
+        else:
+            os.replace(tmp, folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {folder}: {err.strerror or err}") from err
     return folder
+
+
+def _replace_checkpoint_files(new: Path, folder: Path) -> None:
+    """Move the files of `new` into `folder`, one atomic rename each; checkpoint files of an older
+    checkpoint that the new one lacks (a training state, say) are removed. Nothing else is touched."""
+    written = {p.name for p in new.iterdir()}
+    for name in CHECKPOINT_FILES:
+        if name not in written:
+            (folder / name).unlink(missing_ok=True)
+    for name in written:
+        os.replace(new / name, folder / name)
+    new.rmdir()
+
+
+def is_checkpoint_folder(path: str | Path) -> bool:
+    return (Path(path) / ARCH_FILE).is_file()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -116,9 +160,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} holds no vlp checkpoint ({WEIGHTS_FILE} + {ARCH_FILE}, or {CHECKPOINTS_DIR}/step_*)")
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, refused with its name when it is truncated, not safetensors, or not finite."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight '{bad}' holds NaN or infinite values (a diverged run?)")
+    return weights
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load safetensors weights, naming any missing, unexpected or mis-shaped key."""
-    weights = load_file(str(path))
+    weights = read_weights(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -132,15 +191,35 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(weights)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint, refused with its name when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def build_model(family: Family, config: Any, *, bytes_per_parameter: int, what: str) -> nn.Module:
+    """The family's model, once its size is known to fit in this machine's memory."""
+    check_model_fits(family.model_cls, config, bytes_per_parameter=bytes_per_parameter, what=what)
+    return family.model_cls(config)
+
+
 def load_checkpoint(path: str | Path) -> Pretrained:
     """Load a vlp checkpoint (or a run folder's latest) with its preprocessing and tokenizer."""
     folder = resolve_checkpoint(path)
-    for name in (ARCH_FILE, PREPROCESS_FILE, "tokenizer.json"):
+    for name in (ARCH_FILE, PREPROCESS_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is incomplete: {name} is missing")
-    family, config = parse_model_config(json.loads((folder / ARCH_FILE).read_text()))
-    model = family.model_cls(config)
+    arch = read_json(folder / ARCH_FILE)
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{folder / ARCH_FILE} must hold a mapping with the model's family and shapes")
+    try:
+        family, config = parse_model_config(arch)
+        image_config = from_dict(ImageConfig, read_json(folder / PREPROCESS_FILE), prefix="preprocess")
+    except ConfigError as err:
+        raise CheckpointError(f"{folder}: {err}") from err
+    model = build_model(family, config, bytes_per_parameter=LOAD_BYTES_PER_PARAMETER, what=str(folder / ARCH_FILE))
     load_weights(model, folder / WEIGHTS_FILE)
     model.eval()
-    image_config = from_dict(ImageConfig, json.loads((folder / PREPROCESS_FILE).read_text()), prefix="preprocess")
     return Pretrained(family, config, model, image_config, Tokenizer.from_file(folder), folder)

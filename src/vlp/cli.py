@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import logging
 import os
 import sys
@@ -35,42 +37,50 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from vlp.train.loop import load_run_config, train
+    from vlp.train.loop import load_run_config, saved_run_config, train
 
     overrides = list(args.set)
     if args.data:
         overrides.append(f"data.train={args.data}")
     if args.images:
         overrides.append(f"data.images={args.images}")
-    cfg = load_run_config(args.config, overrides)
+    # A resumed run starts from its saved configuration (data included); --config and --set change it.
+    base = saved_run_config(args.out, args.resume) if args.resume else None
+    if base is None and not args.config:
+        raise ConfigError("vlp train needs --config (or --resume of a run that has a checkpoint)")
+    cfg = load_run_config(args.config, overrides, base=base)
     last = train(cfg, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line rather than one per process
         print(f"last checkpoint: {last}")
 
 
-def _predictor(args: argparse.Namespace):
-    from vlp.serve.predictors import DualEncoderPredictor
+def _predictor(args: argparse.Namespace, kind: str = "DualEncoderPredictor", **kwargs):
+    """A predictor of the checkpoint with the command's precision and progress bars."""
+    from vlp.serve import predictors
 
-    return DualEncoderPredictor.from_checkpoint(args.checkpoint, precision=args.precision)
+    return getattr(predictors, kind).from_checkpoint(args.checkpoint, precision=args.precision, progress=True,
+                                                     **kwargs)
 
 
 def _captioner(args: argparse.Namespace):
     from vlp.generation import GenerationConfig
-    from vlp.serve.predictors import CaptionPredictor
 
-    generation = GenerationConfig(method=args.method, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                                  min_new_tokens=args.min_new_tokens, top_p=args.top_p, seed=args.seed)
-    return CaptionPredictor.from_checkpoint(args.checkpoint, generation=generation, prompt=args.prompt)
+    generation = from_dict(GenerationConfig, {
+        "method": args.method, "num_beams": args.beams, "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens, "top_p": args.top_p, "seed": args.seed,
+    }, prefix="generation")
+    return _predictor(args, "CaptionPredictor", generation=generation, prompt=args.prompt)
 
 
 def _answerer(args: argparse.Namespace):
     from vlp.evals.vqa import read_answer_list
-    from vlp.serve.predictors import VqaPredictor
 
     if args.method == "rank" and not args.answer_list:
         raise ConfigError("--method rank needs --answer-list (a JSON list, or a VQAv2 annotations file)")
+    if args.k < 1:
+        raise ConfigError(f"--k {args.k}: re-score at least one candidate")
     answers = read_answer_list(args.answer_list) if args.answer_list else ()
-    return VqaPredictor.from_checkpoint(args.checkpoint, method=args.method, answer_list=answers, k=args.k)
+    return _predictor(args, "VqaPredictor", method=args.method, answer_list=answers, k=args.k)
 
 
 def _cmd_ask(args: argparse.Namespace) -> None:
@@ -91,29 +101,30 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         from vlp.evals.probe import ProbeConfig
         from vlp.evals.runner import evaluate_probe
 
-        cfg = ProbeConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, heads=args.heads)
+        if not 0 < args.test_fraction < 1:
+            raise ConfigError(f"--test-fraction {args.test_fraction}: must be between 0 and 1")
+        cfg = from_dict(ProbeConfig, {"steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
+                                      "heads": args.heads}, prefix="probe")
         result = evaluate_probe(_predictor(args), args.data, args.classnames, test=args.test,
                                 test_fraction=args.test_fraction, cfg=cfg)
     elif args.task == "captioning":
         from vlp.evals.captioning import evaluate_captioning
 
         result = evaluate_captioning(_captioner(args).caption, args.data, args.images, meteor=not args.no_meteor,
-                                     ptb=args.ptb)
+                                     tokenizer=args.tokenizer)
     elif args.task == "vqa":
         from vlp.evals.vqa import evaluate_vqa
 
         result = evaluate_vqa(_answerer(args).answer, args.questions, args.annotations, args.images,
-                              image_pattern=args.image_pattern)
+                              image_pattern=args.image_pattern, version=args.official_version)
     elif args.task == "nlvr":
         from vlp.evals.nlvr import evaluate_nlvr
-        from vlp.serve.predictors import NlvrPredictor
 
-        result = evaluate_nlvr(NlvrPredictor.from_checkpoint(args.checkpoint).true_probability, args.data, args.images)
-    elif args.rerank:
-        from vlp.serve.predictors import MatchingPredictor
-
-        predictor = MatchingPredictor.from_checkpoint(args.checkpoint, precision=args.precision)
-        result = evaluate_retrieval(predictor, args.data, args.images, rerank=args.rerank)
+        result = evaluate_nlvr(_predictor(args, "NlvrPredictor").true_probability, args.data, args.images)
+    elif args.rerank is not None:
+        if args.rerank < 1:
+            raise ConfigError(f"--rerank {args.rerank}: re-rank at least the top 1")
+        result = evaluate_retrieval(_predictor(args, "MatchingPredictor"), args.data, args.images, rerank=args.rerank)
     else:
         result = evaluate_retrieval(_predictor(args), args.data, args.images)
     print(format_table(result))
@@ -123,26 +134,27 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_embed(args: argparse.Namespace) -> None:
     import numpy as np
 
+    texts = list(args.texts or [])
+    if args.texts_file:
+        texts += [line.strip() for line in Path(args.texts_file).read_text().splitlines() if line.strip()]
+    if args.images and (args.texts or args.texts_file):
+        raise ConfigError("vlp embed writes one array: give --images, or --texts / --texts-file, not both")
+    if not args.images and not texts:
+        raise ConfigError("vlp embed needs --images, --texts or a --texts-file with at least one line")
     predictor = _predictor(args)
-    if args.images:
-        embeddings = predictor.embed_images(args.images)
-    else:
-        texts = list(args.texts or [])
-        if args.texts_file:
-            texts += [line.strip() for line in Path(args.texts_file).read_text().splitlines() if line.strip()]
-        if not texts:
-            raise ConfigError("vlp embed needs --images, --texts or --texts-file")
-        embeddings = predictor.embed_texts(texts)
+    embeddings = predictor.embed_images(args.images) if args.images else predictor.embed_texts(texts)
     np.save(args.out, embeddings.numpy())
     print(f"{tuple(embeddings.shape)} embeddings written to {args.out}")
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from vlp.evals.zeroshot import class_embeddings, read_lines
+    from vlp.evals.zeroshot import check_templates, class_embeddings, read_lines
 
-    predictor = _predictor(args)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    templates = read_lines(args.templates) if args.templates else ["a photo of a {}."]
+    if not labels:
+        raise ConfigError(f"--labels {args.labels!r} names no class: give comma-separated names, e.g. \"cat,dog\"")
+    templates = check_templates(read_lines(args.templates), args.templates) if args.templates else ["a photo of a {}."]
+    predictor = _predictor(args)
     classifier = class_embeddings(predictor.embed_texts, labels, templates)
     probs = (100.0 * predictor.embed_images(args.image) @ classifier.T).softmax(dim=-1)
     for path, row in zip(args.image, probs):
@@ -154,7 +166,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from vlp.convert import export_pretrained, load_pretrained
 
     pretrained = load_pretrained(args.src, config=args.config, tokenizer=args.tokenizer)
-    out = export_pretrained(pretrained, args.to, args.out, architecture=args.architecture)
+    out = export_pretrained(pretrained, args.to, args.out, architecture=args.architecture, overwrite=args.overwrite)
     print(f"{args.src} -> {args.to} checkpoint in {out}")
 
 
@@ -179,7 +191,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"vlp {importlib.metadata.version('vlp')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make datasets").add_subparsers(dest="what", required=True)
@@ -203,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.set_defaults(func=_cmd_tokenizer_train)
 
     tr = sub.add_parser("train", help="train a model")
-    tr.add_argument("--config", required=True)
+    tr.add_argument("--config", help="run config (YAML/JSON); with --resume, the saved run's config is the base")
     tr.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     tr.add_argument("--data", help="training data (sets data.train)")
     tr.add_argument("--images", help="folder image paths resolve against (sets data.images)")
@@ -234,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--data", required=True, help="COCO captions JSON or CSV (references per image)")
     cap.add_argument("--images")
     cap.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts Java)")
-    cap.add_argument("--ptb", action="store_true", help="the official PTB tokeniser (Java) instead of a plain one")
+    cap.add_argument("--tokenizer", choices=["ptb", "simple"], default="ptb",
+                     help="ptb: the COCO caption evaluation's PTB tokeniser (Java), as papers report; simple: a "
+                     "regex without Java, whose scores differ on hyphens, apostrophes, decimals and accents")
     caption = sub.add_parser("caption", help="caption images")
     caption.add_argument("image", nargs="+")
     for p in (cap, caption):
@@ -253,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--images", help="image folder (default: beside the questions file)")
     vqa.add_argument("--image-pattern", help="image file name with {image_id} and {data_subtype} "
                      "(default: VQAv2's COCO_{data_subtype}_{image_id:012d}.jpg)")
+    vqa.add_argument("--official-version", choices=["2021", "2016"], default="2021",
+                     help="the revision of the official vqaEval.py to follow: 2021 (its latest) or 2016 (LAVIS's copy)")
     vqa.add_argument("--out", help="write results JSON (with the predictions) here")
     vqa.set_defaults(func=_cmd_eval)
     nl = ev.add_parser("nlvr", help="statements about image pairs (NLVR2): accuracy")
@@ -294,14 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--templates", help="templates file, one per line with {}")
     cl.set_defaults(func=_cmd_classify)
 
-    for p in (zs, rt, pr, em, cl):
+    for p in (zs, rt, pr, em, cl, cap, caption, vqa, nl, ask):
         p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="bf16: autocast the towers, about 2x faster where bf16 matmuls are")
+                       help="bf16: autocast the model, about 2x faster where bf16 matmuls are")
 
     cv = sub.add_parser("convert", help="convert a checkpoint between vlp, Hugging Face and open_clip")
     cv.add_argument("src", help="vlp / Hugging Face / open_clip folder, or an open_clip state-dict file")
     cv.add_argument("--to", required=True, choices=["vlp", "hf", "open_clip"])
     cv.add_argument("--out", required=True)
+    cv.add_argument("--overwrite", action="store_true",
+                    help="write into a folder that is not empty, replacing only the checkpoint files there")
     cv.add_argument("--config", help="open_clip model config JSON, for a bare state-dict file")
     cv.add_argument("--tokenizer", help="tokenizer to use instead of the one beside the weights")
     cv.add_argument("--architecture", choices=["BlipForConditionalGeneration", "BlipForImageTextRetrieval",
@@ -326,20 +344,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                       help="override for both training runs")
     demo.set_defaults(func=_cmd_demo)
+    _add_everywhere(parser, "-v", "--verbose", action="store_true", help="debug logging")
+    _add_everywhere(parser, "--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def _add_everywhere(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
+    """A flag accepted before the command and after it (`vlp --debug train ...`, `vlp train ... --debug`)."""
+    parser.add_argument(*flags, **kwargs)
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subparsers:
+        for child in dict.fromkeys(action.choices.values()):
+            # Suppressed defaults, so a flag given before the command is not reset by the command's parser.
+            _add_everywhere(child, *flags, **{**kwargs, "default": argparse.SUPPRESS})
+
+
+def describe_error(err: BaseException) -> str:
+    """One line saying what went wrong and where."""
+    if isinstance(err, (ConfigError, *_library_errors())):
+        message = str(err)
+    elif isinstance(err, OSError):
+        if err.errno == errno.ENOSPC:
+            message = f"no space left on the device writing {err.filename or 'a file'}"
+        else:
+            message = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
+    else:
+        message = f"{type(err).__name__}: {err} (an unexpected error: --debug shows where)"
+    return " ".join(message.split())
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """The errors whose message is written for users: it names the file, key or sample."""
+    from vlp.checkpoint import CheckpointError
+    from vlp.convert import ConversionError
+    from vlp.data.sources import DataError
+    from vlp.serve.predictors import NonFiniteOutput, UnsupportedTask
+    from vlp.train.loop import TrainingError
+
+    return CheckpointError, ConversionError, DataError, NonFiniteOutput, UnsupportedTask, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from vlp.checkpoint import CheckpointError
-    from vlp.convert import ConversionError
-    from vlp.data.sources import DataError
-
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI boundary: one line and a non-zero exit; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {describe_error(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (OSError, ConfigError, *_library_errors())) else 1
     return 0

@@ -11,7 +11,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -20,6 +20,37 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric config value, checked when a config is read: `Annotated[int, Range(min=1)]`."""
+
+    min: float | None = None
+    max: float | None = None
+    exclusive_min: bool = False
+    exclusive_max: bool = False
+
+    def check(self, value: Any, key: str) -> None:
+        if value is None:
+            return
+        too_low = self.min is not None and (value <= self.min if self.exclusive_min else value < self.min)
+        too_high = self.max is not None and (value >= self.max if self.exclusive_max else value > self.max)
+        if too_low or too_high:
+            bounds = []
+            if self.min is not None:
+                bounds.append(f"{'>' if self.exclusive_min else '>='} {self.min:g}")
+            if self.max is not None:
+                bounds.append(f"{'<' if self.exclusive_max else '<='} {self.max:g}")
+            raise ConfigError(f"config key '{key}': {value!r} is out of range (must be {' and '.join(bounds)})")
+
+
+# The ranges most config values need.
+PositiveInt = Annotated[int, Range(min=1)]
+NonNegativeInt = Annotated[int, Range(min=0)]
+PositiveFloat = Annotated[float, Range(min=0, exclusive_min=True)]
+NonNegativeFloat = Annotated[float, Range(min=0)]
+Fraction = Annotated[float, Range(min=0, max=1)]
 
 
 def _type_name(tp: Any) -> str:
@@ -35,6 +66,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        base, *metadata = get_args(tp)
+        value = _convert(value, base, key)
+        for item in metadata:
+            if isinstance(item, Range):
+                item.check(value, key)
+        return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None:
@@ -48,9 +86,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if kind not in tagged:
                 raise ConfigError(f"config key '{key}.kind': {kind!r} is not one of {', '.join(map(repr, tagged))}")
             return from_dict(tagged[kind], value, prefix=key)
-        for option in options:
-            if option is type(None):
-                continue
+        candidates = [o for o in options if o is not type(None)]
+        if len(candidates) == 1:  # an optional value: its own error (type or range) is the clearest
+            return _convert(value, candidates[0], key)
+        for option in candidates:
             try:
                 return _convert(value, option, key)
             except ConfigError:
@@ -113,7 +152,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by dotted name."""
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:

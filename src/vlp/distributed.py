@@ -218,6 +218,40 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over processes of a detached value (counts)."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True when `flag` is true on every process (a collective: all call it)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() == 1.0)
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every process's `value` (picklable), in rank order (a collective: all call it)."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces tensors on the GPU; gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def setup_from_environment(backend: str | None = None) -> bool:
     """Join the process group `torchrun` (RANK, WORLD_SIZE, MASTER_ADDR, ...) or SLURM describes.
 

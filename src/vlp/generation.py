@@ -9,20 +9,22 @@ optional `max_length` caps the whole sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+
+from vlp.config import NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass
 class GenerationConfig:
     method: Literal["greedy", "beam", "nucleus"] = "beam"
-    max_new_tokens: int = 20
-    min_new_tokens: int = 5  # end-of-text is not allowed before this many tokens
-    num_beams: int = 3
-    top_p: float = 0.9
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL's rule)
+    max_new_tokens: PositiveInt = 20
+    min_new_tokens: NonNegativeInt = 5  # end-of-text is not allowed before this many tokens
+    num_beams: PositiveInt = 3
+    top_p: Annotated[float, Range(min=0, max=1, exclusive_min=True)] = 0.9
+    temperature: PositiveFloat = 1.0
+    repetition_penalty: PositiveFloat = 1.0  # > 1 discourages tokens already in the sequence (CTRL's rule)
     length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
     seed: int | None = None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vlp.train.run_folder import METRICS_FILE, read_metrics as read_metrics_file
+
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    """A run's log records that have a loss (a log step whose steps were all skipped has none)."""
+    return [r for r in read_metrics_file(run_dir / METRICS_FILE) if "loss" in r]
 
 
 def plot_curves(runs: dict[str, Path], out: Path) -> Path:
@@ -79,5 +80,6 @@ def metrics_table(results: dict[str, dict[str, dict]], key: str, names: list[str
     lines = [header, "|" + "---|" * (len(names) + 1)]
     for model, tasks in results.items():
         metrics = tasks[key]["metrics"]
-        lines.append(f"| {model} | " + " | ".join(f"{metrics[n]:.3f}" for n in names) + " |")
+        lines.append(f"| {model} | " + " | ".join("n/a" if metrics[n] is None else f"{metrics[n]:.3f}" for n in names)
+                     + " |")
     return "\n".join(lines)

@@ -11,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from vlp.checkpoint import ARCH_FILE, CheckpointError, Pretrained, list_checkpoints, load_checkpoint, save_checkpoint
+from vlp.checkpoint import (
+    ARCH_FILE,
+    CheckpointError,
+    Pretrained,
+    is_checkpoint_folder,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vlp.convert.hf import ConversionError, export_hf, is_hf_folder, load_hf
 from vlp.convert.open_clip import export_open_clip, is_open_clip_folder, load_open_clip
 from vlp.convert.tokenizers import tokenizer_from_path
@@ -59,23 +67,43 @@ def load_pretrained(
     return loaded
 
 
-def export_pretrained(pretrained: Pretrained, fmt: Format, out: str | Path, architecture: str | None = None) -> Path:
-    """`architecture`: which Hugging Face class a BLIP is written for (captioning by default)."""
+def _holds_checkpoint(out: Path, fmt: Format) -> bool:
+    if fmt == "vlp":
+        return is_checkpoint_folder(out)
+    if fmt == "hf":
+        return is_hf_folder(out)
+    return is_open_clip_folder(out)
+
+
+def export_pretrained(
+    pretrained: Pretrained, fmt: Format, out: str | Path, architecture: str | None = None, *, overwrite: bool = False
+) -> Path:
+    """`architecture`: which Hugging Face class a BLIP is written for (captioning by default).
+
+    A folder that is not empty must hold a checkpoint of the same format, or `overwrite` be given; either
+    way only the checkpoint's own files are replaced, and anything else in the folder stays."""
     out = Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not _holds_checkpoint(out, fmt):
+        raise CheckpointError(
+            f"--out {out} is not empty and holds no {fmt} checkpoint: pass --overwrite to write the checkpoint "
+            "files into it (nothing else there is touched), or choose another folder"
+        )
     if fmt == "hf":
         return export_hf(pretrained, out, architecture)
     if fmt == "open_clip":
         return export_open_clip(pretrained, out)
-    if fmt == "vlp":
-        return save_checkpoint(
-            out,
-            family=pretrained.family,
-            model_config=pretrained.config,
-            model=pretrained.model,
-            image_config=pretrained.image_config,
-            tokenizer=pretrained.tokenizer,
-        )
-    raise ValueError(f"unknown format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    return save_checkpoint(
+        out,
+        family=pretrained.family,
+        model_config=pretrained.config,
+        model=pretrained.model,
+        image_config=pretrained.image_config,
+        tokenizer=pretrained.tokenizer,
+    )
 
 
 __all__ = ["FORMATS", "ConversionError", "detect_format", "export_pretrained", "load_pretrained"]

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from vlp.checkpoint import CheckpointError, Pretrained
+from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
 from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.data.tokenizer import Tokenizer
@@ -468,7 +467,7 @@ def export_hf(pretrained: Pretrained, out: Path, architecture: str | None = None
     model_type = config["model_type"]
     state = from_vlp(pretrained.model.state_dict(), hf_rules(cfg, model_type))
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "preprocessor_config.json").write_text(
         json.dumps(_image_processor(pretrained.image_config, model_type), indent=1)

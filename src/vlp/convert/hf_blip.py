@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from vlp.checkpoint import Pretrained
+from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.hf import ConversionError, save_hf_tokenizer
 from vlp.convert.keymap import Rule, from_vlp, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
@@ -274,7 +273,8 @@ def export_hf_blip(pretrained: Pretrained, out: Path, architecture: str | None =
         "tie_word_embeddings": tied,
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.contiguous() for k, v in state.items()}
+    write_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     image = pretrained.image_config
     if image.resize_mode != "squash":

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 
-from vlp.checkpoint import CheckpointError
+from vlp.checkpoint import CheckpointError, read_weights
 
 # unsqueeze: the foreign tensor has a leading axis of size 1 that vlp's lacks ([1] vs a scalar, [1, N, D] vs [N, D]);
 # unsqueeze2: two ([1, 1, D] vs [D], HF BLIP's class embedding).
@@ -128,7 +127,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = read_weights(path)
     else:
         if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
             raise CheckpointError(

@@ -18,9 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
-from vlp.checkpoint import CheckpointError, Pretrained
+from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
 from vlp.convert.hf import ConversionError, save_hf_tokenizer
 from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
@@ -642,7 +640,7 @@ def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
         clean = tokenizer.clean if tokenizer.clean in ("whitespace", "lower", "canonicalize") else "whitespace"
         model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
     state = from_vlp(pretrained.model.state_dict(), rules)
-    save_file(state, str(out / WEIGHTS_FILES[0]), metadata={"format": "pt"})
+    write_safetensors(state, out / WEIGHTS_FILES[0], metadata={"format": "pt"})
     image = pretrained.image_config
     preprocess = {
         "size": image.size,

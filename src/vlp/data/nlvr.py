@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlp.data.pipeline import DataConfig, counted_good_batches, map_style_batches
-from vlp.data.sources import BadSamples, DataError, load_image
+from vlp.data.pipeline import DataConfig, GoodBatches, bad_samples, map_style_batches
+from vlp.data.sources import BadSamples, DataError, load_image, skipped
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import ImageTransform
 
@@ -68,7 +68,7 @@ class NlvrDataset(Dataset):
         try:
             left, right = load_image(entry.left), load_image(entry.right)
         except DataError as err:
-            return {"bad": str(err)}
+            return {"bad": skipped(err)}
         rng = random.Random(f"{self.seed}-{epoch}-{index}")
         return {"left": self.transform(left, rng), "right": self.transform(right, rng), "sentence": entry.sentence,
                 "label": int(entry.label)}  # fmt: skip
@@ -105,7 +105,9 @@ def nlvr_batches(
     start_step: int = 0,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[dict[str, Any]]:
+    bad: BadSamples | None = None,
+    position: dict[str, Any] | None = None,
+) -> GoodBatches:
     """Endless training batches of image pairs with statements and labels from `data.train`."""
     if not cfg.train:
         raise DataError("NLVR training needs data.train (a JSON list of images, sentence, label)")
@@ -120,7 +122,7 @@ def nlvr_batches(
         rank=rank,
         world_size=world_size,
     )
-    yield from counted_good_batches(batches, BadSamples(max_fraction=cfg.max_bad_fraction))
+    return GoodBatches(batches, bad or bad_samples(cfg))
 
 
 def nlvr_texts(cfg: DataConfig) -> Iterator[str]:

@@ -17,9 +17,12 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vlp.config import Fraction, NonNegativeInt, PositiveInt, Range
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {
@@ -249,16 +252,16 @@ def _write_shards(folder: Path, prefix: str, samples: list[tuple[str, bytes, str
 
 @dataclass
 class ShapesWorldConfig:
-    seed: int = 0
-    image_size: int = 64
-    train: int = 5000
-    test: int = 1000
-    web: int = 3000
-    classify: int = 1000
-    train_captions: int = 3
-    test_captions: int = 5
-    web_noise: float = 0.4  # share of web captions replaced by alt-text junk or another image's caption
-    shards: int = 8
+    seed: NonNegativeInt = 0
+    image_size: Annotated[int, Range(min=16)] = 64  # smaller scenes leave no room for three shapes
+    train: PositiveInt = 5000
+    test: PositiveInt = 1000
+    web: PositiveInt = 3000
+    classify: PositiveInt = 1000
+    train_captions: PositiveInt = 3
+    test_captions: PositiveInt = 5
+    web_noise: Fraction = 0.4  # share of web captions replaced by alt-text junk or another image's caption
+    shards: PositiveInt = 8
 
 
 def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:

@@ -1,7 +1,8 @@
 """Readers for the image-caption formats users already have: CSV, COCO captions JSON, WebDataset.
 
 Map-style sources (CSV, COCO) become lists of `ImageCaptions`; WebDataset shards stream.
-Captions that are empty are dropped here, counted, and reported by `BadSamples`.
+Rows that cannot be used (an empty caption, text that is not UTF-8, an unknown image id) are dropped
+here, and images that cannot be read are dropped when loaded; `BadSamples` counts both by cause.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import io
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +22,38 @@ log = logging.getLogger("vlp.data")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+# Why a sample or a row was skipped. The order is fixed: processes add up their counts as one vector.
+CAUSES = (
+    "unreadable_image",  # missing, truncated or not an image
+    "empty_caption",
+    "undecodable_text",  # bytes that are not UTF-8
+    "unknown_image_id",  # a COCO caption whose image id is not among the file's images
+    "missing_image",  # a WebDataset sample with no image file
+    "missing_caption",  # a WebDataset sample with no caption file
+    "no_answers",  # a VQA question whose annotators gave no usable answer
+    "truncated_shard",  # a WebDataset shard that ends in the middle (its remaining samples are lost)
+)
+
+
 class DataError(RuntimeError):
-    """A dataset cannot be read or holds too many bad samples; the message names the path."""
+    """A dataset cannot be read or holds too many bad samples; the message names the path. `cause` (one
+    of `CAUSES`) is set when the error concerns one sample that can be skipped."""
+
+    def __init__(self, message: str, cause: str | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One skipped sample or row: why (one of `CAUSES`) and which."""
+
+    cause: str
+    detail: str
+
+
+def skipped(err: DataError) -> Skipped:
+    return Skipped(err.cause or "unreadable_image", str(err))
 
 
 @dataclass
@@ -33,30 +65,69 @@ class ImageCaptions:
 
 @dataclass
 class BadSamples:
-    """Counts skipped samples and stops the run when more than `max_fraction` of them are bad."""
+    """Skipped samples by cause, and the rule that stops a run on data that is mostly broken.
+
+    Two kinds of count: rows dropped when a caption file is read (exact: the whole file is read at once,
+    the same on every process) and samples that fail when loaded (drawn again each epoch, per process).
+    The share of bad data is 1 - (1 - dropped/rows) x (1 - failed/drawn); the loaded part counts only
+    once `min_samples` were drawn, so a few bad images among the first batches do not stop a run.
+    """
 
     max_fraction: float = 0.05
-    min_seen: int = 50  # the share is judged once this many samples were seen
-    good: int = 0
-    bad: int = 0
+    min_samples: int = 2000
+    rows: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    drawn: int = 0
+    failed: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
-    def update(self, good: int, bad: list[str]) -> None:
-        self.good += good
-        self.bad += len(bad)
-        for reason in bad:
-            if len(self.examples) < 20:
-                log.warning("skipped bad sample: %s", reason)
-            self.examples.append(reason)
-        del self.examples[100:]
+    def read(self, rows: int, dropped: list[Skipped]) -> None:
+        """A caption file of `rows` rows was read and `dropped` of them skipped."""
+        self.rows += rows
+        self.dropped.update(item.cause for item in dropped)
+        self._note(dropped)
         self.check()
 
+    def update(self, good: int, bad: list[Skipped]) -> None:
+        """Samples were drawn: `good` loaded and `bad` failed. A truncated shard is no sample and is not
+        counted as drawn."""
+        samples = [item for item in bad if item.cause != "truncated_shard"]
+        self.drawn += good + len(samples)
+        self.failed.update(item.cause for item in bad)
+        self._note(bad)
+        self.check()
+
+    def _note(self, items: list[Skipped]) -> None:
+        for item in items:
+            if len(self.examples) < 20 and item.cause != "truncated_shard":  # the stream logged it already
+                log.warning("skipped bad sample: %s", item.detail)
+            self.examples.append(item.detail)
+        del self.examples[100:]
+
+    @property
+    def bad(self) -> int:
+        return sum(self.dropped.values()) + sum(self.failed.values())
+
+    def fraction(self) -> float:
+        """The estimated share of bad data (the loaded part once `min_samples` were drawn)."""
+        read_share = sum(self.dropped.values()) / self.rows if self.rows else 0.0
+        loaded = self.drawn >= self.min_samples
+        failed = sum(n for cause, n in self.failed.items() if cause != "truncated_shard")
+        load_share = failed / self.drawn if loaded else 0.0
+        return 1 - (1 - read_share) * (1 - load_share)
+
     def check(self) -> None:
-        total = self.good + self.bad
-        if total >= self.min_seen and self.bad > self.max_fraction * total:
+        share = self.fraction()
+        if share > self.max_fraction:
+            parts = []
+            if self.dropped:
+                parts.append(f"{sum(self.dropped.values())} of {self.rows} rows dropped when read")
+            if self.failed:
+                parts.append(f"{sum(self.failed.values())} of {self.drawn} drawn samples failed to load")
+            causes = ", ".join(f"{c} {n}" for c, n in (self.dropped + self.failed).most_common())
             raise DataError(
-                f"{self.bad} of {total} samples are bad ({self.bad / total:.1%} > max_bad_fraction "
-                f"{self.max_fraction:.1%}); first: {'; '.join(self.examples[:3])}"
+                f"about {share:.1%} of the training samples are bad (more than data.max_bad_fraction "
+                f"{self.max_fraction:.1%}): {'; '.join(parts)} ({causes}); first: {'; '.join(self.examples[:3])}"
             )
 
 
@@ -70,20 +141,30 @@ def _resolve_image(name: str, roots: list[Path]) -> Path:
     return roots[0] / candidate
 
 
-def _group(rows: list[tuple[str, str]], roots: list[Path], where: str, bad: BadSamples) -> list[ImageCaptions]:
+def _group(rows: list[tuple[int, str, str | Skipped]], roots: list[Path], where: str,
+           bad: BadSamples) -> list[ImageCaptions]:
+    """(row number, image, caption or the reason it was skipped) -> images with their captions."""
     grouped: dict[str, ImageCaptions] = {}
     dropped = []
-    for row_no, (image, caption) in enumerate(rows):
+    for row_no, image, caption in rows:
+        if isinstance(caption, Skipped):
+            dropped.append(caption)
+            continue
         caption = (caption or "").strip()
         if not caption:
-            dropped.append(f"{where} entry {row_no}: empty caption for {image}")
+            dropped.append(Skipped("empty_caption", f"{where} {row_no}: empty caption for {image}"))
             continue
         item = grouped.get(image)
         if item is None:
             item = grouped[image] = ImageCaptions(_resolve_image(image, roots), [], key=image)
         item.captions.append(caption)
-    bad.update(0, dropped)
+    bad.read(len(rows), dropped)
     return list(grouped.values())
+
+
+def _has_undecodable(text: str) -> bool:
+    """Bytes that were not UTF-8, kept as lone surrogates by the 'surrogateescape' error handler."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def read_csv(
@@ -98,7 +179,8 @@ def read_csv(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"CSV file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    # Bytes that are not UTF-8 are kept as surrogates, so the rows that hold them can be skipped by name.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     header = text.splitlines()[0] if text else ""
     delimiter = max(",\t;|", key=header.count) if header else ","
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
@@ -106,9 +188,16 @@ def read_csv(
     for column in (image_key, caption_key):
         if column not in columns:
             raise DataError(f"{path}: no column '{column}' (columns: {', '.join(columns) or 'none'})")
-    rows = [(r[image_key], r[caption_key]) for r in reader]
+    rows: list[tuple[int, str, str | Skipped]] = []
+    for r in reader:
+        image, caption = r[image_key] or "", r[caption_key]
+        where = f"{path} line {reader.line_num}"
+        if _has_undecodable(image) or _has_undecodable(caption or ""):
+            rows.append((reader.line_num, image, Skipped("undecodable_text", f"{where}: text is not UTF-8")))
+        else:
+            rows.append((reader.line_num, image, caption))
     roots = [Path(images_dir)] if images_dir else [path.parent, Path.cwd()]
-    return _group(rows, roots, str(path), bad or BadSamples())
+    return _group(rows, roots, f"{path} line", bad or BadSamples(max_fraction=1.0))
 
 
 def read_coco_captions(
@@ -119,13 +208,21 @@ def read_coco_captions(
     if not path.is_file():
         raise DataError(f"COCO captions file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
         files = {img["id"]: img["file_name"] for img in data["images"]}
-        rows = [(files[a["image_id"]], a["caption"]) for a in data["annotations"]]
+        rows: list[tuple[int, str, str | Skipped]] = []
+        for number, annotation in enumerate(data["annotations"]):
+            image_id = annotation["image_id"]
+            if image_id in files:
+                rows.append((number, files[image_id], annotation["caption"]))
+            else:
+                name = f"annotation {annotation.get('id', number)}"
+                rows.append((number, str(image_id), Skipped(
+                    "unknown_image_id", f"{path} {name}: image_id {image_id!r} is not among the file's images")))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise DataError(f"{path} is not a COCO captions file (images/annotations with caption): {err}") from err
     roots = [Path(images_dir)] if images_dir else [path.parent, path.parent / "images"]
-    return _group(rows, roots, str(path), bad or BadSamples())
+    return _group(rows, roots, f"{path} annotation", bad or BadSamples(max_fraction=1.0))
 
 
 def load_image(path: Path) -> Image.Image:
@@ -134,7 +231,7 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from err
+        raise DataError(f"cannot read image {path}: {err}", cause="unreadable_image") from err
 
 
 def decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
@@ -142,20 +239,23 @@ def decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
     key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
     if data is None:
-        raise DataError(f"{key}: no image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-    if "txt" in sample:
-        caption = sample["txt"].decode("utf-8", errors="replace")
-    elif "json" in sample:
-        caption = json.loads(sample["json"]).get("caption") or ""
-    else:
-        raise DataError(f"{key}: no caption (expected txt or json)")
+        raise DataError(f"{key}: no image (expected one of {', '.join(IMAGE_EXTENSIONS)})", cause="missing_image")
+    try:
+        if "txt" in sample:
+            caption = sample["txt"].decode("utf-8")
+        elif "json" in sample:
+            caption = json.loads(sample["json"]).get("caption") or ""
+        else:
+            raise DataError(f"{key}: no caption (expected txt or json)", cause="missing_caption")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise DataError(f"{key}: caption is not UTF-8 text: {err}", cause="undecodable_text") from err
     if not caption.strip():
-        raise DataError(f"{key}: empty caption")
+        raise DataError(f"{key}: empty caption", cause="empty_caption")
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB"), caption.strip()
-    except (OSError, ValueError) as err:
-        raise DataError(f"{key}: cannot decode image: {err}") from err
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{key}: cannot decode image: {err}", cause="unreadable_image") from err
 
 
 def detect_format(spec: str) -> str:

@@ -13,11 +13,14 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from vlp.config import PositiveInt, Range
+from vlp.data.sources import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 # Python-side text cleaning that a tokenizer.json cannot express (ftfy, HTML entities), kept beside it.
@@ -56,8 +59,8 @@ def clean_text(text: str, mode: TextClean) -> str:
 @dataclass
 class TokenizerConfig:
     kind: Literal["bpe", "wordpiece"] = "bpe"
-    vocab_size: int = 4096
-    context_length: int = 32
+    vocab_size: PositiveInt = 4096
+    context_length: Annotated[int, Range(min=2)] = 32  # room for the start and end tokens
     lowercase: bool = True
     bos_token: str | None = "<start_of_text>"
     eos_token: str = "<end_of_text>"
@@ -90,8 +93,12 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer found at {path}")
         settings = path.with_name(TOKENIZER_CONFIG_FILE)
-        clean = json.loads(settings.read_text()).get("clean", "none") if settings.is_file() else "none"
-        return cls(BackendTokenizer.from_file(str(path)), clean)
+        try:
+            clean = json.loads(settings.read_text()).get("clean", "none") if settings.is_file() else "none"
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a broken file
+            raise DataError(f"{path} is not a readable tokenizer: {err}") from err
+        return cls(backend, clean)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE

@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vlp.config import PositiveFloat, PositiveInt, Range
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+CropScale = Annotated[float, Range(min=0, max=1, exclusive_min=True)]
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -21,13 +24,19 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 class ImageConfig:
     """Preprocessing that travels with the weights: size, interpolation, normalisation, training crops."""
 
-    size: int = 224
+    size: PositiveInt = 224
     mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = CLIP_STD
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     resize_mode: Literal["shortest", "squash"] = "shortest"  # shortest side + centre crop, or stretch
-    train_crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop area range in training
-    train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    train_crop_scale: tuple[CropScale, CropScale] = (0.9, 1.0)  # random resized crop area range in training
+    train_crop_ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        for key in ("train_crop_scale", "train_crop_ratio"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"{key} [{low}, {high}] is not a range: the first value is the larger")
 
 
 class ImageTransform:

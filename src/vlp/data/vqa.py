@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlp.data.pipeline import DataConfig, counted_good_batches, map_style_batches
-from vlp.data.sources import BadSamples, DataError, load_image
+from vlp.data.pipeline import DataConfig, GoodBatches, bad_samples, map_style_batches
+from vlp.data.sources import BadSamples, DataError, Skipped, load_image
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import ImageTransform
 
@@ -108,13 +108,12 @@ class VqaDataset(Dataset):
         try:
             image = load_image(question.image)
         except DataError as err:
-            return {"bad": f"question {question.question_id}: {err}"}
+            return {"bad": Skipped("unreadable_image", f"question {question.question_id}: {err}")}
         rng = random.Random(f"{self.seed}-{epoch}-{index}")
-        return {
-            "image": self.transform(image, rng),
-            "question": question.question,
-            "answers": weighted_answers(question.answers),
-        }
+        answers = weighted_answers(question.answers)
+        if not answers:
+            return {"bad": Skipped("no_answers", f"question {question.question_id}: no usable answer")}
+        return {"image": self.transform(image, rng), "question": question.question, "answers": answers}
 
 
 def tokenize_trimmed(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +131,8 @@ class VqaCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        good = [i for i in items if "bad" not in i and i["answers"]]
+        good = [i for i in items if "bad" not in i]
         bad = [i["bad"] for i in items if "bad" in i]
-        bad += ["a question without answers" for i in items if "bad" not in i and not i["answers"]]
         if not good:
             return {"bad": bad, "size": 0}
         question, question_mask = tokenize_trimmed(self.tokenizer, [i["question"] for i in good])
@@ -163,7 +161,9 @@ def vqa_batches(
     start_step: int = 0,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[dict[str, Any]]:
+    bad: BadSamples | None = None,
+    position: dict[str, Any] | None = None,
+) -> GoodBatches:
     """Endless VQA training batches: `data.train` is the questions file, `data.annotations` the answers."""
     if not cfg.train or not cfg.annotations:
         raise DataError("VQA training needs data.train (questions file) and data.annotations (answers file)")
@@ -178,7 +178,7 @@ def vqa_batches(
         rank=rank,
         world_size=world_size,
     )
-    yield from counted_good_batches(batches, BadSamples(max_fraction=cfg.max_bad_fraction))
+    return GoodBatches(batches, bad or bad_samples(cfg))
 
 
 def vqa_texts(cfg: DataConfig) -> Iterator[str]:

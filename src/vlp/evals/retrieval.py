@@ -61,8 +61,10 @@ def reranked_retrieval(
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """BLIP's retrieval: each query's top-k candidates by embedding similarity [T, I] are re-scored with
-    the image-text matching head, score = ITM match logit + similarity; the rest score -100.
-    match_logits(image_indices [P], text_indices [P]) -> [P]."""
+    the image-text matching head, score = ITM match logit + similarity. The rest follow in their
+    embedding order, below every re-scored one, so recall@K for K > k is that of the embeddings past
+    the first k (LAVIS scores them all -100, in no order). match_logits(image_indices [P], text_indices [P])
+    -> [P]."""
     positives = _positives(similarity, text_to_image)
     metrics = {}
     for name, scores, hits in (
@@ -72,10 +74,10 @@ def reranked_retrieval(
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [Q, k]
         queries = torch.arange(scores.shape[0])[:, None].expand_as(top)
         images, texts = (top, queries) if name == "image_retrieval" else (queries, top)
-        reranked = torch.full_like(scores, -100.0)
-        reranked[queries, top] = match_logits(images.reshape(-1), texts.reshape(-1)).view_as(top) + scores.gather(
-            1, top
-        )
+        rescored = match_logits(images.reshape(-1), texts.reshape(-1)).view_as(top).float() + scores.gather(1, top)
+        below = rescored.min(dim=1).values - scores.max(dim=1).values - 1.0  # [Q]: shifts the rest under them
+        reranked = scores + below[:, None]
+        reranked[queries, top] = rescored
         for cutoff in ks:
             metrics[f"{name}_recall@{cutoff}"] = recall_at_k(reranked, hits, cutoff)
     return dict(sorted(metrics.items(), key=lambda item: item[0].startswith("text")))

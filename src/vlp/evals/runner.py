@@ -11,15 +11,14 @@ import torch
 from vlp.data.sources import read_captions
 from vlp.evals.probe import ProbeConfig, frozen_feature_probes, split_train_test
 from vlp.evals.retrieval import reranked_retrieval, zeroshot_retrieval
-from vlp.evals.zeroshot import read_classification_data, read_lines, zeroshot_classification
+from vlp.evals.zeroshot import check_templates, read_classification_data, read_lines, zeroshot_classification
 
 
 def evaluate_zeroshot(predictor: Any, data: str | Path, classnames: str | Path, templates: str | Path) -> dict:
     names = read_lines(classnames)
+    prompts = check_templates(read_lines(templates), templates)
     paths, labels = read_classification_data(data, names)
-    metrics, _ = zeroshot_classification(
-        predictor.embed_images, predictor.embed_texts, paths, labels, names, read_lines(templates)
-    )
+    metrics, _ = zeroshot_classification(predictor.embed_images, predictor.embed_texts, paths, labels, names, prompts)
     return {"task": "zeroshot_classification", "dataset": str(data), "metrics": metrics}
 
 
@@ -79,9 +78,12 @@ def evaluate_probe(
 
 
 def format_table(result: dict) -> str:
-    rows = [(name, "unavailable" if value is None else f"{value:.4f}") for name, value in result["metrics"].items()]
+    rows = [(name, "n/a" if value is None else f"{value:.4f}") for name, value in result["metrics"].items()]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{result['task']} on {result['dataset']}"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines = [f"{result['task']} on {result['dataset']}"]
+    if "protocol" in result:
+        lines.append(f"  ({result['protocol']})")
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
 
 

@@ -23,6 +23,14 @@ def read_lines(path: str | Path) -> list[str]:
     return lines
 
 
+def check_templates(templates: list[str], where: str | Path) -> list[str]:
+    """Templates must each hold the class name's place, `{}` or `{c}` (CLIP_benchmark's)."""
+    for number, template in enumerate(templates, start=1):
+        if "{}" not in template and "{c}" not in template:
+            raise DataError(f"{where}: template {number} ({template!r}) has no {{}} or {{c}} for the class name")
+    return templates
+
+
 def read_classification_data(data: str | Path, classnames: list[str]) -> tuple[list[Path], list[int]]:
     """An ImageFolder directory (one subfolder per class) or a CSV with `filepath,label` columns."""
     data = Path(data)
@@ -69,13 +77,16 @@ def class_embeddings(embed_texts: EmbedFn, classnames: list[str], templates: lis
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 and mean_per_class_recall (balanced accuracy)."""
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """acc1, acc5 and mean_per_class_recall as CLIP_benchmark computes them: top-k accuracy from `topk`,
+    acc5 undefined (None; CLIP_benchmark writes NaN) with fewer than five classes, and the balanced
+    accuracy of the `argmax` predictions (sklearn's `balanced_accuracy_score`: the mean recall over the
+    classes that have test images). `topk` and `argmax` may break ties between equal logits differently."""
     num_classes = logits.shape[1]
     topk = logits.topk(min(5, num_classes), dim=1).indices
     acc1 = (topk[:, 0] == labels).float().mean().item()
-    acc5 = (topk == labels[:, None]).any(dim=1).float().mean().item()
-    predictions = topk[:, 0]
+    acc5 = (topk == labels[:, None]).any(dim=1).float().mean().item() if num_classes >= 5 else None
+    predictions = logits.argmax(dim=1)
     recalls = [(predictions[labels == c] == c).float().mean().item() for c in labels.unique()]
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
 

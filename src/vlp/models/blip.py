@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from vlp.layers import (
     Activation,
     Attention,
@@ -43,14 +44,14 @@ TextMode = Literal["text", "multimodal", "decoder"]
 class MedConfig:
     """The BERT-style text side (post-norm layers, embeddings LayerNorm)."""
 
-    vocab_size: int = 30524
-    max_positions: int = 512
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    vocab_size: PositiveInt = 30524
+    max_positions: PositiveInt = 512
+    width: PositiveInt = 768
+    layers: PositiveInt = 12
+    heads: PositiveInt = 12
+    mlp_ratio: PositiveFloat = 4.0
     act: Activation = "gelu"
-    norm_eps: float = 1e-12
+    norm_eps: PositiveFloat = 1e-12
     share: Literal["all_but_self_attention", "all", "none"] = "all_but_self_attention"
     # Tokens the model writes itself: [ENC] and [DEC] replace the first token; [SEP] ends a caption. The
     # trainer checks each id against the tokenizer.
@@ -58,6 +59,10 @@ class MedConfig:
     eos_token_id: int = 102
     enc_token_id: int = 30523
     dec_token_id: int = 30522
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
 
     def special_tokens(self) -> dict[str, tuple[str, int]]:
         """config key -> (token, id) the tokenizer must agree on."""
@@ -78,15 +83,15 @@ class BlipConfig:
         )
     )
     text: MedConfig = field(default_factory=MedConfig)
-    embed_dim: int = 256  # the ITC projections
-    init_temperature: float = 0.07
+    embed_dim: PositiveInt = 256  # the ITC projections
+    init_temperature: PositiveFloat = 0.07
     # The temperature is clamped into this range after every step, as BLIP does.
-    min_temperature: float = 0.001
-    max_temperature: float = 0.5
+    min_temperature: PositiveFloat = 0.001
+    max_temperature: PositiveFloat = 0.5
     # ALBEF-style momentum encoders (an EMA of the image and text encoders and projections) with
     # feature queues, for momentum distillation in ITC. BLIP: 0.995 and 57,600. None = neither.
-    momentum: float | None = None
-    queue_size: int = 0
+    momentum: Fraction | None = None
+    queue_size: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         if self.queue_size and self.momentum is None:

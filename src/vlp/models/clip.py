@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.config import PositiveInt
 from vlp.towers import ImageTowerConfig, TextConfig, TextTransformer, VisionConfig, build_image_tower
 
 
 @dataclass
 class DualEncoderConfig:
-    embed_dim: int = 512
+    embed_dim: PositiveInt = 512
     vision: ImageTowerConfig = field(default_factory=VisionConfig)  # kind: vit (default) or convnet
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # SigLIP: log(10)

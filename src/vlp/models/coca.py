@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from vlp.config import PositiveInt
 from vlp.layers import (
     AttentionalPooler,
     CrossAttentionBlock,
@@ -39,7 +40,7 @@ from vlp.towers import ImageTowerConfig, TextConfig, VisionConfig, build_image_t
 @dataclass
 class CocaConfig:
     # The contrastive embedding width, and the width of the pooled image tokens the decoder reads.
-    embed_dim: int = 512
+    embed_dim: PositiveInt = 512
     # coca_ViT-B-32's image encoder; its LayerNorm comes after the pooler (ln_post below).
     vision: ImageTowerConfig = field(
         default_factory=lambda: VisionConfig(
@@ -48,11 +49,11 @@ class CocaConfig:
     )
     # The unimodal half: context_length text tokens, and one more position for the appended CLS.
     text: TextConfig = field(default_factory=lambda: TextConfig(context_length=76, width=512, layers=12, heads=8))
-    multimodal_layers: int = 12  # the multimodal half; width, MLP and activation are the text's
-    multimodal_heads: int | None = None  # None = text.heads
+    multimodal_layers: PositiveInt = 12  # the multimodal half; width, MLP and activation are the text's
+    multimodal_heads: PositiveInt | None = None  # None = text.heads
     pooler: Literal["separate", "shared"] = "separate"
-    caption_queries: int = 256  # the captioning pooler's queries (shared: 1 + the 255 tokens)
-    pooler_heads: int = 8
+    caption_queries: PositiveInt = 256  # the captioning pooler's queries (shared: 1 + the 255 tokens)
+    pooler_heads: PositiveInt = 8
     # Which keys the CLS attends to: the real tokens and itself (correct), or open_clip's released
     # weights' off-by-one padding mask (legacy: the first padding position, not itself).
     cls_mask: Literal["correct", "legacy"] = "correct"
@@ -71,6 +72,8 @@ class CocaConfig:
             raise ValueError("text.cross_attention_width: CoCa's unimodal half has no cross-attention")
         if self.pooler == "shared" and self.caption_queries < 2:
             raise ValueError("pooler 'shared' needs caption_queries >= 2: query 0 is the contrastive embedding")
+        if self.multimodal_heads and self.text.width % self.multimodal_heads:
+            raise ValueError(f"text.width {self.text.width} is not divisible by multimodal_heads {self.multimodal_heads}")
         if self.embed_dim % self.pooler_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by pooler_heads {self.pooler_heads}")
 

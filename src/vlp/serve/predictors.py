@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from vlp.checkpoint import Pretrained
 from vlp.data.sources import load_image
@@ -15,6 +16,15 @@ from vlp.data.vqa import tokenize_trimmed
 from vlp.generation import GenerationConfig, generate
 
 ImageInput = Image.Image | str | Path
+Precision = Literal["fp32", "bf16"]
+
+
+class UnsupportedTask(ValueError):
+    """A checkpoint's model cannot do what was asked (captioning with a CLIP, say); the message names both."""
+
+
+class NonFiniteOutput(ValueError):
+    """A model computed NaN or infinite values (its weights diverged in training, say)."""
 
 
 def pixel_batches(
@@ -22,60 +32,99 @@ def pixel_batches(
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
     device: torch.device,
+    *,
+    progress: str | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Images (PIL or paths) -> preprocessed pixel batches [b, 3, S, S] on `device`."""
-    for start in range(0, len(images), batch_size):
+    """Images (PIL or paths) -> preprocessed pixel batches [b, 3, S, S] on `device`; with `progress`, a
+    progress bar of that name when there is more than one batch."""
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2,
+                      leave=False):
         chunk = [
             im if isinstance(im, Image.Image) else load_image(Path(im)) for im in images[start : start + batch_size]
         ]
         yield torch.stack([transform(im) for im in chunk]).to(device)
 
 
-class DualEncoderPredictor:
-    """`embed_images` and `embed_texts` for a dual encoder: L2-normalised float32 embeddings.
+class Predictor:
+    """What every predictor shares: the model on its device in eval mode, its preprocessing and
+    tokenizer, batching, bf16 autocast as an option and progress bars as another.
 
-    precision bf16 runs the towers under bf16 autocast: about twice as fast on CPUs with bf16 matmuls,
-    embeddings within ~1e-2 of fp32.
+    `ability` names the model methods the predictor calls and `task` what it does, for the error a
+    checkpoint of another kind gets.
     """
+
+    ability: tuple[str, ...] = ()
+    task: str = ""
 
     def __init__(
         self,
         pretrained: Pretrained,
         *,
-        batch_size: int = 256,
+        batch_size: int = 32,
         device: str | None = None,
-        precision: Literal["fp32", "bf16"] = "fp32",
+        precision: Precision = "fp32",
+        progress: bool = False,
     ):
-        if not hasattr(pretrained.model, "encode_image") or not hasattr(pretrained.model, "encode_text"):
-            raise TypeError(f"a {pretrained.family.name} model has no image and text embeddings")
+        missing = self.missing_ability(pretrained)
+        if missing:
+            raise UnsupportedTask(f"{pretrained.path}: a {pretrained.family.name} model cannot {self.task} ({missing})")
         self.pretrained = pretrained
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = pretrained.model.to(self.device).eval()
         self.transform = pretrained.image_transform()
         self.tokenizer = pretrained.tokenizer
         self.batch_size = batch_size
+        self.progress = progress
+        # bf16 runs the model under bf16 autocast: about twice as fast on CPUs with bf16 matmuls.
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
+    def missing_ability(self, pretrained: Pretrained) -> str | None:
+        """None when the model can do this predictor's task, else what it lacks."""
+        missing = [name for name in self.ability if not hasattr(pretrained.model, name)]
+        return f"it has no {missing[0]}" if missing else None
+
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> DualEncoderPredictor:
+    def from_checkpoint(cls, path: str | Path, **kwargs):
         """Any checkpoint `vlp.load` reads: vlp, Hugging Face or open_clip folders."""
         from vlp.convert import load_pretrained
 
         return cls(load_pretrained(path), **kwargs)
+
+    def pixel_batches(self, images: Sequence[ImageInput], what: str) -> Iterator[torch.Tensor]:
+        return pixel_batches(images, self.transform, self.batch_size, self.device,
+                             progress=what if self.progress else None)
+
+
+class DualEncoderPredictor(Predictor):
+    """`embed_images` and `embed_texts` for a dual encoder: L2-normalised float32 embeddings (bf16:
+    within ~1e-2 of fp32)."""
+
+    ability = ("encode_image", "encode_text")
+    task = "embed images and texts"
+
+    def __init__(self, pretrained: Pretrained, *, batch_size: int = 256, **kwargs):
+        super().__init__(pretrained, batch_size=batch_size, **kwargs)
 
     @torch.inference_mode()
     def _per_image_batch(
         self, images: Sequence[ImageInput], encode: Callable[[torch.Tensor], torch.Tensor], empty: tuple[int, ...]
     ) -> torch.Tensor:
         out = []
-        for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
+        for pixels in self.pixel_batches(images, "embedding images"):
             with self.autocast:
                 out.append(encode(pixels).float().cpu())
         return torch.cat(out) if out else torch.empty(empty)
 
+    def _finite(self, embeddings: torch.Tensor, what: str) -> torch.Tensor:
+        if not torch.isfinite(embeddings).all():
+            raise NonFiniteOutput(f"{self.pretrained.path}: the model's {what} embeddings are NaN or infinite "
+                                  "(did its training diverge?)")
+        return embeddings
+
     def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images (PIL or paths) -> [N, E]."""
-        return self._per_image_batch(images, self.model.encode_image, (0, 0))
+        return self._finite(self._per_image_batch(images, self.model.encode_image, (0, 0)), "image")
 
     def embed_image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes)."""
@@ -90,62 +139,47 @@ class DualEncoderPredictor:
         ids, mask = self.tokenizer(list(texts))
         order = mask.sum(dim=1).argsort(stable=True)
         out = []
-        for start in range(0, len(texts), self.batch_size):
+        starts = range(0, len(texts), self.batch_size)
+        for start in tqdm(starts, desc="embedding texts", unit="batch", leave=False,
+                          disable=not self.progress or len(starts) < 2):
             rows = order[start : start + self.batch_size]
             with self.autocast:
                 out.append(self.model.encode_text(ids[rows].to(self.device), mask[rows].to(self.device)).float().cpu())
         embeddings = torch.empty(len(texts), out[0].shape[1])
         embeddings[order] = torch.cat(out)
-        return embeddings
+        return self._finite(embeddings, "text")
 
 
-class CaptionPredictor:
-    """`caption(images)` for a captioning model (BLIP): generated text, the prompt removed."""
+class CaptionPredictor(Predictor):
+    """`caption(images)` for a captioning model (BLIP, CoCa): generated text, the prompt removed."""
 
-    def __init__(
-        self,
-        pretrained: Pretrained,
-        *,
-        batch_size: int = 32,
-        device: str | None = None,
-        generation: GenerationConfig | None = None,
-        prompt: str = "",
-    ):
-        if not hasattr(pretrained.model, "caption_decoder"):
-            raise TypeError(f"a {pretrained.family.name} model does not generate captions")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = pretrained.model.to(self.device).eval()
-        self.transform = pretrained.image_transform()
-        self.tokenizer = pretrained.tokenizer
-        self.batch_size = batch_size
+    ability = ("caption_decoder",)
+    task = "caption images"
+
+    def __init__(self, pretrained: Pretrained, *, generation: GenerationConfig | None = None, prompt: str = "",
+                 **kwargs):
+        super().__init__(pretrained, **kwargs)
         self.generation = generation or GenerationConfig()
         ids, mask = self.tokenizer(prompt)
         # The prompt's own tokens: without the start token the decoder replaces, and without end-of-text.
         self.prompt = ids[0, 1 : int(mask.sum()) - 1] if prompt else ids[0, :0]
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> CaptionPredictor:
-        from vlp.convert import load_pretrained
-
-        return cls(load_pretrained(path), **kwargs)
-
     @torch.inference_mode()
     def caption(self, images: Sequence[ImageInput]) -> list[str]:
         captions = []
-        for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
-            decoder = self.model.caption_decoder(self.model.encode_image_tokens(pixels)[1])
-            prompt = self.prompt.to(self.device).expand(len(pixels), -1)
-            captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, self.generation)]
+        for pixels in self.pixel_batches(images, "captioning"):
+            with self.autocast:
+                decoder = self.model.caption_decoder(self.model.encode_image_tokens(pixels)[1])
+                prompt = self.prompt.to(self.device).expand(len(pixels), -1)
+                captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, self.generation)]
         return captions
 
 
 class MatchingPredictor(DualEncoderPredictor):
     """The embeddings plus the image-text matching head (BLIP's ITM) for re-ranking."""
 
-    def __init__(self, pretrained: Pretrained, **kwargs):
-        super().__init__(pretrained, **kwargs)
-        if not hasattr(self.model, "itm_logits"):
-            raise TypeError(f"a {pretrained.family.name} model has no image-text matching head")
+    ability = ("encode_image", "encode_text", "itm_logits")
+    task = "match images and texts (an image-text matching head re-ranks)"
 
     @torch.inference_mode()
     def match_probabilities(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
@@ -154,9 +188,7 @@ class MatchingPredictor(DualEncoderPredictor):
             raise ValueError(f"{len(texts)} texts for {len(images)} images")
         out = []
         for start, pixels in zip(
-            range(0, len(images), self.batch_size),
-            pixel_batches(images, self.transform, self.batch_size, self.device),
-            strict=True,
+            range(0, len(images), self.batch_size), self.pixel_batches(images, "matching"), strict=True
         ):
             ids, mask = self.tokenizer(list(texts[start : start + self.batch_size]))
             with self.autocast:
@@ -172,7 +204,7 @@ class MatchingPredictor(DualEncoderPredictor):
         """A function of pairs (image_indices [P], text_indices [P]) -> ITM match logits [P] of
         (images[i], texts[t]). Image tokens and text ids are computed once, here, and kept in memory."""
         tokens = []
-        for pixels in pixel_batches(images, self.transform, self.batch_size, self.device):
+        for pixels in self.pixel_batches(images, "image tokens"):
             with self.autocast:
                 tokens.append(self.model.encode_image_tokens(pixels)[1])
         all_tokens = torch.cat(tokens)
@@ -181,7 +213,9 @@ class MatchingPredictor(DualEncoderPredictor):
         @torch.inference_mode()
         def match_logits(image_indices: torch.Tensor, text_indices: torch.Tensor) -> torch.Tensor:
             out = []
-            for start in range(0, len(image_indices), self.batch_size):
+            starts = range(0, len(image_indices), self.batch_size)
+            for start in tqdm(starts, desc="re-ranking", unit="batch", leave=False,
+                              disable=not self.progress or len(starts) < 2):
                 pair_images = image_indices[start : start + self.batch_size].to(self.device)
                 pair_texts = text_indices[start : start + self.batch_size]
                 with self.autocast:
@@ -194,10 +228,13 @@ class MatchingPredictor(DualEncoderPredictor):
         return match_logits
 
 
-class VqaPredictor:
+class VqaPredictor(Predictor):
     """`answer(images, questions)` for BLIP-VQA, by generation (beam search) or by ranking a list of
     candidate answers as BLIP reports its numbers: every candidate's first token is scored at the [DEC]
     step, the best `k` are re-scored by their whole log-likelihood, the best one is the answer."""
+
+    ability = ("answer_decoder_for",)
+    task = "answer questions"
 
     def __init__(
         self,
@@ -206,19 +243,13 @@ class VqaPredictor:
         method: Literal["generate", "rank"] = "generate",
         answer_list: Sequence[str] = (),
         k: int = 128,
-        batch_size: int = 32,
-        device: str | None = None,
         generation: GenerationConfig | None = None,
+        **kwargs,
     ):
-        if not hasattr(pretrained.model, "answer_decoder_for"):
-            raise TypeError(f"a {pretrained.family.name} model does not answer questions")
+        super().__init__(pretrained, **kwargs)
         if method == "rank" and not answer_list:
             raise ValueError("ranked answering needs a list of candidate answers")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = pretrained.model.to(self.device).eval()
-        self.transform = pretrained.image_transform()
-        self.tokenizer = pretrained.tokenizer
-        self.method, self.k, self.batch_size = method, k, batch_size
+        self.method, self.k = method, k
         # BLIP's VQA generation: beam 3, at most 10 tokens.
         self.generation = generation or GenerationConfig(
             method="beam", num_beams=3, max_new_tokens=10, min_new_tokens=1
@@ -228,31 +259,24 @@ class VqaPredictor:
             ids, mask = tokenize_trimmed(self.tokenizer, self.answer_list)
             self.candidates, self.candidate_mask = ids.to(self.device), mask.to(self.device)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> VqaPredictor:
-        from vlp.convert import load_pretrained
-
-        return cls(load_pretrained(path), **kwargs)
-
     @torch.inference_mode()
     def answer(self, images: Sequence[ImageInput], questions: Sequence[str]) -> list[str]:
         if len(images) != len(questions):
             raise ValueError(f"{len(questions)} questions for {len(images)} images")
         answers = []
         for start, pixels in zip(
-            range(0, len(images), self.batch_size),
-            pixel_batches(images, self.transform, self.batch_size, self.device),
-            strict=True,
+            range(0, len(images), self.batch_size), self.pixel_batches(images, "answering"), strict=True
         ):
             ids, mask = tokenize_trimmed(self.tokenizer, list(questions[start : start + self.batch_size]))
             ids, mask = ids.to(self.device), mask.to(self.device)
-            states = self.model.encode_question(pixels, ids, mask)
-            if self.method == "rank":
-                answers += self._rank(states, mask)
-            else:
-                decoder = self.model.answer_decoder_for(states, mask)
-                prompt = ids.new_empty(len(ids), 0)
-                answers += [self.tokenizer.decode(a) for a in generate(decoder, prompt, self.generation)]
+            with self.autocast:
+                states = self.model.encode_question(pixels, ids, mask)
+                if self.method == "rank":
+                    answers += self._rank(states, mask)
+                else:
+                    decoder = self.model.answer_decoder_for(states, mask)
+                    prompt = ids.new_empty(len(ids), 0)
+                    answers += [self.tokenizer.decode(a) for a in generate(decoder, prompt, self.generation)]
         return answers
 
     def _rank(self, states: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -271,23 +295,13 @@ class VqaPredictor:
         return [self.answer_list[i] for i in best.tolist()]
 
 
-class NlvrPredictor:
+class NlvrPredictor(Predictor):
     """`true_probability(lefts, rights, sentences)` for BLIP-NLVR: p(statement is true of the pair)."""
 
-    def __init__(self, pretrained: Pretrained, *, batch_size: int = 32, device: str | None = None):
-        if pretrained.family.name != "blip_nlvr":
-            raise TypeError(f"a {pretrained.family.name} model does not judge statements about image pairs")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = pretrained.model.to(self.device).eval()
-        self.transform = pretrained.image_transform()
-        self.tokenizer = pretrained.tokenizer
-        self.batch_size = batch_size
+    task = "judge statements about image pairs"
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> NlvrPredictor:
-        from vlp.convert import load_pretrained
-
-        return cls(load_pretrained(path), **kwargs)
+    def missing_ability(self, pretrained: Pretrained) -> str | None:
+        return None if pretrained.family.name == "blip_nlvr" else "only a blip_nlvr model reads image pairs"
 
     @torch.inference_mode()
     def true_probability(
@@ -298,12 +312,13 @@ class NlvrPredictor:
         out = []
         batches = zip(
             range(0, len(lefts), self.batch_size),
-            pixel_batches(lefts, self.transform, self.batch_size, self.device),
+            self.pixel_batches(lefts, "judging pairs"),
             pixel_batches(rights, self.transform, self.batch_size, self.device),
             strict=True,
         )
         for start, left, right in batches:
             ids, mask = self.tokenizer(list(sentences[start : start + self.batch_size]))
-            logits = self.model(left, right, ids.to(self.device), mask.to(self.device))
+            with self.autocast:
+                logits = self.model(left, right, ids.to(self.device), mask.to(self.device))
             out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
         return torch.cat(out) if out else torch.empty(0)

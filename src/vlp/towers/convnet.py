@@ -13,19 +13,20 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vlp.config import PositiveInt
 from vlp.layers import Activation, AttentionPool, make_activation
 
 
 @dataclass
 class ConvNetConfig:
     kind: Literal["convnet"] = "convnet"
-    image_size: int = 64
+    image_size: PositiveInt = 64
     # One stage per entry: a 3x3 convolution and the activation, then 2x max-pooling between stages.
-    channels: tuple[int, ...] = (32, 64, 128, 256)
+    channels: tuple[PositiveInt, ...] = (32, 64, 128, 256)
     act: Activation = "gelu"
     # max: global max over positions, so a small object anywhere in the image drives the embedding.
     pool: Literal["max", "mean", "map"] = "max"
-    heads: int = 4  # for map pooling
+    heads: PositiveInt = 4  # for map pooling
 
     def __post_init__(self) -> None:
         if not self.channels:

@@ -9,19 +9,20 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vlp.config import PositiveFloat, PositiveInt
 from vlp.layers import Activation, TransformerBlock, padding_mask
 
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 512
-    layers: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
+    vocab_size: PositiveInt = 49408
+    context_length: PositiveInt = 77
+    width: PositiveInt = 512
+    layers: PositiveInt = 12
+    heads: PositiveInt = 8
+    mlp_ratio: PositiveFloat = 4.0
     act: Activation = "gelu"
-    norm_eps: float = 1e-5
+    norm_eps: PositiveFloat = 1e-5
     causal: bool = True
     # Bidirectional towers attend only to real tokens; a causal tower pooled at the end-of-text token
     # never sees the padding after it, so it can skip the mask and use the fused causal kernel.
@@ -32,6 +33,10 @@ class TextConfig:
     eot_token_id: int | None = None
     cross_attention_width: int | None = None  # set to the image width for image-grounded text
     grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
 
 
 class TextTransformer(nn.Module):

@@ -9,20 +9,21 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vlp.config import PositiveFloat, PositiveInt
 from vlp.layers import Activation, AttentionPool, PatchEmbed, TransformerBlock, resize_pos_embed
 
 
 @dataclass
 class VisionConfig:
     kind: Literal["vit"] = "vit"
-    image_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    image_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    width: PositiveInt = 768
+    layers: PositiveInt = 12
+    heads: PositiveInt = 12
+    mlp_ratio: PositiveFloat = 4.0
     act: Activation = "gelu"
-    norm_eps: float = 1e-5
+    norm_eps: PositiveFloat = 1e-5
     class_token: bool = True
     patch_bias: bool = False  # CLIP's patch conv has no bias, SigLIP's has one
     ln_pre: bool = True  # CLIP normalises tokens before the blocks, SigLIP does not
@@ -33,6 +34,8 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool 'cls' needs class_token: true")
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -25,19 +27,39 @@ from vlp.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     Pretrained,
+    build_model,
+    first_nonfinite,
     list_checkpoints,
     load_weights,
+    read_json,
     resolve_checkpoint,
     save_checkpoint,
 )
-from vlp.config import ConfigError, apply_overrides, from_dict, read_mapping, to_dict
-from vlp.data.pipeline import DataConfig
+from vlp.config import (
+    ConfigError,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    apply_overrides,
+    from_dict,
+    merge,
+    read_mapping,
+    to_dict,
+)
+from vlp.data.pipeline import DataConfig, bad_samples, check_training_data
+from vlp.data.sources import CAUSES, BadSamples
 from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.distributed import (
     ParallelModel,
     Strategy,
+    all_gather_objects,
+    all_processes_agree,
     all_reduce_mean,
+    all_reduce_sum,
     barrier,
     is_distributed,
     rank,
@@ -45,38 +67,49 @@ from vlp.distributed import (
     world_size,
 )
 from vlp.families import Family, parse_model_config
+from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
 from vlp.train.optim import make_optimizer, warmup_cosine
+from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock, truncate_metrics
 
 log = logging.getLogger("vlp.train")
+
+AdamBeta = Annotated[float, Range(min=0, max=1, exclusive_max=True)]
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: PositiveInt = 1000
     # The global batch: split evenly across processes, then into `accum_steps` micro-batches each.
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     # >1: the contrastive loss still sees the whole batch; micro-batch features are cached and recomputed.
-    accum_steps: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
+    accum_steps: PositiveInt = 1
+    lr: NonNegativeFloat = 5e-4
+    weight_decay: NonNegativeFloat = 0.2
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.98)
+    eps: PositiveFloat = 1e-6
+    warmup_steps: NonNegativeInt = 100
+    min_lr_ratio: Fraction = 0.0
+    grad_clip: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast; measured faster on this project's CPUs
     # ddp: the whole model on every process; fsdp: parameters, gradients and optimiser state sharded.
     strategy: Strategy = "ddp"
     compile: bool = False  # torch.compile the model's forward pass
-    device: str = "auto"  # auto = cuda when present, else cpu
-    seed: int = 0
+    device: str = "auto"  # auto = cuda when present, else cpu; or cpu, cuda, cuda:N, mps
+    seed: NonNegativeInt = 0
     # A checkpoint (vlp, Hugging Face or open_clip folder) to start from: its weights, and its tokenizer
     # unless tokenizer.path is set. Another family starts through the model's `init_from` (BLIP -> VQA).
     init_from: str | None = None
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 2
+    log_every: PositiveInt = 10
+    save_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+    # A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop
+    # the run with an error, since the model has diverged.
+    max_nonfinite_steps: PositiveInt = 10
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
@@ -94,23 +127,52 @@ class RunConfig:
         """Validate the family-specific sections: (family, model config, objective config)."""
         family, model_cfg = parse_model_config(self.model)
         objective_cfg = from_dict(family.objective_config_cls, self.objective, prefix="objective")
+        patch = getattr(getattr(model_cfg, "vision", None), "patch_size", None)
+        if patch and self.image.size % patch:
+            # The patch embedding would silently drop the border pixels past the last whole patch.
+            raise ConfigError(f"config key 'image.size': {self.image.size} is not a multiple of "
+                              f"model.vision.patch_size {patch}")
         return family, model_cfg, objective_cfg
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a run config file with `a.b=value` overrides; every key is checked before any work."""
-    data = read_mapping(path) if path else {}
+class TrainingError(RuntimeError):
+    """A run cannot go on (it diverged, its folder is in use); the message says why and what to do."""
+
+
+def load_run_config(
+    path: str | Path | None, overrides: list[str] = (), *, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a run config file with `a.b=value` overrides; every key is checked before any work.
+
+    `base` (a resumed run's saved configuration) supplies every key the file and the overrides leave out."""
+    data = merge(base or {}, read_mapping(path) if path else {})
     apply_overrides(data, list(overrides))
     if "model" not in data:
-        raise ConfigError("missing config key 'model'")
+        raise ConfigError("missing config key 'model'" + ("" if path else ": give --config"))
     cfg = from_dict(RunConfig, data)
     cfg.family_configs()
     return cfg
 
 
+def saved_run_config(out: str | Path, resume: str) -> dict[str, Any] | None:
+    """The configuration of the run `--resume` continues (from its checkpoint), or None when
+    `--resume latest` finds no checkpoint in `out`."""
+    folder = _find_resume(Path(out), resume)
+    if folder is None:
+        return None
+    state = read_json(folder / STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("run"), dict):
+        raise CheckpointError(f"{folder / STATE_FILE} holds no run configuration to resume with")
+    return state["run"]
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'train.device': {name!r}, but this machine has no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config key 'train.device': 'mps', but this machine has no MPS device")
     if name == "cuda" and is_distributed():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
@@ -159,19 +221,15 @@ def _split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     return micro
 
 
-def _total_loss(values: dict[str, torch.Tensor], family: str, step: int) -> torch.Tensor:
+def _total_loss(values: dict[str, torch.Tensor], family: str) -> torch.Tensor:
     losses = {k: v for k, v in values.items() if k.endswith("_loss")}
     if not losses:
         raise RuntimeError(f"{family} objective returned no '*_loss' value: {sorted(values)}")
-    loss = sum(losses.values())
-    if not torch.isfinite(loss):
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        raise FloatingPointError(f"step {step}: the loss is not finite ({terms})")
-    return loss
+    return sum(losses.values())
 
 
 def accumulated_backward(
-    objective: Any, micro_batches: list[dict[str, Any]], *, no_sync: Any, autocast: Any, family: str, step: int
+    objective: Any, micro_batches: list[dict[str, Any]], *, no_sync: Any, autocast: Any, family: str
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step's gradients from k micro-batches, the loss seeing all of them (open_clip's
     --accum-freq): features of every micro-batch are computed without gradient, then each micro-batch
@@ -193,15 +251,26 @@ def accumulated_backward(
                 else:
                     merged[key] = torch.cat([value if i == j else c[key] for i, c in enumerate(cached)])
             values = objective.losses(merged)
-            loss = _total_loss(values, family, step)
+            loss = _total_loss(values, family)
         loss.backward()
     return loss, values
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    values: dict[str, torch.Tensor]  # the objective's named values
+    grad_norm: torch.Tensor  # before clipping
+    skipped: bool  # the loss or the gradient norm was not finite: no update was made
 
 
 class TrainStep:
     """One optimiser step on one batch: forward and backward (over micro-batches when accumulating),
     gradient clipping, the optimiser, the schedule and the objective's after-step hook. The trainer
-    and the benchmarks run the same step."""
+    and the benchmarks run the same step.
+
+    A step whose loss or gradient norm is not finite on any process makes no update (the schedule still
+    advances, so the run stays on its step count); the caller counts such steps."""
 
     def __init__(
         self,
@@ -222,29 +291,35 @@ class TrainStep:
         self.accum_steps, self.grad_clip, self.family = accum_steps, grad_clip, family
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def __call__(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
-        """Returns (total loss, the objective's named values, gradient norm or None)."""
+    def __call__(self, batch: dict[str, Any]) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
         if self.accum_steps > 1:
             loss, values = accumulated_backward(
                 self.objective, _split_batch(batch, self.accum_steps), no_sync=self.parallel.no_sync,
-                autocast=self.autocast, family=self.family, step=step,
+                autocast=self.autocast, family=self.family,
             )
         else:
             with self.autocast:
                 values = self.objective(batch)
-            loss = _total_loss(values, self.family, step)
+            loss = _total_loss(values, self.family)
             loss.backward()
         self.parallel.sync_gradients()
-        grad_norm = None
-        if self.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.parallel.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        # The total norm is always measured (an infinite clip leaves the gradients as they are): it decides
+        # whether the step is taken.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parallel.model.parameters(), self.grad_clip or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded scalar
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        skipped = not all_processes_agree(finite)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
-        if hasattr(self.objective, "after_step"):
+        if not skipped and hasattr(self.objective, "after_step"):
             self.objective.after_step()
-        return loss, values, grad_norm
+        return StepResult(loss, values, grad_norm, skipped)
 
 
 def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
@@ -289,47 +364,105 @@ def _find_resume(out: Path, resume: str | None) -> Path | None:
     return folder
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines a killed run wrote after its last checkpoint, so the curve continues cleanly."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _report_changes(saved: dict[str, Any], cfg: RunConfig, step: int) -> None:
+    """Say which settings a resumed run changes: they apply from the next step (the optimiser's and the
+    schedule's saved values are replaced by the new ones)."""
+    before, after = _flatten(saved), _flatten(to_dict(cfg))
+    changed = [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in after if before.get(key) != after.get(key)]
+    if changed:
+        log.warning("resuming at step %d with changed settings, applied from step %d on: %s", step, step + 1,
+                    "; ".join(changed))
+
+
+def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                              tc: TrainConfig) -> None:
+    """The run's learning rate, weight decay, betas and eps over the values a resumed optimizer restored."""
+    schedule.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=tc.lr, lr=tc.lr * factor, betas=tc.betas, eps=tc.eps)
+        if group["weight_decay"]:  # the group of weight matrices; the other never decays
+            group["weight_decay"] = tc.weight_decay
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path:
-    """Train as `cfg` says, writing checkpoints and metrics under `out`. Returns the last checkpoint."""
+    """Train as `cfg` says, writing checkpoints and metrics under `out`. Returns the last checkpoint.
+
+    Everything that can be checked is checked before anything is written; the run folder is locked
+    against a second run while this one writes to it."""
     created_group = not torch.distributed.is_initialized()
     setup_from_environment()
+    out = Path(out)
     try:
-        return _train(cfg, Path(out), resume)
+        family, model_cfg, objective_cfg = cfg.family_configs()
+        check_training_data(cfg.data)
+        world = world_size()
+        if cfg.train.batch_size % (world * cfg.train.accum_steps):
+            raise ConfigError(
+                f"config key 'train.batch_size': {cfg.train.batch_size} does not split into {world} process(es) x "
+                f"{cfg.train.accum_steps} accumulation step(s)"
+            )
+        resume_from = _find_resume(out, resume)
+        device = _device(cfg.train.device)
+        new_folder = not out.exists()
+        lock, refusal = None, None
+        try:
+            if rank() == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    lock = RunLock(out).acquire()
+                except RunFolderInUse as err:
+                    refusal = str(err)
+            if not all_processes_agree(refusal is None):
+                raise TrainingError(refusal or f"run folder {out} is in use by another vlp run")
+            return _train(cfg, family, model_cfg, objective_cfg, out, resume_from, device)
+        finally:
+            if lock is not None:
+                lock.release()
+            if new_folder and rank() == 0 and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
     finally:
         if created_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    family, model_cfg, objective_cfg = cfg.family_configs()
+def _skipped_totals(bad: BadSamples, carried: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """Skipped samples by cause over every process and every resumed leg of the run (collective):
+    (all, those that failed to load). Rows dropped when a file is read count once, since every process
+    reads the whole file; samples that failed to load are summed over processes and carried across legs."""
+    loaded = all_reduce_sum(torch.tensor([bad.failed[c] for c in CAUSES], dtype=torch.float64)).tolist()
+    failed = {c: int(n) + carried.get(c, 0) for c, n in zip(CAUSES, loaded, strict=True)}
+    failed = {cause: n for cause, n in failed.items() if n}
+    totals = {c: bad.dropped[c] + failed.get(c, 0) for c in CAUSES if bad.dropped[c] + failed.get(c, 0)}
+    return totals, failed
+
+
+def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, out: Path, resume_from: Path | None,
+           device: torch.device) -> Path:
     tc = cfg.train
     world, is_main = world_size(), rank() == 0
-    if tc.batch_size % (world * tc.accum_steps):
-        raise ConfigError(
-            f"config key 'train.batch_size': {tc.batch_size} does not split into {world} process(es) x "
-            f"{tc.accum_steps} accumulation step(s)"
-        )
-    resume_from = _find_resume(out, resume)
     torch.manual_seed(tc.seed)
-    device = _device(tc.device)
 
     initial = None
     if tc.init_from and resume_from is None:
         from vlp.convert import load_pretrained
 
         initial = load_pretrained(tc.init_from)
+    saved_state: dict[str, Any] = read_json(resume_from / STATE_FILE) if resume_from is not None else {}
     tokenizer = _prepare_tokenizer(cfg, family, out, resume_from, initial)
     _check_tokenizer_fits(tokenizer, model_cfg)
-    model = family.model_cls(model_cfg)
+    model = build_model(family, model_cfg, bytes_per_parameter=TRAIN_BYTES_PER_PARAMETER, what="config section 'model'")
     start_step = 0
     if initial is not None:
         _initialise(model, initial)
@@ -337,7 +470,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         del initial
     if resume_from is not None:
         load_weights(model, resume_from / WEIGHTS_FILE)
-        start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        start_step = saved_state["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
     if hasattr(family.objective_cls, "prepare"):  # before wrapping: DDP registers the trainable parameters
@@ -352,26 +485,56 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         saved = torch.load(resume_from / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         parallel.load_optimizer_state(optimizer, saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
+        _apply_optimizer_settings(optimizer, schedule, tc)
+        if is_main:
+            _report_changes(saved_state.get("run", {}), cfg, start_step)
     train_step = TrainStep(parallel, objective, optimizer, schedule, accum_steps=tc.accum_steps,
                            grad_clip=tc.grad_clip, precision=tc.precision, device_type=device.type,
                            family=family.name)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS_FILE
     if is_main:
         (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step)
 
+    bad = bad_samples(cfg.data)
+    positions = saved_state.get("data_position")
     batches = family.batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
-                            batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
-                            world_size=world)
+                             batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
+                             world_size=world, bad=bad,
+                             position=positions[rank()] if positions and len(positions) == world else None)
+    if positions and len(positions) != world:
+        log.warning("the data stream restarts its epoch: the checkpoint was written by %d process(es), this run "
+                    "has %d", len(positions), world)
+    carried = saved_state.get("failed_samples", {})  # samples that failed to load in the run's earlier legs
+    skipped_steps = saved_state.get("skipped_steps", 0)
+    nonfinite_in_a_row = 0
+
+    def run_state(step: int) -> dict[str, Any]:
+        """What a checkpoint records beside the weights (collective: every process calls it)."""
+        position = batches.position() if hasattr(batches, "position") else None
+        gathered = all_gather_objects(position)
+        totals, failed = _skipped_totals(bad, carried)
+        state = {"step": step, "run": to_dict(cfg), "skipped_samples": totals, "failed_samples": failed,
+                 "skipped_steps": skipped_steps}
+        if position is not None:
+            state["data_position"] = gathered
+        return state
 
     def checkpoint(step: int) -> Path:
         folder = out / CHECKPOINTS_DIR / f"step_{step:08d}"
         weights, optimizer_state = parallel.state_dict(), parallel.optimizer_state(optimizer)
+        state = run_state(step)
+        bad_weight = first_nonfinite(weights) if is_main else None
+        if not all_processes_agree(bad_weight is None):
+            raise TrainingError(
+                f"step {step}: weight '{bad_weight}' is not finite, so no checkpoint was written; the last one is "
+                f"{last}. Lower train.lr ({tc.lr:g}) or keep train.grad_clip set"
+            )
         if not is_main:  # one writer; the others took part in gathering the shards
             return folder
         folder = save_checkpoint(
             folder, family=family, model_config=model_cfg, model=weights, image_config=cfg.image,
-            tokenizer=tokenizer, state={"step": step, "run": to_dict(cfg)},
+            tokenizer=tokenizer, state=state,
             optimizer_state={"optimizer": optimizer_state, "schedule": schedule.state_dict()},
         )
         for old in list_checkpoints(out)[:-tc.keep_checkpoints]:
@@ -381,6 +544,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     last = resume_from
     # Summed on the device and read at log steps only, so steps do not wait for the accelerator.
     sums: dict[str, torch.Tensor] = {}
+    logged_steps, interval_skipped = 0, 0
     interval_samples, interval_start, run_start = 0, time.perf_counter(), time.perf_counter()
     # Redrawn less often when stderr is a log file rather than a terminal.
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and is_main), unit="step",
@@ -388,32 +552,61 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     with metrics_path.open("a") if is_main else contextlib.nullcontext() as metrics_file:
         for step in range(start_step + 1, tc.steps + 1):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            loss, values, grad_norm = train_step(batch, step)
-
+            result = train_step(batch)
             interval_samples += batch["size"] * world
-            logged = {"loss": loss, **values}
-            if grad_norm is not None:
-                logged["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            for key, value in logged.items():
-                sums[key] = sums.get(key, 0) + value.detach().double()
+            if result.skipped:
+                skipped_steps, interval_skipped, nonfinite_in_a_row = skipped_steps + 1, interval_skipped + 1, \
+                    nonfinite_in_a_row + 1
+                terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.values.items() if k.endswith("_loss"))
+                log.warning("step %d skipped: the loss or the gradient norm is not finite (%s; gradient norm "
+                            "%.4g); %d in a row", step, terms, result.grad_norm.item(), nonfinite_in_a_row)
+                if nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                    before = f"the last checkpoint, written before them, is {last}" if last else "no checkpoint was written"
+                    raise TrainingError(
+                        f"training diverged: {nonfinite_in_a_row} steps in a row (steps {step - nonfinite_in_a_row + 1}"
+                        f" to {step}) had a non-finite loss or gradient norm (train.max_nonfinite_steps) and made no "
+                        f"update; {before}. Lower train.lr ({tc.lr:g}) or keep train.grad_clip set"
+                    )
+            else:
+                nonfinite_in_a_row = 0
+                logged_steps += 1
+                for key, value in {"loss": result.loss, **result.values, "grad_norm": result.grad_norm}.items():
+                    sums[key] = sums.get(key, 0) + value.detach().double()
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - interval_start
-                count = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-                record = {"step": step, "lr": schedule.get_last_lr()[0]}
-                means = all_reduce_mean(torch.stack(list(sums.values()))).tolist()
-                record.update({k: v / count for k, v in zip(sums, means, strict=True)})
+                record: dict[str, Any] = {"step": step, "lr": schedule.get_last_lr()[0]}
+                if sums:
+                    means = all_reduce_mean(torch.stack(list(sums.values()))).tolist()
+                    record.update({k: v / logged_steps for k, v in zip(sums, means, strict=True)})
                 record["samples_per_s"] = interval_samples / max(elapsed, 1e-9)
                 record["elapsed_s"] = time.perf_counter() - run_start
+                totals, _ = _skipped_totals(bad, carried)
+                record["skipped_samples"] = sum(totals.values())
+                record.update({f"skipped/{cause}": n for cause, n in totals.items()})
+                if interval_skipped:
+                    record["skipped_steps"] = interval_skipped
                 if is_main:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-                sums, interval_samples, interval_start = {}, 0, time.perf_counter()
-            if step % tc.save_every == 0 or step == tc.steps:
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+                sums, logged_steps, interval_skipped = {}, 0, 0
+                interval_samples, interval_start = 0, time.perf_counter()
+            if step == tc.steps or (step % tc.save_every == 0 and not nonfinite_in_a_row):
+                # In a run of skipped steps the model may have diverged: its checkpoint would become
+                # `latest` for resuming and evaluation, so it waits for a step that updates again.
                 last = checkpoint(step)
+            elif step % tc.save_every == 0:
+                log.warning("step %d: no checkpoint while steps are skipped for a non-finite loss", step)
     bar.close()
     if last is None:
         raise CheckpointError(f"no training steps were run: train.steps is {tc.steps}")
+    totals, _ = _skipped_totals(bad, carried)
+    if is_main:
+        summary = ", ".join(f"{cause} {n}" for cause, n in totals.items()) or "none"
+        if start_step >= tc.steps:
+            log.info("nothing to train: the checkpoint is at step %d, train.steps is %d", start_step, tc.steps)
+        log.info("run ended at step %d; skipped samples: %s; skipped steps (non-finite loss or gradient): %d",
+                 max(start_step, tc.steps), summary, skipped_steps)
     return last
-
