@@ -1,10 +1,16 @@
+import errno
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import tiny_run_overrides
-from vlp.cli import main
+from conftest import TINY_VIT, tiny_run_overrides
+from vlp.checkpoint import CheckpointError, resolve_checkpoint
+from vlp.cli import build_parser, main
+from vlp.serve.predictors import DualEncoderPredictor
 
 
 def sets(overrides):
@@ -92,3 +98,156 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
     assert main(["eval", "retrieval", "--checkpoint", str(tmp_path / "none"), "--data", "x.json"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv, code=2):
+    """Run the CLI; it must fail with `code` and one line on stderr, no traceback. Returns the line."""
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+TRAIN_BAD = [
+    ("train.batch_size=0", "'train.batch_size': 0 is out of range (must be >= 1)"),
+    ("train.batch_size=-4", "'train.batch_size': -4 is out of range"),
+    ("train.accum_steps=0", "'train.accum_steps': 0 is out of range"),
+    ("train.save_every=0", "'train.save_every': 0 is out of range"),
+    ("train.log_every=0", "'train.log_every': 0 is out of range"),
+    ("train.lr=-1", "'train.lr': -1.0 is out of range (must be >= 0)"),
+    ("data.num_workers=-1", "'data.num_workers': -1 is out of range"),
+    ("train.betas=[0.9, 1.0]", "'train.betas[1]': 1.0 is out of range (must be >= 0 and < 1)"),
+    ("model.text.heads=3", "width 64 is not divisible by 3 heads"),
+    ("train.device=tpu", "device 'tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("image.size=36", "'image.size': 36 is not a multiple of model.vision.patch_size 8"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), TRAIN_BAD)
+def test_bad_training_settings_stop_before_any_work_with_one_line(shapes_world, tmp_path, capsys, override, message):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  family: clip\n")
+    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=2, **{"model.vision": TINY_VIT})
+    line = _one_line_error(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run"),
+                                    *sets(overrides), "--set", override])
+    assert message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_without_data_or_on_a_cuda_that_is_not_there(shapes_world, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  family: clip\n")
+    assert "no training data: pass --data" in _one_line_error(
+        capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert "training data not found: " in _one_line_error(
+        capsys, ["train", "--config", str(config), "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "run")])
+    if not torch.cuda.is_available():
+        line = _one_line_error(capsys, ["train", "--config", str(config), "--data", str(shapes_world / "train.csv"),
+                                        "--out", str(tmp_path / "run"), "--set", "train.device=cuda"])
+        assert "'train.device': 'cuda', but this machine has no CUDA device" in line
+    assert "vlp train needs --config" in _one_line_error(capsys, ["train", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_broken_checkpoint_files_are_named(trained_run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve_checkpoint(trained_run), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    args = ["embed", "--checkpoint", str(broken), "--texts", "a", "--out", str(tmp_path / "x.npy")]
+    assert f"{weights} is not a readable safetensors file" in _one_line_error(capsys, args)
+    weights.write_bytes(b"garbage")
+    assert "is not a readable safetensors file" in _one_line_error(capsys, args)
+    shutil.copy(resolve_checkpoint(trained_run) / "model.safetensors", weights)
+    (broken / "model.json").write_text('{"family": "clip", "embed_dim": ')
+    assert f"{broken / 'model.json'} is not valid JSON" in _one_line_error(capsys, args)
+    # A config that asks for an absurd size is refused before anything is allocated.
+    arch = json.loads((resolve_checkpoint(trained_run) / "model.json").read_text())
+    arch["text"].update(width=65536, layers=10000, heads=1)
+    (broken / "model.json").write_text(json.dumps(arch))
+    line = _one_line_error(capsys, args)
+    assert "describes a model of" in line and "this machine has" in line and "available" in line
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_wrong_command_inputs_are_one_line_errors(trained_run, shapes_world, tmp_path, capsys):
+    image = str(sorted((shapes_world / "images" / "test").glob("*.png"))[0])
+    checkpoint = ["--checkpoint", str(trained_run)]
+    assert "names no class" in _one_line_error(capsys, ["classify", image, *checkpoint, "--labels", ","])
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\na photo\n")
+    line = _one_line_error(capsys, ["classify", image, *checkpoint, "--labels", "circle,star",
+                                    "--templates", str(templates)])
+    assert f"{templates}: template 2 ('a photo') has no {{}}" in line
+    z = shapes_world / "zeroshot"
+    line = _one_line_error(capsys, ["eval", "zeroshot", *checkpoint, "--data", str(z / "shape.csv"),
+                                    "--classnames", str(z / "shape_classnames.txt"), "--templates", str(templates)])
+    assert "template 2" in line
+    assert "not both" in _one_line_error(capsys, ["embed", *checkpoint, "--images", image, "--texts", "a",
+                                                  "--out", str(tmp_path / "e.npy")])
+    # A task the model cannot do names the model and the task.
+    line = _one_line_error(capsys, ["caption", image, *checkpoint])
+    assert "a clip model cannot caption images" in line
+    assert "cannot answer questions" in _one_line_error(capsys, ["ask", image, "what is it?", *checkpoint])
+    assert "out of range" in _one_line_error(capsys, ["data", "shapes", "--out", str(tmp_path / "w"),
+                                                      "--train", "-5"])
+    assert not (tmp_path / "w").exists()
+
+
+def test_unwritable_output_and_a_full_disk_are_named(trained_run, shapes_world, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  family: clip\n")
+    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=2)
+    line = _one_line_error(capsys, ["train", "--config", str(config), "--out", str(blocker / "run"),
+                                    *sets(overrides)])
+    assert str(blocker) in line
+    # Read-only folders: root ignores permissions, so the refusal the kernel would give is made here.
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.is_relative_to(tmp_path / "read-only"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    line = _one_line_error(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "read-only" / "run"),
+                                    *sets(overrides)])
+    assert line == f"error: Permission denied: {tmp_path / 'read-only' / 'run'}"
+    monkeypatch.undo()
+
+    import vlp.checkpoint
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vlp.checkpoint, "save_file", full_disk)
+    run = tmp_path / "full"
+    line = _one_line_error(capsys, ["train", "--config", str(config), "--out", str(run), *sets(overrides)])
+    assert f"cannot write checkpoint {run / 'checkpoints' / 'step_00000002'}: No space left on device" in line
+    assert not list((run / "checkpoints").glob("*"))  # no half-written checkpoint, no temporary folder left
+
+
+def test_version_and_debug(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == "vlp 0.1.0"
+    with pytest.raises(CheckpointError):  # --debug lets the error through, with its traceback
+        main(["embed", "--checkpoint", str(tmp_path / "none"), "--texts", "a", "--out", "x.npy", "--debug"])
+
+
+def test_model_commands_take_a_precision_and_show_progress(trained_run, shapes_world, tmp_path, capsys):
+    images = [str(p) for p in sorted((shapes_world / "images" / "test").glob("*.png"))[:5]]
+    assert main(["embed", "--checkpoint", str(trained_run), "--images", *images, "--precision", "bf16",
+                 "--out", str(tmp_path / "e.npy")]) == 0
+    parser = build_parser()
+    for command in (["caption", "x.png"], ["ask", "x.png", "q?"], ["eval", "captioning", "--data", "d.json"],
+                    ["eval", "vqa", "--questions", "q", "--annotations", "a"], ["eval", "nlvr", "--data", "d"]):
+        assert parser.parse_args([*command, "--checkpoint", "c", "--precision", "bf16"]).precision == "bf16"
+    predictor = DualEncoderPredictor.from_checkpoint(trained_run, batch_size=2, progress=True)
+    capsys.readouterr()
+    predictor.embed_images(images)
+    assert "embedding images" in capsys.readouterr().err

@@ -412,3 +412,26 @@ def test_models_without_a_foreign_layout_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="only ViT towers"):
         export_pretrained(vlp.load(folder), "hf", tmp_path / "hf")
     assert main(["convert", str(folder), "--to", "open_clip", "--out", str(tmp_path / "oc")]) == 2
+
+
+def test_convert_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    source = _vlp_model(tmp_path, siglip=False)
+    run = tmp_path / "run"  # a training run's folder, with the user's notes beside it
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text('{"step": 10}\n')
+    (run / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for fmt in ("vlp", "hf", "open_clip"):
+        assert main(["convert", str(source), "--to", fmt, "--out", str(run)]) == 2
+        assert f"--out {run} is not empty and holds no {fmt} checkpoint: pass --overwrite" in capsys.readouterr().err
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert main(["convert", str(source), "--to", "vlp", "--out", str(run), "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine" and (run / "metrics.jsonl").is_file()
+    assert (run / "checkpoints" / "step_00000010" / "model.safetensors").read_bytes() == b"weights"
+    assert vlp.load(run).path == run  # the checkpoint files were written beside them
+    # A folder that holds a vlp checkpoint is one to replace: its other files stay; stale training state goes.
+    (run / "state.json").write_text('{"step": 3}')
+    assert main(["convert", str(source), "--to", "vlp", "--out", str(run)]) == 0
+    assert not (run / "state.json").exists() and (run / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".tmp-*"))

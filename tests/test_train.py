@@ -1,4 +1,5 @@
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -7,12 +8,25 @@ import time
 import pytest
 import torch
 
+import yaml
+from safetensors.torch import save_file
+
 from conftest import TINY_VIT, tiny_run_overrides
-from vlp.checkpoint import CheckpointError, load_checkpoint, load_weights
+from vlp.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from vlp.distributed import ParallelModel
 from vlp.evals.runner import evaluate_zeroshot
+from vlp.families import get_family
 from vlp.serve.predictors import DualEncoderPredictor
-from vlp.train.loop import load_run_config, train
-from vlp.train.optim import parameter_groups
+from vlp.train.loop import TrainingError, TrainStep, load_run_config, train
+from vlp.train.optim import make_optimizer, parameter_groups
 
 SIGLIP = {
     "model.init_logit_scale": 2.302585,
@@ -103,6 +117,8 @@ def test_killed_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(shap
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoints" / "step_00000030").exists()
+    with (killed / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 12, "loss": 3.1')  # a line the kill cut short
 
     train(load_run_config(None, overrides), killed, resume="latest")
     a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
@@ -150,3 +166,132 @@ def test_checkpoint_errors_name_the_problem(shapes_world, tmp_path):
             ),
             tmp_path / "small-vocab",
         )
+
+
+def _tiny_objective(overrides):
+    cfg = load_run_config(None, overrides)
+    family, model_cfg, objective_cfg = cfg.family_configs()
+    torch.manual_seed(0)
+    model = family.model_cls(model_cfg)
+    parallel = ParallelModel(model, "ddp", torch.device("cpu"))
+    objective = family.objective_cls(parallel.module, objective_cfg)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    return model, TrainStep(parallel, objective, optimizer, grad_clip=1.0, precision="fp32"), optimizer
+
+
+def test_a_step_with_a_non_finite_loss_makes_no_update():
+    model, step, optimizer = _tiny_objective(tiny_run_overrides("x.csv", steps=1))
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 32, 32, generator=g), "text": torch.randint(4, 100, (4, 8), generator=g),
+             "text_mask": torch.ones(4, 8, dtype=torch.long), "size": 4}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    poisoned = {**batch, "image": batch["image"].clone()}
+    poisoned["image"][0, 0, 0, 0] = float("nan")
+    result = step(poisoned)
+    assert result.skipped and not torch.isfinite(result.loss)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert not optimizer.state  # no moment was updated either
+    assert not step(batch).skipped
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_diverging_run_stops_with_an_error_and_never_saves_non_finite_weights(shapes_world, tmp_path):
+    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=60, **{
+        "train.lr": 1e3, "train.warmup_steps": 1, "train.save_every": 2, "train.log_every": 2,
+        "train.max_nonfinite_steps": 4, "train.keep_checkpoints": 100})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"training diverged: 4 steps in a row .* Lower train.lr \(1000\)"):
+        train(load_run_config(None, overrides), run)
+    for folder in list_checkpoints(run):  # whatever was written holds finite weights and loads
+        load_checkpoint(folder)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_steps", 0) for r in records) >= 1
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        save_checkpoint(tmp_path / "nan", family=get_family("clip"), model_config=None,
+                        model={"w": torch.tensor([1.0, float("nan")])}, image_config=None, tokenizer=None)
+    assert not (tmp_path / "nan").exists()
+    save_file({"w": torch.tensor([float("inf")])}, str(tmp_path / "inf.safetensors"))
+    with pytest.raises(CheckpointError, match="weight 'w' holds NaN or infinite values"):
+        read_weights(tmp_path / "inf.safetensors")
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_runs_lock_is_taken_over(shapes_world, tmp_path):
+    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=100000, **{"train.save_every": 5})
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  family: clip\n")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "vlp", "train", "--config", str(config), "--out", str(run)]
+    proc = subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(2400):
+            if (run / "checkpoints" / "step_00000005").exists():
+                break
+            assert proc.poll() is None, "the first run ended early"
+            time.sleep(0.05)
+        with pytest.raises(TrainingError, match=rf"run folder {run} is in use by another vlp run \(process {proc.pid}"):
+            train(load_run_config(None, overrides), run, resume="latest")
+        metrics = (run / "metrics.jsonl").read_text()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (run / "metrics.jsonl").read_text().startswith(metrics)  # the refused run wrote nothing
+    last = train(load_run_config(None, [*overrides, "train.steps=12"]), run, resume="latest")
+    assert last.name == "step_00000012" and not (run / "run.lock").exists()
+
+
+def test_resume_reuses_the_saved_configuration_and_says_what_changed(shapes_world, tmp_path, caplog):
+    from vlp.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  family: clip\n")
+    run = tmp_path / "run"
+    overrides = [o for o in tiny_run_overrides("x", steps=4) if not o.startswith("data.train")]
+    sets = [a for o in overrides for a in ("--set", o)]
+    assert main(["train", "--config", str(config), "--data", str(shapes_world / "train.csv"), "--out", str(run),
+                 *sets]) == 0
+    saved = (run / "run.yaml").read_text()
+    # A bad change is refused before anything is written.
+    assert main(["train", "--config", str(config), "--out", str(run), "--resume", "latest",
+                 "--set", "train.batch_size=0"]) == 2
+    assert (run / "run.yaml").read_text() == saved
+    # The README's resume command: no --data; the saved run's data and settings are reused.
+    assert main(["train", "--config", str(config), "--out", str(run), "--resume", "latest",
+                 "--set", "train.steps=6", "--set", "train.lr=0.001"]) == 0
+    assert yaml.safe_load((run / "run.yaml").read_text())["data"]["train"] == str(shapes_world / "train.csv")
+    assert "train.steps 4 -> 6" in caplog.text and "train.lr 0.002 -> 0.001" in caplog.text
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6
+    # The new rate takes over from the restored optimizer's: lambda(6) of a 20-step warm-up.
+    assert records[-1]["lr"] == pytest.approx(0.001 * 7 / 20)
+    # Without --config the saved configuration is the whole configuration.
+    assert main(["train", "--out", str(run), "--resume", "latest", "--set", "train.steps=8"]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in resolve_checkpoint(run).iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as every other file
+
+
+def test_skipped_samples_are_counted_by_cause_in_the_metrics_and_the_checkpoint(shapes_world, tmp_path, caplog):
+    rows = (shapes_world / "train.csv").read_text().splitlines()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    images = shapes_world / "images" / "train"
+    extra = [f"{broken},a red circle"] * 200 + [f"{images / '000001.png'},"] * 10
+    data = tmp_path / "train.csv"
+    data.write_text("\n".join(rows + extra) + "\n")
+    caplog.set_level(logging.INFO, logger="vlp.train")
+    overrides = tiny_run_overrides(str(data), steps=6, **{"train.log_every": 3, "train.save_every": 3,
+                                                          "train.keep_checkpoints": 5, "data.images": shapes_world})
+    run = tmp_path / "run"
+    train(load_run_config(None, overrides), run)
+    state = json.loads((resolve_checkpoint(run) / "state.json").read_text())
+    counts = state["skipped_samples"]
+    assert counts["empty_caption"] == 10 and counts["unreadable_image"] > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_samples"] == sum(counts.values())
+    assert records[-1]["skipped/unreadable_image"] == counts["unreadable_image"]
+    assert f"skipped samples: unreadable_image {counts['unreadable_image']}, empty_caption 10" in caplog.text
+    # A resumed leg carries the failures of the first and reads the file again: the empty captions stay 10.
+    train(load_run_config(None, [*overrides, "train.steps=9"]), run, resume="latest")
+    resumed = json.loads((resolve_checkpoint(run) / "state.json").read_text())["skipped_samples"]
+    assert resumed["empty_caption"] == 10 and resumed["unreadable_image"] >= counts["unreadable_image"]
