@@ -295,3 +295,21 @@ def test_skipped_samples_are_counted_by_cause_in_the_metrics_and_the_checkpoint(
     train(load_run_config(None, [*overrides, "train.steps=9"]), run, resume="latest")
     resumed = json.loads((resolve_checkpoint(run) / "state.json").read_text())["skipped_samples"]
     assert resumed["empty_caption"] == 10 and resumed["unreadable_image"] >= counts["unreadable_image"]
+
+
+def test_a_resumed_webdataset_run_continues_the_stream_where_it_stopped(shapes_world, tmp_path):
+    """Stopped after 3 steps and resumed, a run on shards sees the batches the uninterrupted run saw."""
+    overrides = tiny_run_overrides(str(shapes_world / "shards" / "train-{000000..000003}.tar"), steps=6, **{
+        "train.log_every": 1, "train.save_every": 3, "data.num_workers": 2, "data.shuffle_buffer": 50,
+        "train.batch_size": 32})
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(load_run_config(None, overrides), straight)
+    train(load_run_config(None, [*overrides, "train.steps=3"]), stopped)
+    state = json.loads((resolve_checkpoint(stopped) / "state.json").read_text())
+    assert state["data_position"] == [{"epoch": 0, "consumed": [2, 1]}]
+    train(load_run_config(None, overrides), stopped, resume="latest")
+    a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]

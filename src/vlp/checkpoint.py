@@ -15,6 +15,7 @@ are never written, nor loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -116,10 +117,25 @@ def save_checkpoint(
             _replace_checkpoint_files(tmp, folder)
         else:
             os.replace(tmp, folder)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {folder}: {err.strerror or err}") from err
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or _no_space_left(folder.parent)
+        reason = "No space left on device" if full else (getattr(err, "strerror", None) or str(err))
+        raise CheckpointError(f"cannot write checkpoint {folder}: {reason}") from err
     return folder
+
+
+def _no_space_left(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def remove_unfinished(run_dir: str | Path) -> None:
+    """Delete the temporary folders of checkpoints whose writing was killed (call with the run locked)."""
+    for tmp in (Path(run_dir) / CHECKPOINTS_DIR).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_checkpoint_files(new: Path, folder: Path) -> None:

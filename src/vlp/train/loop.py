@@ -32,6 +32,7 @@ from vlp.checkpoint import (
     list_checkpoints,
     load_weights,
     read_json,
+    remove_unfinished,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -495,6 +496,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     if is_main:
         (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         truncate_metrics(metrics_path, start_step)
+        remove_unfinished(out)
 
     bad = bad_samples(cfg.data)
     positions = saved_state.get("data_position")
@@ -587,8 +589,11 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
                 if interval_skipped:
                     record["skipped_steps"] = interval_skipped
                 if is_main:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    try:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    except OSError as err:
+                        raise OSError(err.errno, err.strerror, str(metrics_path)) from err
                 if "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
                 sums, logged_steps, interval_skipped = {}, 0, 0
