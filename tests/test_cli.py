@@ -172,7 +172,7 @@ def test_broken_checkpoint_files_are_named(trained_run, tmp_path, capsys):
 
 
 def test_wrong_command_inputs_are_one_line_errors(trained_run, shapes_world, tmp_path, capsys):
-    image = str(sorted((shapes_world / "images" / "test").glob("*.png"))[0])
+    image = str(min((shapes_world / "images" / "test").glob("*.png")))
     checkpoint = ["--checkpoint", str(trained_run)]
     assert "names no class" in _one_line_error(capsys, ["classify", image, *checkpoint, "--labels", ","])
     templates = tmp_path / "templates.txt"

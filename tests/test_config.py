@@ -1,9 +1,18 @@
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
-from vlp.config import ConfigError, apply_overrides, from_dict, load_config
+from vlp.config import (
+    ConfigError,
+    Fraction,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    apply_overrides,
+    from_dict,
+    load_config,
+)
 from vlp.train.loop import load_run_config
 
 
@@ -70,3 +79,25 @@ def test_shipped_configs_load():
         family, model_cfg, objective_cfg = cfg.family_configs()
         assert family.name == "clip"
         assert objective_cfg.loss == name.split("-")[0]
+
+
+@dataclass
+class Bounded:
+    steps: PositiveInt = 1
+    share: Fraction = 0.5
+    clip: PositiveFloat | None = None
+    pair: tuple[Annotated[float, Range(min=0, max=1, exclusive_max=True)], float] = (0.5, 2.0)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"steps": 0}, "'steps': 0 is out of range (must be >= 1)"),
+    ({"share": 1.5}, "'share': 1.5 is out of range (must be >= 0 and <= 1)"),
+    ({"clip": 0}, "'clip': 0.0 is out of range (must be > 0)"),
+    ({"clip": "big"}, "'clip': expected a number, got 'big'"),
+    ({"pair": [1.0, 3]}, "'pair[0]': 1.0 is out of range (must be >= 0 and < 1)"),
+])
+def test_ranges_are_checked_when_a_config_is_read(data, message):
+    with pytest.raises(ConfigError) as error:
+        from_dict(Bounded, data, prefix="x")
+    assert str(error.value) == f"config key 'x.{message[1:]}"
+    assert from_dict(Bounded, {"clip": None, "steps": 3}).steps == 3

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.metadata
 import logging
 import os
 import sys
 from pathlib import Path
 
+from vlp import __version__
 from vlp.config import ConfigError, from_dict
 
 
@@ -191,7 +191,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
-    parser.add_argument("--version", action="version", version=f"vlp {importlib.metadata.version('vlp')}")
+    parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make datasets").add_subparsers(dest="what", required=True)

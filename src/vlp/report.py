@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vlp.train.run_folder import METRICS_FILE, read_metrics as read_metrics_file
+from vlp.train.run_folder import METRICS_FILE
+from vlp.train.run_folder import read_metrics as read_metrics_file
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

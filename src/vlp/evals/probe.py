@@ -20,16 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.config import NonNegativeFloat, PositiveInt
 from vlp.layers import AttentionalPooler
 
 
 @dataclass
 class ProbeConfig:
-    steps: int = 500  # optimiser steps over shuffled passes of the cached features, whatever their number
-    batch_size: int = 256
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    heads: int = 4  # the attentional probe's pooler; must divide the encoder width
+    steps: PositiveInt = 500  # optimiser steps over shuffled passes of the cached features, whatever their number
+    batch_size: PositiveInt = 256
+    lr: NonNegativeFloat = 3e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    heads: PositiveInt = 4  # the attentional probe's pooler; must divide the encoder width
     seed: int = 0
 
 

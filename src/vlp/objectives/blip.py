@@ -16,23 +16,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.config import Fraction, NonNegativeFloat, NonNegativeInt
 from vlp.distributed import all_gather_with_grad, is_distributed, local_sizes, rank, unwrap
 from vlp.losses import contrastive_loss
 
 
 @dataclass
 class BlipObjectiveConfig:
-    itc_weight: float = 1.0
-    itm_weight: float = 1.0
-    lm_weight: float = 1.0
+    itc_weight: NonNegativeFloat = 1.0
+    itm_weight: NonNegativeFloat = 1.0
+    lm_weight: NonNegativeFloat = 1.0
     hard_negatives: bool = True
-    label_smoothing: float = 0.1
+    label_smoothing: Fraction = 0.1
     # Tokens after the first ([DEC]) that form a prompt such as "a picture of ": not predicted.
-    prompt_length: int = 0
+    prompt_length: NonNegativeInt = 0
     # Momentum distillation (needs model.momentum): ITC targets mix alpha x the momentum encoders'
     # softmax with the one-hot labels; alpha ramps up from 0 over the first steps.
-    alpha: float = 0.4
-    alpha_warmup_steps: int = 2000
+    alpha: Fraction = 0.4
+    alpha_warmup_steps: NonNegativeInt = 2000
 
 
 def sample_negatives(
@@ -188,7 +189,7 @@ class BlipObjective:
 
 @dataclass
 class VqaObjectiveConfig:
-    label_smoothing: float = 0.1
+    label_smoothing: Fraction = 0.1
 
 
 class VqaObjective:
@@ -214,7 +215,7 @@ class VqaObjective:
 
 @dataclass
 class NlvrObjectiveConfig:
-    label_smoothing: float = 0.0
+    label_smoothing: Fraction = 0.0
 
 
 class NlvrObjective:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlp.config import Fraction, NonNegativeFloat
 from vlp.distributed import all_reduce_mean
 from vlp.objectives.blip import sequence_losses
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
@@ -20,9 +21,9 @@ from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiv
 
 @dataclass
 class CocaObjectiveConfig(ContrastiveObjectiveConfig):
-    contrastive_weight: float = 1.0  # 0 fine-tunes captioning only (the term is still returned, as 0)
-    caption_weight: float = 2.0
-    label_smoothing: float = 0.0
+    contrastive_weight: NonNegativeFloat = 1.0  # 0 fine-tunes captioning only (the term is still returned, as 0)
+    caption_weight: NonNegativeFloat = 2.0
+    label_smoothing: Fraction = 0.0
 
 
 class CocaObjective(ContrastiveObjective):

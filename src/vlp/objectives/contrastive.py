@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vlp.config import PositiveFloat, PositiveInt
 from vlp.distributed import unwrap
 from vlp.losses import contrastive_loss, sigmoid_loss
 
@@ -20,9 +21,9 @@ from vlp.losses import contrastive_loss, sigmoid_loss
 @dataclass
 class ContrastiveObjectiveConfig:
     loss: Literal["clip", "siglip"] = "clip"
-    max_logit_scale: float = 100.0  # the learned scale is clamped to this after every step
+    max_logit_scale: PositiveFloat = 100.0  # the learned scale is clamped to this after every step
     # Rows of the loss computed at a time, recomputed in backward: bounds the logits' memory (None = all).
-    chunk_size: int | None = None
+    chunk_size: PositiveInt | None = None
 
 
 class ContrastiveObjective:
