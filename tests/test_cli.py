@@ -251,3 +251,13 @@ def test_model_commands_take_a_precision_and_show_progress(trained_run, shapes_w
     capsys.readouterr()
     predictor.embed_images(images)
     assert "embedding images" in capsys.readouterr().err
+
+
+def test_a_model_that_computes_nan_is_named_not_scored(trained_run, shapes_world):
+    """Weights can be finite and still produce NaN (a diverged model): embeddings are checked."""
+    from vlp.serve.predictors import NonFiniteOutput
+
+    predictor = DualEncoderPredictor.from_checkpoint(trained_run)
+    predictor.model.encode_image = lambda pixels: torch.full((len(pixels), 64), float("nan"))
+    with pytest.raises(NonFiniteOutput, match=f"{resolve_checkpoint(trained_run)}: the model's image embeddings"):
+        predictor.embed_images([min((shapes_world / "images" / "test").glob("*.png"))])

@@ -106,3 +106,17 @@ def test_reranking_below_the_reported_k_keeps_the_embedding_order_past_k():
     text_to_image = torch.arange(20).repeat_interleave(2)
     reranked = reranked_retrieval(similarity, text_to_image, lambda i, t: torch.zeros(len(i)), k=1)
     assert reranked == retrieval_metrics(similarity, text_to_image)
+
+
+def test_caption_metrics_follow_the_standard_ptb_protocol_by_default():
+    """Papers report PTB-tokenised scores; the regex tokeniser splits hyphens, apostrophes and decimals
+    and drops accents, so it scores such captions differently, and says so."""
+    from vlp.evals.captioning import PROTOCOLS, caption_metrics
+
+    references = [["a man in a t-shirt holds a 3.5 inch phone", "the man's shirt is red"], ["a café by the road"]]
+    candidates = ["a man in a t-shirt holding a phone", "a café on a road"]
+    default = caption_metrics(references, candidates, meteor=False)
+    assert default == caption_metrics(references, candidates, meteor=False, tokenizer="ptb")
+    simple = caption_metrics(references, candidates, meteor=False, tokenizer="simple")
+    assert simple["cider"] > default["cider"] and simple["bleu4"] != default["bleu4"]
+    assert "PTB" in PROTOCOLS["ptb"] and "not the standard protocol" in PROTOCOLS["simple"]
