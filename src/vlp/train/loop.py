@@ -158,9 +158,9 @@ def load_run_config(
 def saved_run_config(out: str | Path, resume: str) -> dict[str, Any] | None:
     """The configuration of the run `--resume` continues (from its checkpoint), or None when
     `--resume latest` finds no checkpoint in `out`."""
+    if resume == "latest" and not list_checkpoints(out):
+        return None  # train() says that it starts from scratch
     folder = _find_resume(Path(out), resume)
-    if folder is None:
-        return None
     state = read_json(folder / STATE_FILE)
     if not isinstance(state, dict) or not isinstance(state.get("run"), dict):
         raise CheckpointError(f"{folder / STATE_FILE} holds no run configuration to resume with")
