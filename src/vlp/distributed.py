@@ -219,12 +219,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum over processes of a detached value (counts)."""
+    """The sum over processes of a detached value (counts), on the device it came from."""
     if not is_distributed():
         return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x
+    summed = x.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(summed)
+    return summed.to(x.device)
 
 
 def all_processes_agree(flag: bool) -> bool:

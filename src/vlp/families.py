@@ -13,7 +13,7 @@ from torch import nn
 
 from vlp.config import ConfigError, from_dict
 from vlp.data.nlvr import nlvr_batches, nlvr_texts
-from vlp.data.pipeline import train_batches, training_captions
+from vlp.data.pipeline import GoodBatches, train_batches, training_captions
 from vlp.data.vqa import vqa_batches, vqa_texts
 from vlp.models.blip import Blip, BlipConfig, BlipNlvr, BlipNlvrConfig, BlipVqa, BlipVqaConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
@@ -38,8 +38,8 @@ class Family:
     objective_config_cls: type
     objective_cls: Callable[[Any, Any], Any]
     # The training data it reads: batches(data config, transform, tokenizer, batch_size=, seed=, start_step=,
-    # rank=, world_size=) and the texts a new tokenizer is trained on.
-    batches: Callable[..., Iterator[dict[str, Any]]] = train_batches
+    # rank=, world_size=, bad=, position=) -> GoodBatches, and the texts a new tokenizer is trained on.
+    batches: Callable[..., GoodBatches] = train_batches
     texts: Callable[[Any], Iterator[str]] = training_captions
 
 

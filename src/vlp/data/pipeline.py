@@ -168,9 +168,8 @@ class WebDatasetStream(IterableDataset):
 
     def _shard_error(self, err: Exception) -> bool:
         """webdataset's handler: note the broken shard and go on with the next one."""
-        log.warning("skipped unreadable WebDataset data: %s", err)
         self.errors.append(Skipped("truncated_shard", f"unreadable WebDataset data: {err}"))
-        return True
+        return _warn_and_continue(err)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.epoch += 1
@@ -215,7 +214,7 @@ class StreamBatches:
 
     def __init__(self, stream: WebDatasetStream, num_workers: int, samples_per_epoch: int | None,
                  position: dict[str, Any] | None = None):
-        self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
+        self.samples_per_epoch = samples_per_epoch
         workers = max(num_workers, 1)
         consumed = list((position or {}).get("consumed", [0] * workers))
         if position is not None and len(consumed) != workers:

@@ -114,8 +114,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], version: OfficialVersi
         truth = [_clean(a) for a in answers]
         predicted = _clean(prediction)
         if len(set(truth)) > 1:
-            truth = [process_digits_and_articles(process_punctuation(a)) for a in truth]
-            predicted = process_digits_and_articles(process_punctuation(predicted))
+            truth = [normalize_answer(a) for a in truth]
+            predicted = normalize_answer(predicted)
     elif version == "2016":
         predicted = normalize_answer(prediction)
         truth = list(answers) if len(set(answers)) == 1 else [process_punctuation(a) for a in answers]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +27,13 @@ class NonFiniteOutput(ValueError):
     """A model computed NaN or infinite values (its weights diverged in training, say)."""
 
 
+def batch_starts(total: int, batch_size: int, progress: str | None = None) -> Iterable[int]:
+    """The first index of every batch; with `progress`, under a progress bar of that name when there is
+    more than one batch."""
+    starts = range(0, total, batch_size)
+    return tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None or len(starts) < 2)
+
+
 def pixel_batches(
     images: Sequence[ImageInput],
     transform: Callable[[Image.Image], torch.Tensor],
@@ -37,9 +44,7 @@ def pixel_batches(
 ) -> Iterator[torch.Tensor]:
     """Images (PIL or paths) -> preprocessed pixel batches [b, 3, S, S] on `device`; with `progress`, a
     progress bar of that name when there is more than one batch."""
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2,
-                      leave=False):
+    for start in batch_starts(len(images), batch_size, progress):
         chunk = [
             im if isinstance(im, Image.Image) else load_image(Path(im)) for im in images[start : start + batch_size]
         ]
@@ -139,9 +144,7 @@ class DualEncoderPredictor(Predictor):
         ids, mask = self.tokenizer(list(texts))
         order = mask.sum(dim=1).argsort(stable=True)
         out = []
-        starts = range(0, len(texts), self.batch_size)
-        for start in tqdm(starts, desc="embedding texts", unit="batch", leave=False,
-                          disable=not self.progress or len(starts) < 2):
+        for start in batch_starts(len(texts), self.batch_size, "embedding texts" if self.progress else None):
             rows = order[start : start + self.batch_size]
             with self.autocast:
                 out.append(self.model.encode_text(ids[rows].to(self.device), mask[rows].to(self.device)).float().cpu())
@@ -213,9 +216,7 @@ class MatchingPredictor(DualEncoderPredictor):
         @torch.inference_mode()
         def match_logits(image_indices: torch.Tensor, text_indices: torch.Tensor) -> torch.Tensor:
             out = []
-            starts = range(0, len(image_indices), self.batch_size)
-            for start in tqdm(starts, desc="re-ranking", unit="batch", leave=False,
-                              disable=not self.progress or len(starts) < 2):
+            for start in batch_starts(len(image_indices), self.batch_size, "re-ranking" if self.progress else None):
                 pair_images = image_indices[start : start + self.batch_size].to(self.device)
                 pair_texts = text_indices[start : start + self.batch_size]
                 with self.autocast:

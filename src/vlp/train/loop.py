@@ -513,7 +513,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
 
     def run_state(step: int) -> dict[str, Any]:
         """What a checkpoint records beside the weights (collective: every process calls it)."""
-        position = batches.position() if hasattr(batches, "position") else None
+        position = batches.position()  # every family's batches are `GoodBatches`
         gathered = all_gather_objects(position)
         totals, failed = _skipped_totals(bad, carried)
         state = {"step": step, "run": to_dict(cfg), "skipped_samples": totals, "failed_samples": failed,
@@ -557,8 +557,9 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
             result = train_step(batch)
             interval_samples += batch["size"] * world
             if result.skipped:
-                skipped_steps, interval_skipped, nonfinite_in_a_row = skipped_steps + 1, interval_skipped + 1, \
-                    nonfinite_in_a_row + 1
+                skipped_steps += 1
+                interval_skipped += 1
+                nonfinite_in_a_row += 1
                 terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.values.items() if k.endswith("_loss"))
                 log.warning("step %d skipped: the loss or the gradient norm is not finite (%s; gradient norm "
                             "%.4g); %d in a row", step, terms, result.grad_norm.item(), nonfinite_in_a_row)
