@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-slow interop bench clean
+.PHONY: install demo lint test test-slow interop bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/vlp demo --out runs/demo --data data/shapes --configs configs
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -34,12 +34,16 @@ from vlp.generation import GenerationConfig
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 from vlp.train.loop import load_run_config, train
 
+log = logging.getLogger("blip_table1")
+
 MODEL = [
     "model.family=blip",
     "model.embed_dim=64",
     "model.vision={kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
-    "model.text={vocab_size: 512, max_positions: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
-    "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}",
+    (
+        "model.text={vocab_size: 512, max_positions: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
+        "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}"
+    ),
     "tokenizer.kind=wordpiece",
     "tokenizer.vocab_size=512",
     "tokenizer.context_length=24",
@@ -133,7 +137,7 @@ def main() -> None:
     results = {"steps": args.steps, "capfilt": summary, "rows": {}}
     for name, run in rows.items():
         results["rows"][name] = _score(run, world)
-        logging.info("%s: %s", name, results["rows"][name])
+        log.info("%s: %s", name, results["rows"][name])
     (out / "table1.json").write_text(json.dumps(results, indent=1))
     lines = ["| pre-training data | T→I R@1 | I→T R@1 | BLEU-4 | CIDEr |", "|---|---|---|---|---|"]
     for name, m in results["rows"].items():

@@ -15,8 +15,9 @@ from vlp.cli import main
 from vlp.config import ConfigError
 from vlp.evals.captioning import evaluate_captioning
 from vlp.generation import GenerationConfig
+from vlp.losses import lm_loss, sample_negatives
 from vlp.models.blip import Blip, BlipConfig, MedConfig
-from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig, lm_loss, sample_negatives
+from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor
 from vlp.towers import VisionConfig
 from vlp.train.loop import load_run_config, train

@@ -10,8 +10,8 @@ from vlp.towers import TextConfig, VisionConfig
 
 
 def tiny(**kw):
-    cfg = dict(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
-               text=TextConfig(vocab_size=40, context_length=6, width=24, layers=1, heads=2))
+    cfg = {"embed_dim": 16, "vision": VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
+           "text": TextConfig(vocab_size=40, context_length=6, width=24, layers=1, heads=2)}
     cfg.update(kw)
     return DualEncoderConfig(**cfg)
 

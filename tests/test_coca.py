@@ -19,8 +19,8 @@ from vlp.evals.probe import ProbeConfig, frozen_feature_probes
 from vlp.evals.runner import evaluate_zeroshot
 from vlp.generation import GenerationConfig, generate
 from vlp.layers import padding_mask
+from vlp.losses import lm_loss
 from vlp.models.coca import Coca, CocaConfig
-from vlp.objectives.blip import lm_loss
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 from vlp.towers import TextConfig, VisionConfig

@@ -76,7 +76,7 @@ def test_run_config_checks_family_sections_before_any_work(tmp_path):
 def test_shipped_configs_load():
     for name in ("clip-tiny", "siglip-tiny"):
         cfg = load_run_config(f"configs/{name}.yaml")
-        family, model_cfg, objective_cfg = cfg.family_configs()
+        family, _model_cfg, objective_cfg = cfg.family_configs()
         assert family.name == "clip"
         assert objective_cfg.loss == name.split("-")[0]
 

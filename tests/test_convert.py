@@ -23,8 +23,8 @@ from vlp.convert import ConversionError, export_pretrained
 from vlp.convert.tokenizers import CLIP_SPLIT, hf_tokenizer, tokenizer_from_path
 from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig
-from vlp.families import FAMILIES
 from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.registry import FAMILIES
 from vlp.towers import ConvNetConfig, TextConfig, VisionConfig
 
 transformers = pytest.importorskip("transformers")

@@ -166,8 +166,8 @@ def test_a_vlp_blip_exports_to_both_heads(trained_blip, tmp_path, bert_vocab):
     from vlp.convert import ConversionError
     from vlp.convert.tokenizers import tokenizer_from_path
     from vlp.data.transforms import ImageConfig
-    from vlp.families import FAMILIES
     from vlp.models.blip import BlipConfig, MedConfig
+    from vlp.registry import FAMILIES
     from vlp.towers import VisionConfig
 
     with pytest.raises(ConversionError, match="ViT"):

@@ -101,7 +101,7 @@ def test_bidirectional_padding_mask_hides_pads_and_pools():
     other = ids.clone()
     other[0, 5:] = 0
     pooled_a, tokens_a = tower(ids, mask)
-    pooled_b, tokens_b = tower(other, mask)
+    _pooled_b, tokens_b = tower(other, mask)
     torch.testing.assert_close(tokens_a[:, :5], tokens_b[:, :5])
     torch.testing.assert_close(pooled_a, tokens_a[:, 4])  # eot = last real token
     tower.cfg.pool = "first"
@@ -140,7 +140,7 @@ def test_vision_tower_pools(pool, class_token):
 
 def test_vision_tower_runs_at_another_resolution_by_resizing_positions():
     tower = VisionTransformer(VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=4))
-    pooled, tokens = tower(torch.randn(1, 3, 48, 48))
+    _pooled, tokens = tower(torch.randn(1, 3, 48, 48))
     assert tokens.shape == (1, 1 + 36, 32)
     table = torch.randn(1 + 16, 8)
     resized = resize_pos_embed(table, (6, 6), num_prefix=1)

@@ -11,9 +11,9 @@ import vlp
 from vlp.checkpoint import Pretrained
 from vlp.convert import export_pretrained
 from vlp.data.transforms import ImageConfig
-from vlp.families import FAMILIES
 from vlp.generation import GenerationConfig, generate
 from vlp.models.coca import Coca, CocaConfig
+from vlp.registry import FAMILIES
 from vlp.towers import TextConfig, VisionConfig
 
 pytestmark = pytest.mark.interop

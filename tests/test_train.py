@@ -22,8 +22,9 @@ from vlp.checkpoint import (
 )
 from vlp.distributed import ParallelModel
 from vlp.evals.runner import evaluate_zeroshot
-from vlp.families import get_family
+from vlp.registry import get_family
 from vlp.serve.predictors import DualEncoderPredictor
+from vlp.train.families import recipe_of
 from vlp.train.loop import TrainingError, TrainStep, load_run_config, train
 from vlp.train.optim import make_optimizer, parameter_groups
 
@@ -173,7 +174,7 @@ def _tiny_objective(overrides):
     torch.manual_seed(0)
     model = family.model_cls(model_cfg)
     parallel = ParallelModel(model, "ddp", torch.device("cpu"))
-    objective = family.objective_cls(parallel.module, objective_cfg)
+    objective = recipe_of(family).objective_cls(parallel.module, objective_cfg)
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     return model, TrainStep(parallel, objective, optimizer, grad_clip=1.0, precision="fp32"), optimizer
 

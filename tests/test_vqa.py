@@ -11,8 +11,9 @@ from vlp.cli import main
 from vlp.data.sources import load_image
 from vlp.data.vqa import VqaCollate, read_vqa, weighted_answers
 from vlp.evals.vqa import evaluate_vqa, majority_answer, normalize_answer, read_answer_list, vqa_accuracy
+from vlp.losses import sequence_losses
 from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig, MedConfig
-from vlp.objectives.blip import sequence_losses
+from vlp.registry import get_family
 from vlp.serve.predictors import VqaPredictor
 from vlp.towers import VisionConfig
 from vlp.train.loop import load_run_config, train
@@ -218,7 +219,7 @@ def test_ranking_picks_the_most_likely_candidate(shapes_world, trained_blip):
     pretrained = load_checkpoint(trained_blip)
     blip = pretrained.model
     vqa_cfg = BlipVqaConfig(vision=blip.cfg.vision, text=blip.cfg.text)
-    pretrained.model = BlipVqa(vqa_cfg).eval()
+    pretrained.family, pretrained.config, pretrained.model = get_family("blip_vqa"), vqa_cfg, BlipVqa(vqa_cfg).eval()
     pretrained.model.init_from(blip)
     candidates = ["red", "blue", "a green circle", "2", "yes"]
     predictor = VqaPredictor(pretrained, method="rank", answer_list=candidates, k=len(candidates))

@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from vlp.checkpoint import ARCH_FILE, PREPROCESS_FILE, STATE_FILE, list_checkpoints, resolve_checkpoint
 from vlp.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from vlp.data.sources import DataError, detect_format, read_captions
-from vlp.distributed import barrier, rank, setup_from_environment, world_size
+from vlp.distributed import barrier, process_group, rank, world_size
 from vlp.generation import GenerationConfig
 
 log = logging.getLogger("vlp.capfilt")
@@ -115,7 +113,8 @@ def score_web(
 ) -> None:
     """Caption every web image and score web and synthetic captions with the filter, chunk by chunk;
     chunks already written are skipped, the rest are split across processes."""
-    from vlp.serve.predictors import CaptionPredictor, MatchingPredictor
+    from vlp.convert import load_pretrained
+    from vlp.serve.predictors import predict_functions
 
     folder.mkdir(parents=True, exist_ok=True)
     images = list(dict.fromkeys(path for path, _ in web))
@@ -131,19 +130,20 @@ def score_web(
     log.info("web scoring: %d of %d chunks to do on this process", len(todo), len(chunks))
     if not todo:
         return
-    matcher = MatchingPredictor.from_checkpoint(filter_model, batch_size=cfg.batch_size_inference)
-    writer = CaptionPredictor.from_checkpoint(captioner, batch_size=cfg.batch_size_inference)
+    batch_size = cfg.batch_size_inference
+    match = predict_functions(load_pretrained(filter_model), batch_size=batch_size).require("match_probabilities")
+    caption = predict_functions(load_pretrained(captioner), batch_size=batch_size).require("caption")
     for index, start in todo:
         chunk = images[start : start + cfg.chunk_size]
-        writer.generation = GenerationConfig(
+        generation = GenerationConfig(
             method="nucleus", top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens, repetition_penalty=cfg.repetition_penalty,
             seed=cfg.seed + index,  # the same captions whichever process, and however often, it runs
         )  # fmt: skip
-        synthetic = writer.caption(chunk)
+        synthetic = caption(chunk, generation=generation)
         pairs = [(path, c, "web") for path in chunk for c in captions[path]]
         pairs += [(path, c, "synthetic") for path, c in zip(chunk, synthetic, strict=True)]
-        scores = matcher.match_probabilities([p for p, _, _ in pairs], [c for _, c, _ in pairs]).tolist()
+        scores = match([p for p, _, _ in pairs], [c for _, c, _ in pairs]).tolist()
         records = [
             {"image": str(path), "caption": caption, "source": source, "itm_score": round(score, 6)}
             for (path, caption, source), score in zip(pairs, scores, strict=True)
@@ -246,13 +246,8 @@ def run_capfilt(
                 f"{name} {spec}: CapFilt reads CSV or COCO captions JSON; WebDataset input is not supported"
             )
     web_pairs = [(item.path, c) for item in read_captions(web, images_dir=cfg.images_web) for c in item.captions]
-    created_group = not torch.distributed.is_initialized()
-    setup_from_environment()
-    try:
+    with process_group():
         return _run(Path(model), human, web, web_pairs, out, cfg, truth)
-    finally:
-        if created_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _run(

@@ -31,8 +31,8 @@ from torch import nn
 from vlp.config import ConfigError, from_dict, to_dict
 from vlp.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
-from vlp.families import Family, parse_model_config
 from vlp.model_size import LOAD_BYTES_PER_PARAMETER, check_model_fits
+from vlp.registry import Family, parse_model_config
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "model.json"

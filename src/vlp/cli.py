@@ -7,7 +7,9 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vlp import __version__
 from vlp.config import ConfigError, from_dict
@@ -54,81 +56,116 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"last checkpoint: {last}")
 
 
-def _predictor(args: argparse.Namespace, kind: str = "DualEncoderPredictor", **kwargs):
-    """A predictor of the checkpoint with the command's precision and progress bars."""
-    from vlp.serve import predictors
+def _predict(args: argparse.Namespace, function: str, options: dict | None = None) -> Callable[..., Any]:
+    """One predict function of the checkpoint, with the command's precision and progress bars; an error
+    naming what the model lacks when its family cannot."""
+    from vlp.convert import load_pretrained
+    from vlp.serve.predictors import predict_functions
 
-    return getattr(predictors, kind).from_checkpoint(args.checkpoint, precision=args.precision, progress=True,
-                                                     **kwargs)
+    functions = predict_functions(load_pretrained(args.checkpoint), options=options, precision=args.precision,
+                                  progress=True)
+    return functions.require(function)
 
 
-def _captioner(args: argparse.Namespace):
+def _embedder(args: argparse.Namespace) -> Any:
+    """The dual-encoder predict functions (embed_images, embed_texts, ...) the evaluators read."""
+    from vlp.convert import load_pretrained
+    from vlp.serve.predictors import predict_functions
+
+    functions = predict_functions(load_pretrained(args.checkpoint), precision=args.precision, progress=True)
+    functions.require("embed_images")
+    return functions
+
+
+def _caption_function(args: argparse.Namespace) -> Callable[..., list[str]]:
     from vlp.generation import GenerationConfig
+    from vlp.serve.predictors import CaptionPredictor
 
     generation = from_dict(GenerationConfig, {
         "method": args.method, "num_beams": args.beams, "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": args.min_new_tokens, "top_p": args.top_p, "seed": args.seed,
     }, prefix="generation")
-    return _predictor(args, "CaptionPredictor", generation=generation, prompt=args.prompt)
+    return _predict(args, "caption", {CaptionPredictor: {"generation": generation, "prompt": args.prompt}})
 
 
-def _answerer(args: argparse.Namespace):
+def _answer_function(args: argparse.Namespace) -> Callable[..., list[str]]:
     from vlp.evals.vqa import read_answer_list
+    from vlp.serve.predictors import VqaPredictor
 
     if args.method == "rank" and not args.answer_list:
         raise ConfigError("--method rank needs --answer-list (a JSON list, or a VQAv2 annotations file)")
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: re-score at least one candidate")
     answers = read_answer_list(args.answer_list) if args.answer_list else ()
-    return _predictor(args, "VqaPredictor", method=args.method, answer_list=answers, k=args.k)
+    return _predict(args, "answer", {VqaPredictor: {"method": args.method, "answer_list": answers, "k": args.k}})
 
 
 def _cmd_ask(args: argparse.Namespace) -> None:
-    print(_answerer(args).answer([args.image], [args.question])[0])
+    print(_answer_function(args)([args.image], [args.question])[0])
 
 
 def _cmd_caption(args: argparse.Namespace) -> None:
-    for path, caption in zip(args.image, _captioner(args).caption(args.image), strict=True):
+    for path, caption in zip(args.image, _caption_function(args)(args.image), strict=True):
         print(f"{path}: {caption}")
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
-    from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot, format_table, write_result
+def _report(result: dict, args: argparse.Namespace) -> None:
+    from vlp.evals.runner import format_table, write_result
 
-    if args.task == "zeroshot":
-        result = evaluate_zeroshot(_predictor(args), args.data, args.classnames, args.templates)
-    elif args.task == "probe":
-        from vlp.evals.probe import ProbeConfig
-        from vlp.evals.runner import evaluate_probe
-
-        if not 0 < args.test_fraction < 1:
-            raise ConfigError(f"--test-fraction {args.test_fraction}: must be between 0 and 1")
-        cfg = from_dict(ProbeConfig, {"steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
-                                      "heads": args.heads}, prefix="probe")
-        result = evaluate_probe(_predictor(args), args.data, args.classnames, test=args.test,
-                                test_fraction=args.test_fraction, cfg=cfg)
-    elif args.task == "captioning":
-        from vlp.evals.captioning import evaluate_captioning
-
-        result = evaluate_captioning(_captioner(args).caption, args.data, args.images, meteor=not args.no_meteor,
-                                     tokenizer=args.tokenizer)
-    elif args.task == "vqa":
-        from vlp.evals.vqa import evaluate_vqa
-
-        result = evaluate_vqa(_answerer(args).answer, args.questions, args.annotations, args.images,
-                              image_pattern=args.image_pattern, version=args.official_version)
-    elif args.task == "nlvr":
-        from vlp.evals.nlvr import evaluate_nlvr
-
-        result = evaluate_nlvr(_predictor(args, "NlvrPredictor").true_probability, args.data, args.images)
-    elif args.rerank is not None:
-        if args.rerank < 1:
-            raise ConfigError(f"--rerank {args.rerank}: re-rank at least the top 1")
-        result = evaluate_retrieval(_predictor(args, "MatchingPredictor"), args.data, args.images, rerank=args.rerank)
-    else:
-        result = evaluate_retrieval(_predictor(args), args.data, args.images)
     print(format_table(result))
     write_result(result, args.out)
+
+
+def _eval_zeroshot(args: argparse.Namespace) -> None:
+    from vlp.evals.runner import evaluate_zeroshot
+
+    _report(evaluate_zeroshot(_embedder(args), args.data, args.classnames, args.templates), args)
+
+
+def _eval_probe(args: argparse.Namespace) -> None:
+    from vlp.evals.probe import ProbeConfig
+    from vlp.evals.runner import evaluate_probe
+
+    if not 0 < args.test_fraction < 1:
+        raise ConfigError(f"--test-fraction {args.test_fraction}: must be between 0 and 1")
+    cfg = from_dict(ProbeConfig, {"steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
+                                  "heads": args.heads}, prefix="probe")
+    result = evaluate_probe(_embedder(args), args.data, args.classnames, test=args.test,
+                            test_fraction=args.test_fraction, cfg=cfg)
+    _report(result, args)
+
+
+def _eval_retrieval(args: argparse.Namespace) -> None:
+    from vlp.evals.runner import evaluate_retrieval
+
+    if args.rerank is not None and args.rerank < 1:
+        raise ConfigError(f"--rerank {args.rerank}: re-rank at least the top 1")
+    functions = _embedder(args)
+    if args.rerank is not None:
+        functions.require("matcher")
+    _report(evaluate_retrieval(functions, args.data, args.images, rerank=args.rerank), args)
+
+
+def _eval_captioning(args: argparse.Namespace) -> None:
+    from vlp.evals.captioning import evaluate_captioning
+
+    result = evaluate_captioning(_caption_function(args), args.data, args.images, meteor=not args.no_meteor,
+                                 tokenizer=args.tokenizer)
+    _report(result, args)
+
+
+def _eval_vqa(args: argparse.Namespace) -> None:
+    from vlp.evals.vqa import evaluate_vqa
+
+    result = evaluate_vqa(_answer_function(args), args.questions, args.annotations, args.images,
+                          image_pattern=args.image_pattern, version=args.official_version)
+    _report(result, args)
+
+
+def _eval_nlvr(args: argparse.Namespace) -> None:
+    from vlp.evals.nlvr import evaluate_nlvr
+
+    _report(evaluate_nlvr(_predict(args, "true_probability"), args.data, args.images), args)
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -141,24 +178,22 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         raise ConfigError("vlp embed writes one array: give --images, or --texts / --texts-file, not both")
     if not args.images and not texts:
         raise ConfigError("vlp embed needs --images, --texts or a --texts-file with at least one line")
-    predictor = _predictor(args)
-    embeddings = predictor.embed_images(args.images) if args.images else predictor.embed_texts(texts)
+    functions = _embedder(args)
+    embeddings = functions.embed_images(args.images) if args.images else functions.embed_texts(texts)
     np.save(args.out, embeddings.numpy())
     print(f"{tuple(embeddings.shape)} embeddings written to {args.out}")
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from vlp.evals.zeroshot import check_templates, class_embeddings, read_lines
+    from vlp.evals.zeroshot import check_templates, read_lines
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         raise ConfigError(f"--labels {args.labels!r} names no class: give comma-separated names, e.g. \"cat,dog\"")
     templates = check_templates(read_lines(args.templates), args.templates) if args.templates else ["a photo of a {}."]
-    predictor = _predictor(args)
-    classifier = class_embeddings(predictor.embed_texts, labels, templates)
-    probs = (100.0 * predictor.embed_images(args.image) @ classifier.T).softmax(dim=-1)
-    for path, row in zip(args.image, probs):
-        ranked = sorted(zip(labels, row.tolist()), key=lambda x: -x[1])
+    classify = _predict(args, "zeroshot_classifier")(labels, templates)
+    for path, row in zip(args.image, classify(args.image), strict=True):
+        ranked = sorted(zip(labels, row.tolist(), strict=True), key=lambda x: -x[1])
         print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked[:5]))
 
 
@@ -189,11 +224,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"report written to {report}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
-    parser.add_argument("--version", action="version", version=f"vlp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+Subparsers = argparse._SubParsersAction
 
+
+def _add_data(sub: Subparsers) -> None:
     data = sub.add_parser("data", help="make datasets").add_subparsers(dest="what", required=True)
     shapes = data.add_parser("shapes", help="write the shapes world")
     shapes.add_argument("--out", required=True)
@@ -205,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--shards", type=int, help="WebDataset shards per split")
     shapes.set_defaults(func=_cmd_data_shapes)
 
+
+def _add_tokenizer(sub: Subparsers) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="what", required=True)
     tok_train = tok.add_parser("train", help="train a tokenizer on captions")
     tok_train.add_argument("--data", required=True, help="CSV, COCO captions JSON or WebDataset shards")
@@ -214,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--set", action="append", default=[], metavar="tokenizer.KEY=VALUE")
     tok_train.set_defaults(func=_cmd_tokenizer_train)
 
+
+def _add_train(sub: Subparsers) -> None:
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument("--config", help="run config (YAML/JSON); with --resume, the saved run's config is the base")
     tr.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -223,12 +261,45 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.set_defaults(func=_cmd_train)
 
+
+def _model_command(parent: Subparsers, name: str, func: Callable[[argparse.Namespace], None], help: str,
+                   *, out: bool = True) -> argparse.ArgumentParser:
+    """A command that runs a checkpoint: --checkpoint, --precision and (for evaluations) --out."""
+    parser = parent.add_parser(name, help=help)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast the model, about 2x faster where bf16 matmuls are")
+    if out:
+        parser.add_argument("--out", help="write results JSON here")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=["greedy", "beam", "nucleus"], default="beam")
+    parser.add_argument("--beams", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--min-new-tokens", type=int, default=5)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--prompt", default="", help='a caption prefix such as "a picture of"')
+
+
+def _add_answer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=["generate", "rank"], default="generate",
+                        help="generate with beam search, or rank a list of candidate answers")
+    parser.add_argument("--answer-list", help="candidates for --method rank: a JSON list, or a VQAv2 annotations "
+                        "file whose most frequent answers are taken")
+    parser.add_argument("--k", type=int, default=128, help="candidates re-scored in full by --method rank")
+
+
+def _add_eval(sub: Subparsers) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
-    zs = ev.add_parser("zeroshot", help="zero-shot classification")
+    zs = _model_command(ev, "zeroshot", _eval_zeroshot, "zero-shot classification")
     zs.add_argument("--data", required=True, help="ImageFolder directory or CSV with filepath,label")
     zs.add_argument("--classnames", required=True)
     zs.add_argument("--templates", required=True)
-    pr = ev.add_parser("probe", help="linear and attentional probes trained on frozen image features")
+    pr = _model_command(ev, "probe", _eval_probe, "linear and attentional probes trained on frozen image features")
     pr.add_argument("--data", required=True, help="training images: ImageFolder directory or CSV with filepath,label")
     pr.add_argument("--classnames", required=True)
     pr.add_argument("--test", help="test images (default: a seeded --test-fraction of --data)")
@@ -237,31 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lr", type=float, default=3e-3)
     pr.add_argument("--weight-decay", type=float, default=1e-4)
     pr.add_argument("--heads", type=int, default=4, help="heads of the attentional probe's pooler")
-    rt = ev.add_parser("retrieval", help="image-text retrieval")
+    rt = _model_command(ev, "retrieval", _eval_retrieval, "image-text retrieval")
     rt.add_argument("--data", required=True, help="COCO captions JSON or CSV (several captions per image)")
     rt.add_argument("--images")
     rt.add_argument("--rerank", type=int, metavar="K",
                     help="re-score each query's top K with the image-text matching head (BLIP)")
-    cap = ev.add_parser("captioning", help="captioning: BLEU, METEOR, ROUGE-L, CIDEr")
+    cap = _model_command(ev, "captioning", _eval_captioning, "captioning: BLEU, METEOR, ROUGE-L, CIDEr")
     cap.add_argument("--data", required=True, help="COCO captions JSON or CSV (references per image)")
     cap.add_argument("--images")
     cap.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts Java)")
     cap.add_argument("--tokenizer", choices=["ptb", "simple"], default="ptb",
                      help="ptb: the COCO caption evaluation's PTB tokeniser (Java), as papers report; simple: a "
                      "regex without Java, whose scores differ on hyphens, apostrophes, decimals and accents")
-    caption = sub.add_parser("caption", help="caption images")
-    caption.add_argument("image", nargs="+")
-    for p in (cap, caption):
-        p.add_argument("--checkpoint", required=True)
-        p.add_argument("--method", choices=["greedy", "beam", "nucleus"], default="beam")
-        p.add_argument("--beams", type=int, default=3)
-        p.add_argument("--max-new-tokens", type=int, default=20)
-        p.add_argument("--min-new-tokens", type=int, default=5)
-        p.add_argument("--top-p", type=float, default=0.9)
-        p.add_argument("--seed", type=int)
-        p.add_argument("--prompt", default="", help='a caption prefix such as "a picture of"')
-    caption.set_defaults(func=_cmd_caption)
-    vqa = ev.add_parser("vqa", help="visual question answering: VQA accuracy")
+    _add_generation_options(cap)
+    vqa = _model_command(ev, "vqa", _eval_vqa, "visual question answering: VQA accuracy")
     vqa.add_argument("--questions", required=True, help="VQAv2 questions JSON")
     vqa.add_argument("--annotations", required=True, help="VQAv2 annotations JSON")
     vqa.add_argument("--images", help="image folder (default: beside the questions file)")
@@ -269,51 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: VQAv2's COCO_{data_subtype}_{image_id:012d}.jpg)")
     vqa.add_argument("--official-version", choices=["2021", "2016"], default="2021",
                      help="the revision of the official vqaEval.py to follow: 2021 (its latest) or 2016 (LAVIS's copy)")
-    vqa.add_argument("--out", help="write results JSON (with the predictions) here")
-    vqa.set_defaults(func=_cmd_eval)
-    nl = ev.add_parser("nlvr", help="statements about image pairs (NLVR2): accuracy")
+    _add_answer_options(vqa)
+    nl = _model_command(ev, "nlvr", _eval_nlvr, "statements about image pairs (NLVR2): accuracy")
     nl.add_argument("--data", required=True, help="JSON list of {images: [left, right], sentence, label}")
     nl.add_argument("--images", help="folder the image paths resolve against (default: beside the file)")
-    nl.add_argument("--checkpoint", required=True)
-    nl.add_argument("--out", help="write results JSON here")
-    nl.set_defaults(func=_cmd_eval)
-    ask = sub.add_parser("ask", help="answer a question about an image (BLIP-VQA)")
+
+
+def _add_predict(sub: Subparsers) -> None:
+    caption = _model_command(sub, "caption", _cmd_caption, "caption images", out=False)
+    caption.add_argument("image", nargs="+")
+    _add_generation_options(caption)
+    ask = _model_command(sub, "ask", _cmd_ask, "answer a question about an image (BLIP-VQA)", out=False)
     ask.add_argument("image")
     ask.add_argument("question")
-    ask.set_defaults(func=_cmd_ask)
-    for p in (vqa, ask):
-        p.add_argument("--checkpoint", required=True)
-        p.add_argument("--method", choices=["generate", "rank"], default="generate",
-                       help="generate with beam search, or rank a list of candidate answers")
-        p.add_argument("--answer-list", help="candidates for --method rank: a JSON list, or a VQAv2 annotations "
-                       "file whose most frequent answers are taken")
-        p.add_argument("--k", type=int, default=128, help="candidates re-scored in full by --method rank")
-    cap.add_argument("--out", help="write results JSON here")
-    cap.set_defaults(func=_cmd_eval)
-    for p in (zs, rt, pr):
-        p.add_argument("--checkpoint", required=True)
-        p.add_argument("--out", help="write results JSON here")
-        p.set_defaults(func=_cmd_eval)
-
-    em = sub.add_parser("embed", help="embed images or texts to a .npy")
-    em.add_argument("--checkpoint", required=True)
+    _add_answer_options(ask)
+    em = _model_command(sub, "embed", _cmd_embed, "embed images or texts to a .npy", out=False)
     em.add_argument("--images", nargs="+")
     em.add_argument("--texts", nargs="+")
     em.add_argument("--texts-file")
     em.add_argument("--out", required=True)
-    em.set_defaults(func=_cmd_embed)
-
-    cl = sub.add_parser("classify", help="zero-shot classify images")
+    cl = _model_command(sub, "classify", _cmd_classify, "zero-shot classify images", out=False)
     cl.add_argument("image", nargs="+")
-    cl.add_argument("--checkpoint", required=True)
     cl.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog"')
     cl.add_argument("--templates", help="templates file, one per line with {}")
-    cl.set_defaults(func=_cmd_classify)
 
-    for p in (zs, rt, pr, em, cl, cap, caption, vqa, nl, ask):
-        p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="bf16: autocast the model, about 2x faster where bf16 matmuls are")
 
+def _add_convert(sub: Subparsers) -> None:
     cv = sub.add_parser("convert", help="convert a checkpoint between vlp, Hugging Face and open_clip")
     cv.add_argument("src", help="vlp / Hugging Face / open_clip folder, or an open_clip state-dict file")
     cv.add_argument("--to", required=True, choices=["vlp", "hf", "open_clip"])
@@ -327,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the Hugging Face BLIP class to write (default: captioning; VQA for a BLIP-VQA)")
     cv.set_defaults(func=_cmd_convert)
 
+
+def _add_capfilt(sub: Subparsers) -> None:
     cf = sub.add_parser("capfilt", help="bootstrap a cleaner dataset from noisy web pairs (BLIP's CapFilt)")
     cf.add_argument("--model", required=True, help="pre-trained BLIP checkpoint")
     cf.add_argument("--human", required=True, help="human-annotated pairs (CSV or COCO captions JSON)")
@@ -337,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--truth", help="JSON list of {file_name, caption, noisy}: report the filter's precision/recall")
     cf.set_defaults(func=_cmd_capfilt)
 
+
+def _add_demo(sub: Subparsers) -> None:
     demo = sub.add_parser("demo", help="shapes world -> tiny CLIP and SigLIP -> evaluation -> report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/shapes")
@@ -344,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                       help="override for both training runs")
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
+    parser.add_argument("--version", action="version", version=f"vlp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_tokenizer, _add_train, _add_eval, _add_predict, _add_convert, _add_capfilt, _add_demo):
+        add(sub)
     _add_everywhere(parser, "-v", "--verbose", action="store_true", help="debug logging")
     _add_everywhere(parser, "--debug", action="store_true", help="show the traceback of an error")
     return parser

@@ -78,8 +78,10 @@ def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str
                           f"{sum(r['samples_per_s'] for r in records) / len(records):.0f} | {last['loss']:.3f} |")
     sections = [
         "# vlp demo report",
-        f"Tiny CLIP and SigLIP trained on the shapes world (`{data}`), evaluated on its test splits. "
-        "Held-out compositions are colour-shape pairs that never appear in the training captions.",
+        (
+            f"Tiny CLIP and SigLIP trained on the shapes world (`{data}`), evaluated on its test splits. "
+            "Held-out compositions are colour-shape pairs that never appear in the training captions."
+        ),
         "## Training",
         "| model | steps | minutes | samples/s | final loss |\n|---|---|---|---|---|\n" + "\n".join(timing),
         "![training curves](curves.png)",

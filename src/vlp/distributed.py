@@ -24,26 +24,28 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 Strategy = Literal["ddp", "fsdp"]
+# The processes a collective spans: None is every process of the run (the default group).
+Group = dist.ProcessGroup | None
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_distributed(group: Group = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def rank(group: Group = None) -> int:
+    return dist.get_rank(group) if is_distributed(group) else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def world_size(group: Group = None) -> int:
+    return dist.get_world_size(group) if is_distributed(group) else 1
 
 
-def local_sizes(size: int, device: torch.device | None = None) -> list[int]:
+def local_sizes(size: int, device: torch.device | None = None, group: Group = None) -> list[int]:
     """Every process's local batch size, in rank order (batches shrink where bad samples were dropped)."""
-    if not is_distributed():
+    if not is_distributed(group):
         return [size]
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device))
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size(group))]
+    dist.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device), group=group)
     return [int(s) for s in sizes]
 
 
@@ -52,65 +54,70 @@ class _AllGather(torch.autograd.Function):
     processes' copies and hands each process its own slice (all_reduce, which gloo supports too)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group: Group) -> torch.Tensor:
         padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        ctx.sizes = sizes
+        dist.all_gather(parts, padded, group=group)
+        ctx.sizes, ctx.group = sizes, group
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start = sum(ctx.sizes[: rank()])
-        return grad[start : start + ctx.sizes[rank()]], None
+        dist.all_reduce(grad, group=ctx.group)
+        own = rank(ctx.group)
+        start = sum(ctx.sizes[:own])
+        return grad[start : start + ctx.sizes[own]], None, None
 
 
-def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None, group: Group = None) -> torch.Tensor:
     """[b_r, ...] on each process -> [sum b_r, ...] in rank order; gradients flow back to each owner.
 
     `sizes` (from `local_sizes`) saves a collective when the caller already has them."""
-    if not is_distributed():
+    if not is_distributed(group):
         return x
-    return _AllGather.apply(x, sizes or local_sizes(x.shape[0], x.device))
+    return _AllGather.apply(x, sizes or local_sizes(x.shape[0], x.device, group), group)
 
 
 class _RingShift(torch.autograd.Function):
     """Send to the next rank, receive from the previous one; the backward pass goes the other way."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _exchange(x.contiguous(), forward=True)
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _exchange(x.contiguous(), group, forward=True)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _exchange(grad.contiguous(), forward=False)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _exchange(grad.contiguous(), ctx.group, forward=False), None
 
 
-def _send_receive(x: torch.Tensor, to: int, source: int, received: torch.Tensor) -> torch.Tensor:
-    ops = [dist.P2POp(dist.isend, x, to), dist.P2POp(dist.irecv, received, source)]
+def _send_receive(x: torch.Tensor, to: int, source: int, received: torch.Tensor, group: Group) -> torch.Tensor:
+    ops = [dist.P2POp(dist.isend, x, to, group), dist.P2POp(dist.irecv, received, source, group)]
     for request in dist.batch_isend_irecv(ops):
         request.wait()
     return received
 
 
-def _exchange(x: torch.Tensor, *, forward: bool) -> torch.Tensor:
-    r, w = rank(), world_size()
+def _exchange(x: torch.Tensor, group: Group, *, forward: bool) -> torch.Tensor:
+    r, w = rank(group), world_size(group)
     to, source = ((r + 1) % w, (r - 1) % w) if forward else ((r - 1) % w, (r + 1) % w)
+    if group is not None:  # point-to-point operations name their peers by global rank
+        to, source = dist.get_global_rank(group, to), dist.get_global_rank(group, source)
     # The neighbour's block may have fewer rows (bad samples dropped there): its size travels first.
     size = _send_receive(
-        torch.tensor([x.shape[0]], device=x.device), to, source, torch.zeros(1, dtype=torch.long, device=x.device)
+        torch.tensor([x.shape[0]], device=x.device), to, source, torch.zeros(1, dtype=torch.long, device=x.device),
+        group,
     )
-    return _send_receive(x, to, source, x.new_empty(int(size), *x.shape[1:]))
+    return _send_receive(x, to, source, x.new_empty(int(size), *x.shape[1:]), group)
 
 
-def ring_shift(x: torch.Tensor) -> torch.Tensor:
+def ring_shift(x: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Pass `x` one step around the ring of processes (rank r receives rank r-1's tensor), with autograd."""
-    if not is_distributed():
+    if not is_distributed(group):
         return x
-    return _RingShift.apply(x)
+    return _RingShift.apply(x, group)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -209,13 +216,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over processes of a detached value (for logging)."""
-    if not is_distributed():
+def all_reduce_mean(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """The mean over processes of a detached value (for logging, and token counts in losses)."""
+    if not is_distributed(group):
         return x
     x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / world_size()
+    dist.all_reduce(x, group=group)
+    return x / world_size(group)
+
+
+def all_reduce_max(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """The largest value over processes of a detached tensor."""
+    if not is_distributed(group):
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +266,19 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def process_group(backend: str | None = None) -> Iterator[bool]:
+    """Join the process group the launcher describes (see `setup_from_environment`) for the block, and
+    leave it afterwards if this call created it; yields whether the run is distributed."""
+    created = not (dist.is_available() and dist.is_initialized())
+    distributed = setup_from_environment(backend)
+    try:
+        yield distributed
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_from_environment(backend: str | None = None) -> bool:

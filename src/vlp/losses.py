@@ -1,9 +1,10 @@
-"""Loss functions as pure math on features. Objectives pick and weight them.
+"""Loss functions as pure math on features and logits. Objectives pick, weight and name them.
 
 All losses compute in fp32 whatever the autocast dtype of the features. Under a process group each
 process passes its local batch and gets the loss of its own rows against the global batch; the mean
 of those over processes is the single-process loss of the global batch, and with DDP's gradient
-averaging the gradients are exact. The collectives live in `vlp.distributed`.
+averaging the gradients are exact. `group` is the process group the batch spans (None: every process);
+the collectives live in `vlp.distributed`.
 
 `chunk_size` bounds memory: rows are processed `chunk_size` at a time and recomputed in the backward
 pass, so no [b, B] logit matrix is ever held whole.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from vlp.distributed import all_gather_with_grad, local_sizes, rank, ring_shift, world_size
+from vlp.distributed import Group, all_gather_with_grad, all_reduce_mean, local_sizes, rank, ring_shift, world_size
 
 
 def _sum_over_row_chunks(
@@ -47,15 +48,16 @@ def contrastive_loss(
     logit_scale: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    group: Group = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP). Features [b, D] L2-normalised; logit_scale is the exp'd scale.
 
     Distributed: open_clip's --local-loss --gather-with-grad, memory O(b * B) per process.
     """
     image, text = image_features.float(), text_features.float()
-    sizes = local_sizes(image.shape[0], image.device)
-    all_image, all_text = all_gather_with_grad(image, sizes), all_gather_with_grad(text, sizes)
-    scale, offset, local = logit_scale.float(), sum(sizes[: rank()]), image.shape[0]
+    sizes = local_sizes(image.shape[0], image.device, group)
+    all_image, all_text = all_gather_with_grad(image, sizes, group), all_gather_with_grad(text, sizes, group)
+    scale, offset, local = logit_scale.float(), sum(sizes[: rank(group)]), image.shape[0]
     image_to_text = _sum_over_row_chunks(_cross_entropy_rows, image, all_text, scale, offset, chunk_size=chunk_size)
     text_to_image = _sum_over_row_chunks(_cross_entropy_rows, text, all_image, scale, offset, chunk_size=chunk_size)
     return (image_to_text + text_to_image) / (2 * local)
@@ -80,6 +82,7 @@ def sigmoid_loss(
     logit_bias: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    group: Group = None,
 ) -> torch.Tensor:
     """Pairwise sigmoid loss (SigLIP): -sum log sigmoid(z_ij * (t x_i.y_j + b)) / b, z = +1 on the diagonal.
 
@@ -90,7 +93,150 @@ def sigmoid_loss(
     scale, bias = logit_scale.float(), logit_bias.float()
     total = _sum_over_row_chunks(_sigmoid_rows, image, text, scale, bias, True, chunk_size=chunk_size)
     block = text
-    for _ in range(world_size() - 1):
-        block = ring_shift(block)
+    for _ in range(world_size(group) - 1):
+        block = ring_shift(block, group)
         total = total + _sum_over_row_chunks(_sigmoid_rows, image, block, scale, bias, False, chunk_size=chunk_size)
     return total / image.shape[0]
+
+
+def momentum_distilled_contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    temperature: torch.Tensor,
+    image_momentum: torch.Tensor,
+    text_momentum: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    *,
+    alpha: float,
+    group: Group = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALBEF's ITC with momentum distillation: each process's features [b, E] against the momentum
+    features of the global batch and the queues [Q, E], with targets mixing alpha x the momentum
+    encoders' own softmax and (1 - alpha) x the one-hot positives.
+
+    Returns (loss, the global batch's momentum image and text features [B, E], for the queues)."""
+    sizes = local_sizes(image_features.shape[0], image_features.device, group)
+    offset = sum(sizes[: rank(group)])
+    with torch.no_grad():
+        image_m = all_gather_with_grad(image_momentum, sizes, group)
+        text_m = all_gather_with_grad(text_momentum, sizes, group)
+        image_columns = torch.cat([image_m, image_queue])  # [B + Q, E]
+        text_columns = torch.cat([text_m, text_queue])
+        scale = 1 / temperature.detach()
+        local_m = slice(offset, offset + image_features.shape[0])
+        one_hot = F.one_hot(
+            torch.arange(local_m.start, local_m.stop, device=image_m.device), image_columns.shape[0]
+        ).float()
+        image_targets = alpha * (scale * image_m[local_m] @ text_columns.T).softmax(1) + (1 - alpha) * one_hot
+        text_targets = alpha * (scale * text_m[local_m] @ image_columns.T).softmax(1) + (1 - alpha) * one_hot
+    image_logits = (image_features.float() @ text_columns.T) / temperature
+    text_logits = (text_features.float() @ image_columns.T) / temperature
+    image_to_text = -(image_logits.log_softmax(1) * image_targets).sum(1).mean()
+    text_to_image = -(text_logits.log_softmax(1) * text_targets).sum(1).mean()
+    return (image_to_text + text_to_image) / 2, image_m, text_m
+
+
+def sample_negatives(
+    similarity: torch.Tensor, offset: int, hard: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One column per row of `similarity` [b, B], never row i's positive column offset + i: drawn with
+    probability softmax(similarity) (hard) or uniformly. BLIP adds 1e-4 so that no column is impossible."""
+    rows = torch.arange(similarity.shape[0], device=similarity.device)
+    weights = similarity.float().softmax(dim=1) + 1e-4 if hard else torch.ones_like(similarity, dtype=torch.float)
+    weights[rows, rows + offset] = 0
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def itm_negatives(
+    image_features: torch.Tensor, text_features: torch.Tensor, *, hard: bool, group: Group = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's ITM negatives among the global batch: for every text an image, for every image a text,
+    drawn by ITC similarity (hard) or uniformly, never the positive. Returns global row indices
+    (negative images [b], negative texts [b])."""
+    sizes = local_sizes(image_features.shape[0], image_features.device, group)
+    offset = sum(sizes[: rank(group)])
+    image_to_text = image_features @ all_gather_with_grad(text_features.detach(), sizes, group).T
+    text_to_image = text_features @ all_gather_with_grad(image_features.detach(), sizes, group).T
+    return sample_negatives(text_to_image, offset, hard), sample_negatives(image_to_text, offset, hard)
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy) of logits [N, C] against labels [N] (ITM, NLVR2's true / false head)."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return loss, (logits.argmax(dim=1) == labels).float().mean()
+
+
+def itm_loss(logits: torch.Tensor, positives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, accuracy) of match logits [N, 2] whose first `positives` rows are matching pairs
+    and the rest negatives."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:positives] = 1
+    return classification_loss(logits, labels)
+
+
+def next_token_targets(text: torch.Tensor, text_mask: torch.Tensor, prompt_length: int = 0) -> torch.Tensor:
+    """Targets [B, L - 1] of teacher forcing: token i + 1 for position i; -100 (ignored) for padding and
+    the first `prompt_length` predicted tokens."""
+    targets = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
+    targets[:, :prompt_length] = -100
+    return targets
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    prompt_length: int = 0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Teacher-forced next-token cross-entropy: position i predicts token i + 1; padding and the first
+    `prompt_length` predicted tokens are ignored. logits [B, L, V], text and mask [B, L]."""
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2),
+        next_token_targets(text, text_mask, prompt_length),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+
+
+def sequence_losses(
+    logits: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-sequence summed next-token cross-entropy [B] (the negative log-likelihood when not smoothed)."""
+    per_token = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2),
+        next_token_targets(text, text_mask),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    return per_token.sum(dim=1)
+
+
+def token_mean_loss(sequence_loss: torch.Tensor, tokens: torch.Tensor, *, group: Group = None) -> torch.Tensor:
+    """The token mean over the global batch of per-sequence summed losses [b] with their token counts [b]:
+    each process divides its sum by the mean token count per process, so that DDP's gradient averaging
+    gives the global mean exactly (CoCa's captioning loss)."""
+    tokens_per_process = all_reduce_mean(tokens.sum().float(), group)
+    return sequence_loss.sum() / tokens_per_process.clamp(min=1)
+
+
+def weighted_answer_loss(
+    logits: torch.Tensor,
+    answers: torch.Tensor,
+    answer_mask: torch.Tensor,
+    weights: torch.Tensor,
+    questions: int,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """BLIP's VQA loss: every answer's summed token loss (logits [A, La, V]) weighted by the share of
+    annotators who gave it (weights [A]), summed, divided by the number of questions."""
+    losses = sequence_losses(logits, answers, answer_mask, label_smoothing=label_smoothing)
+    return (weights * losses).sum() / questions

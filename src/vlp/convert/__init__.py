@@ -1,13 +1,14 @@
 """Checkpoint interop: load Hugging Face, open_clip and vlp checkpoints; export to each.
 
-The key maps live here, not in the models: `hf.py` (CLIPModel, SiglipModel), `hf_blip.py` (the BLIP
-heads), `open_clip.py`
-(built-in ViT + text towers), `keymap.py` (the rule engine, safe weight reading), `tokenizers.py`
-(the reference tokenizers rebuilt on the `tokenizers` library).
+Loaders and exporters are tables keyed by format: a loader by the kind of checkpoint (Hugging Face's
+`model_type`, the open_clip model config's kind), an exporter by vlp family. A new converter is a module
+and its entries here. `common.py` holds what the converters share; `keymap.py` is the rule engine and
+safe weight reading; `tokenizers.py` rebuilds the reference tokenizers on the `tokenizers` library.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -20,12 +21,35 @@ from vlp.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vlp.convert.hf import ConversionError, export_hf, is_hf_folder, load_hf
-from vlp.convert.open_clip import export_open_clip, is_open_clip_folder, load_open_clip
+from vlp.convert import open_clip
+from vlp.convert.common import ConversionError, is_hf_folder, read_hf_config
+from vlp.convert.hf import export_hf, load_hf
+from vlp.convert.hf_blip import export_hf_blip, load_hf_blip
 from vlp.convert.tokenizers import tokenizer_from_path
 
 Format = Literal["vlp", "hf", "open_clip"]
 FORMATS: tuple[Format, ...] = ("vlp", "hf", "open_clip")
+FORMAT_NAMES = {"vlp": "vlp", "hf": "Hugging Face", "open_clip": "open_clip"}
+
+# loader(path, config=, tokenizer=) -> Pretrained; config: an open_clip model config JSON for a bare state dict.
+Loader = Callable[..., Pretrained]
+# exporter(pretrained, out, architecture) -> the folder written; architecture: which Hugging Face BLIP class.
+Exporter = Callable[[Pretrained, Path, str | None], Path]
+
+LOADERS: dict[tuple[Format, str], Loader] = {
+    ("hf", "clip"): load_hf,
+    ("hf", "siglip"): load_hf,
+    ("hf", "blip"): load_hf_blip,
+    ("open_clip", "clip"): open_clip.load_open_clip,
+    ("open_clip", "coca"): open_clip.load_open_clip,
+}
+EXPORTERS: dict[tuple[Format, str], Exporter] = {
+    ("hf", "clip"): export_hf,
+    ("hf", "blip"): export_hf_blip,
+    ("hf", "blip_vqa"): export_hf_blip,
+    ("open_clip", "clip"): open_clip.export_open_clip,
+    ("open_clip", "coca"): open_clip.export_open_clip,
+}
 
 
 def detect_format(path: str | Path, config: str | Path | None = None) -> Format:
@@ -36,7 +60,7 @@ def detect_format(path: str | Path, config: str | Path | None = None) -> Format:
         return "open_clip"  # a bare state dict; its model config comes with `config`
     if (path / ARCH_FILE).is_file() or list_checkpoints(path):
         return "vlp"
-    if is_open_clip_folder(path) or config is not None:
+    if open_clip.is_open_clip_folder(path) or config is not None:
         return "open_clip"
     if is_hf_folder(path):
         return "hf"
@@ -44,6 +68,16 @@ def detect_format(path: str | Path, config: str | Path | None = None) -> Format:
         f"{path} is not a checkpoint vlp knows: expected a vlp folder ({ARCH_FILE}), a run folder "
         "(checkpoints/step_*), a Hugging Face folder (config.json) or an open_clip folder (open_clip_config.json)"
     )
+
+
+def _kind(path: Path, fmt: Format, config: str | Path | None) -> str:
+    if fmt == "open_clip":
+        return open_clip.model_kind(path, config)
+    model_type = read_hf_config(path).get("model_type")
+    if ("hf", model_type) not in LOADERS:
+        known = ", ".join(kind for f, kind in LOADERS if f == "hf")
+        raise CheckpointError(f"{path}/config.json: model_type '{model_type}' is not one vlp loads (expected one of {known})")
+    return model_type
 
 
 def load_pretrained(
@@ -57,10 +91,8 @@ def load_pretrained(
     """
     path = Path(path)
     fmt = detect_format(path, config)
-    if fmt == "open_clip":
-        return load_open_clip(path, config=config, tokenizer=tokenizer)
-    if fmt == "hf":
-        return load_hf(path, tokenizer)
+    if fmt != "vlp":
+        return LOADERS[fmt, _kind(path, fmt, config)](path, config=config, tokenizer=tokenizer)
     loaded = load_checkpoint(path)
     if tokenizer is not None:
         loaded.tokenizer = tokenizer_from_path(tokenizer, context_length=loaded.tokenizer.context_length)
@@ -72,7 +104,7 @@ def _holds_checkpoint(out: Path, fmt: Format) -> bool:
         return is_checkpoint_folder(out)
     if fmt == "hf":
         return is_hf_folder(out)
-    return is_open_clip_folder(out)
+    return open_clip.is_open_clip_folder(out)
 
 
 def export_pretrained(
@@ -85,6 +117,8 @@ def export_pretrained(
     out = Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    if fmt != "vlp" and (fmt, pretrained.family.name) not in EXPORTERS:
+        raise ConversionError(f"family '{pretrained.family.name}' has no {FORMAT_NAMES[fmt]} export yet")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not _holds_checkpoint(out, fmt):
@@ -92,10 +126,8 @@ def export_pretrained(
             f"--out {out} is not empty and holds no {fmt} checkpoint: pass --overwrite to write the checkpoint "
             "files into it (nothing else there is touched), or choose another folder"
         )
-    if fmt == "hf":
-        return export_hf(pretrained, out, architecture)
-    if fmt == "open_clip":
-        return export_open_clip(pretrained, out)
+    if fmt != "vlp":
+        return EXPORTERS[fmt, pretrained.family.name](pretrained, out, architecture)
     return save_checkpoint(
         out,
         family=pretrained.family,
@@ -106,4 +138,4 @@ def export_pretrained(
     )
 
 
-__all__ = ["FORMATS", "ConversionError", "detect_format", "export_pretrained", "load_pretrained"]
+__all__ = ["EXPORTERS", "FORMATS", "LOADERS", "ConversionError", "detect_format", "export_pretrained", "load_pretrained"]

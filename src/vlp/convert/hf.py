@@ -16,15 +16,23 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
-from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
+from vlp.checkpoint import Pretrained, write_safetensors
+from vlp.convert.common import (
+    HF_RESAMPLE,
+    TO_HF_ACTIVATION,
+    ConversionError,
+    activation_from_hf,
+    image_config_from_hf,
+    read_hf_config,
+    read_hf_weights,
+    save_hf_tokenizer,
+)
+from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
-from vlp.families import FAMILIES
+from vlp.data.transforms import ImageConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
+from vlp.registry import FAMILIES
 from vlp.towers import TextConfig, VisionConfig
 
 MODEL_TYPES = ("clip", "siglip")
@@ -87,40 +95,11 @@ _DEFAULTS = {
         "top": {},
     },
 }
-_FROM_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_TO_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 IGNORED_KEYS = ("position_ids",)
-
-
-class ConversionError(ValueError):
-    """A model or checkpoint that the target format cannot represent; the message says what and why."""
-
-
-def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    config = json.loads((folder / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in (*MODEL_TYPES, "blip"):
-        raise CheckpointError(
-            f"{folder}/config.json: model_type '{model_type}' is not one vlp loads "
-            f"(expected one of {', '.join(MODEL_TYPES)}, blip)"
-        )
-    return config
 
 
 def _tower(config: dict[str, Any], model_type: str, name: str) -> dict[str, Any]:
     return {**_DEFAULTS[model_type][name], **(config.get(name) or {})}
-
-
-def _activation(tower: dict[str, Any], where: str) -> str:
-    act = tower["hidden_act"]
-    if act not in _FROM_HF_ACT:
-        raise ConversionError(f"{where}.hidden_act '{act}' has no vlp equivalent ({', '.join(_FROM_HF_ACT)})")
-    return _FROM_HF_ACT[act]
 
 
 def _square(value: Any, where: str) -> int:
@@ -143,7 +122,7 @@ def config_from_hf(config: dict[str, Any]) -> DualEncoderConfig:
         layers=vision["num_hidden_layers"],
         heads=vision["num_attention_heads"],
         mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
-        act=_activation(vision, "vision_config"),
+        act=activation_from_hf(vision["hidden_act"], "vision_config"),
         norm_eps=vision["layer_norm_eps"],
         class_token=not siglip,
         patch_bias=siglip,
@@ -165,7 +144,7 @@ def config_from_hf(config: dict[str, Any]) -> DualEncoderConfig:
         layers=text["num_hidden_layers"],
         heads=text["num_attention_heads"],
         mlp_ratio=text["intermediate_size"] / text["hidden_size"],
-        act=_activation(text, "text_config"),
+        act=activation_from_hf(text["hidden_act"], "text_config"),
         norm_eps=text["layer_norm_eps"],
         causal=not siglip,
         pool=pool,
@@ -191,24 +170,11 @@ def config_from_hf(config: dict[str, Any]) -> DualEncoderConfig:
 
 
 def _block_rules(layers: int) -> list[Rule]:
-    rules = []
-    for i in range(layers):
-        ours, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
-        attn = theirs + "self_attn."
-        rules += [
-            rule(ours + "norm1.weight", theirs + "layer_norm1.weight"),
-            rule(ours + "norm1.bias", theirs + "layer_norm1.bias"),
-            rule(ours + "attn.qkv_proj.weight", tuple(f"{attn}{p}_proj.weight" for p in "qkv")),
-            rule(ours + "attn.qkv_proj.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv")),
-            rule(ours + "attn.out_proj.weight", attn + "out_proj.weight"),
-            rule(ours + "attn.out_proj.bias", attn + "out_proj.bias"),
-            rule(ours + "norm2.weight", theirs + "layer_norm2.weight"),
-            rule(ours + "norm2.bias", theirs + "layer_norm2.bias"),
-        ]
-        rules += [
-            rule(f"{ours}mlp.{fc}.{p}", f"{theirs}mlp.{fc}.{p}") for fc in ("fc1", "fc2") for p in ("weight", "bias")
-        ]
-    return rules
+    """CLIP/SigLIP encoder layers (separate q, k, v) <-> TransformerBlocks."""
+    return layer_rules(layers, "blocks", "encoder.layers", [
+        ("norm1", "layer_norm1"), ("attn.qkv_proj", tuple(f"self_attn.{p}_proj" for p in "qkv")),
+        ("attn.out_proj", "self_attn.out_proj"), ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
+    ])  # fmt: skip
 
 
 def hf_rules(cfg: DualEncoderConfig, model_type: str) -> list[Rule]:
@@ -253,58 +219,17 @@ def hf_rules(cfg: DualEncoderConfig, model_type: str) -> list[Rule]:
     return rules
 
 
-def _side(size: int | dict[str, int], default: int) -> int:
-    if isinstance(size, dict):
-        return int(size.get("height", size.get("shortest_edge", default)))
-    return int(size)
+def image_config_of(folder: Path, image_size: int, model_type: str) -> ImageConfig:
+    """CLIP's processor center-crops with CLIP's mean and std; SigLIP's squashes with 0.5."""
+    if model_type == "siglip":
+        return image_config_from_hf(folder, image_size, crop=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return image_config_from_hf(folder, image_size, crop=True)
 
 
-def image_config_from_hf(folder: Path, image_size: int, model_type: str) -> ImageConfig:
-    path = folder / "preprocessor_config.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
-    siglip = model_type == "siglip"
-    resample = settings.get("resample", 3)
-    if resample not in _RESAMPLE:
-        raise ConversionError(f"{path}: resample {resample} is not bilinear (2) or bicubic (3)")
-    crop = settings.get("do_center_crop", not siglip)
-    size = _side(settings.get("crop_size" if crop else "size", image_size), image_size)
-    resize = _side(settings.get("size", size), size)
-    if crop and resize != size:
-        raise ConversionError(
-            f"{path}: resizing to {resize} before a {size} crop is not supported; vlp resizes to the crop size"
-        )
-    return ImageConfig(
-        size=size,
-        mean=tuple(settings.get("image_mean", (0.5,) * 3 if siglip else CLIP_MEAN)),
-        std=tuple(settings.get("image_std", (0.5,) * 3 if siglip else CLIP_STD)),
-        interpolation=_RESAMPLE[resample],
-        resize_mode="shortest" if crop else "squash",
-    )
-
-
-def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The folder's tensors, from one file or from the shards its index names; and the file to blame."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return read_state_dict(folder / name), folder / name
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / name
-        if index.is_file():
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(read_state_dict(folder / shard))
-            return state, index
-    raise CheckpointError(f"{folder} holds config.json but no model.safetensors, pytorch_model.bin or shard index")
-
-
-def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
-    config = _read_config(folder)
+def load_hf(folder: Path, *, tokenizer: str | Path | None = None, **_: Any) -> Pretrained:
+    """A CLIPModel / SiglipModel folder."""
+    config = read_hf_config(folder)
     model_type = config["model_type"]
-    if model_type == "blip":
-        from vlp.convert.hf_blip import load_hf_blip
-
-        state, path = read_hf_weights(folder)
-        return load_hf_blip(folder, config, state, path, tokenizer)
     cfg = config_from_hf(config)
     model = DualEncoder(cfg)
     state, path = read_hf_weights(folder)
@@ -315,7 +240,7 @@ def load_hf(folder: Path, tokenizer: str | Path | None = None) -> Pretrained:
     text_tokenizer = tokenizer_from_path(
         tokenizer or folder, context_length=cfg.text.context_length, model_type=model_type
     )
-    image_config = image_config_from_hf(folder, cfg.vision.image_size, model_type)
+    image_config = image_config_of(folder, cfg.vision.image_size, model_type)
     return Pretrained(FAMILIES["clip"], cfg, model, image_config, text_tokenizer, folder)
 
 
@@ -371,7 +296,7 @@ def _hf_tower(width: int, layers: int, heads: int, mlp_ratio: float, act: str, e
         "intermediate_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "hidden_act": _TO_HF_ACT[act],
+        "hidden_act": TO_HF_ACTIVATION[act],
         "layer_norm_eps": eps,
     }
 
@@ -416,7 +341,7 @@ def hf_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str
 
 
 def _image_processor(image: ImageConfig, model_type: str) -> dict[str, Any]:
-    resample = {v: k for k, v in _RESAMPLE.items()}[image.interpolation]
+    resample = {v: k for k, v in HF_RESAMPLE.items()}[image.interpolation]
     settings: dict[str, Any] = {
         "do_convert_rgb": True,
         "do_resize": True,
@@ -439,28 +364,10 @@ def _image_processor(image: ImageConfig, model_type: str) -> dict[str, Any]:
     return settings
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """tokenizer.json + a tokenizer_config.json that AutoTokenizer reads; vlp's cleaning mode is recorded
-    for its own reload, since tokenizer.json cannot hold it."""
-    tokenizer.backend.save(str(out / "tokenizer.json"))
-    settings = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": tokenizer.context_length,
-        "pad_token": tokenizer.backend.id_to_token(tokenizer.pad_id),
-        "eos_token": tokenizer.backend.id_to_token(tokenizer.framing_ids()[1]),
-        "vlp_text_clean": tokenizer.clean,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
-
-
 def export_hf(pretrained: Pretrained, out: Path, architecture: str | None = None) -> Path:
-    """Write a folder that `transformers.CLIPModel` / `SiglipModel` / the BLIP classes' `from_pretrained`
-    and AutoTokenizer load. `architecture` picks among BLIP's heads (captioning by default)."""
+    """Write a folder that `transformers.CLIPModel` / `SiglipModel` and AutoTokenizer load (a dual encoder
+    has one architecture: `architecture` is there for the exporters' common signature)."""
     cfg = pretrained.config
-    if pretrained.family.name in ("blip", "blip_vqa"):
-        from vlp.convert.hf_blip import export_hf_blip
-
-        return export_hf_blip(pretrained, out, architecture)
     if not isinstance(cfg, DualEncoderConfig):
         raise ConversionError(f"family '{pretrained.family.name}' has no Hugging Face export yet")
     config = hf_config_from_vlp(cfg, pretrained.tokenizer)

@@ -24,12 +24,18 @@ from typing import Any
 import torch
 
 from vlp.checkpoint import Pretrained, write_safetensors
-from vlp.convert.hf import ConversionError, save_hf_tokenizer
-from vlp.convert.keymap import Rule, from_vlp, prefixed, rule, to_vlp, weight_and_bias
+from vlp.convert.common import (
+    ConversionError,
+    activation_from_hf,
+    image_config_from_hf,
+    read_hf_config,
+    read_hf_weights,
+    save_hf_tokenizer,
+)
+from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
-from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
-from vlp.families import FAMILIES
 from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig, MedConfig
+from vlp.registry import FAMILIES
 from vlp.towers import VisionConfig
 
 log = logging.getLogger("vlp.convert")
@@ -45,7 +51,6 @@ _VISION_DEFAULTS = {
     "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
     "image_size": 384, "patch_size": 16, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
 }  # fmt: skip
-_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 IGNORED_KEYS = ("position_ids", "cls.predictions.bias")
 # BLIP's captions are short; its fine-tuning used 35-40 tokens.
 CONTEXT_LENGTH = 40
@@ -60,19 +65,13 @@ def architecture_of(config: dict[str, Any], where: str) -> str:
     return names[0]
 
 
-def _act(name: str, where: str) -> str:
-    if name not in _ACT:
-        raise ConversionError(f"{where}: hidden_act '{name}' has no vlp equivalent")
-    return _ACT[name]
-
-
 def configs_from_hf(config: dict[str, Any], enc_token_id: int) -> tuple[VisionConfig, MedConfig]:
     text = {**_TEXT_DEFAULTS, **(config.get("text_config") or {})}
     vision = {**_VISION_DEFAULTS, **(config.get("vision_config") or {})}
     vision_cfg = VisionConfig(
         image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
         layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-        mlp_ratio=vision["intermediate_size"] / vision["hidden_size"], act=_act(vision["hidden_act"], "vision_config"),
+        mlp_ratio=vision["intermediate_size"] / vision["hidden_size"], act=activation_from_hf(vision["hidden_act"], "vision_config"),
         norm_eps=vision["layer_norm_eps"], patch_bias=True, ln_pre=False,
     )  # fmt: skip
     if text["encoder_hidden_size"] != vision["hidden_size"]:
@@ -82,7 +81,7 @@ def configs_from_hf(config: dict[str, Any], enc_token_id: int) -> tuple[VisionCo
     text_cfg = MedConfig(
         vocab_size=text["vocab_size"], max_positions=text["max_position_embeddings"], width=text["hidden_size"],
         layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
-        mlp_ratio=text["intermediate_size"] / text["hidden_size"], act=_act(text["hidden_act"], "text_config"),
+        mlp_ratio=text["intermediate_size"] / text["hidden_size"], act=activation_from_hf(text["hidden_act"], "text_config"),
         norm_eps=text["layer_norm_eps"], share="all", pad_token_id=text["pad_token_id"],
         eos_token_id=text["sep_token_id"], enc_token_id=enc_token_id, dec_token_id=text["bos_token_id"],
     )  # fmt: skip
@@ -96,12 +95,10 @@ def _vision_rules(layers: int) -> list[Rule]:
         *weight_and_bias("patch_embed.proj", "embeddings.patch_embedding"),
         *weight_and_bias("ln_post", "post_layernorm"),
     ]
-    for i in range(layers):
-        ours, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
-        for a, b in (("norm1", "layer_norm1"), ("attn.qkv_proj", "self_attn.qkv"),
-                     ("attn.out_proj", "self_attn.projection"), ("norm2", "layer_norm2"),
-                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):  # fmt: skip
-            rules += weight_and_bias(ours + a, theirs + b)
+    rules += layer_rules(layers, "blocks", "encoder.layers", [
+        ("norm1", "layer_norm1"), ("attn.qkv_proj", "self_attn.qkv"), ("attn.out_proj", "self_attn.projection"),
+        ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
+    ])  # fmt: skip
     return prefixed(rules, "visual.", "vision_model.")
 
 
@@ -113,22 +110,14 @@ def _text_rules(layers: int, ours: str, theirs: str, attention: str = "attn", no
         rule("position_embeddings.weight", "embeddings.position_embeddings.weight"),
         *weight_and_bias("embed_norm", "embeddings.LayerNorm"),
     ]
-    for i in range(layers):
-        o, t = f"layers.{i}.", f"encoder.layer.{i}."
-        for p in ("weight", "bias"):
-            self_qkv = tuple(f"{t}attention.self.{n}.{p}" for n in ("query", "key", "value"))
-            rules += [
-                rule(f"{o}{attention}.qkv_proj.{p}", self_qkv),
-                rule(f"{o}{attention}.out_proj.{p}", f"{t}attention.output.dense.{p}"),
-                rule(f"{o}{norm}.{p}", f"{t}attention.output.LayerNorm.{p}"),
-                rule(f"{o}cross_attn.q_proj.{p}", f"{t}crossattention.self.query.{p}"),
-                rule(f"{o}cross_attn.kv_proj.{p}", tuple(f"{t}crossattention.self.{n}.{p}" for n in ("key", "value"))),
-                rule(f"{o}cross_attn.out_proj.{p}", f"{t}crossattention.output.dense.{p}"),
-                rule(f"{o}norm_cross.{p}", f"{t}crossattention.output.LayerNorm.{p}"),
-                rule(f"{o}mlp.fc1.{p}", f"{t}intermediate.dense.{p}"),
-                rule(f"{o}mlp.fc2.{p}", f"{t}output.dense.{p}"),
-                rule(f"{o}norm2.{p}", f"{t}output.LayerNorm.{p}"),
-            ]
+    rules += layer_rules(layers, "layers", "encoder.layer", [
+        (f"{attention}.qkv_proj", tuple(f"attention.self.{n}" for n in ("query", "key", "value"))),
+        (f"{attention}.out_proj", "attention.output.dense"), (norm, "attention.output.LayerNorm"),
+        ("cross_attn.q_proj", "crossattention.self.query"),
+        ("cross_attn.kv_proj", tuple(f"crossattention.self.{n}" for n in ("key", "value"))),
+        ("cross_attn.out_proj", "crossattention.output.dense"), ("norm_cross", "crossattention.output.LayerNorm"),
+        ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"), ("norm2", "output.LayerNorm"),
+    ])  # fmt: skip
     return prefixed(rules, ours, theirs)
 
 
@@ -184,24 +173,9 @@ def _untie(state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
         state[head + "decoder.bias"] = state[head + "bias"]
 
 
-def _image_config(folder: Path, image_size: int) -> ImageConfig:
-    path = folder / "preprocessor_config.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
-    if settings.get("resample", 3) not in (2, 3):
-        raise ConversionError(f"{path}: resample {settings['resample']} is not bilinear (2) or bicubic (3)")
-    size = settings.get("size", image_size)
-    size = int(size.get("height", image_size)) if isinstance(size, dict) else int(size)
-    return ImageConfig(
-        size=size,
-        mean=tuple(settings.get("image_mean", CLIP_MEAN)),
-        std=tuple(settings.get("image_std", CLIP_STD)),
-        interpolation="bilinear" if settings.get("resample", 3) == 2 else "bicubic",
-        resize_mode="squash",  # BLIP's processor resizes to a square, no crop
-    )
-
-
-def load_hf_blip(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor], source: Path,
-                 tokenizer: str | Path | None = None) -> Pretrained:  # fmt: skip
+def load_hf_blip(folder: Path, *, tokenizer: str | Path | None = None, **_: Any) -> Pretrained:
+    """A BLIP folder: captioning, retrieval or VQA heads."""
+    config = read_hf_config(folder)
     architecture = architecture_of(config, str(folder / "config.json"))
     text = {**_TEXT_DEFAULTS, **(config.get("text_config") or {})}
     context = min(CONTEXT_LENGTH, text["max_position_embeddings"])
@@ -216,7 +190,7 @@ def load_hf_blip(folder: Path, config: dict[str, Any], state: dict[str, torch.Te
     else:
         model_cfg = BlipConfig(vision=vision_cfg, text=text_cfg, embed_dim=config.get("image_text_hidden_size", 256))
         model = Blip(model_cfg)
-    state = dict(state)
+    state, source = read_hf_weights(folder)
     _untie(state, config)
     converted = to_vlp(state, blip_rules(model, architecture), model.state_dict(), source=str(source),
                        ignore=IGNORED_KEYS)  # fmt: skip
@@ -225,8 +199,10 @@ def load_hf_blip(folder: Path, config: dict[str, Any], state: dict[str, torch.Te
         log.info("%s holds a %s: %s left at initialisation", folder, architecture, ", ".join(sorted(
             {k.split(".")[0] for k in missing})))  # fmt: skip
     model.eval()
+    # BLIP's processor resizes to a square, no crop.
+    image_config = image_config_from_hf(folder, vision_cfg.image_size, crop=False)
     family = FAMILIES["blip_vqa" if architecture == VQA else "blip"]
-    return Pretrained(family, model_cfg, model, _image_config(folder, vision_cfg.image_size), text_tokenizer, folder)
+    return Pretrained(family, model_cfg, model, image_config, text_tokenizer, folder)
 
 
 def _hf_text_config(text: MedConfig, vision_width: int, tied: bool) -> dict[str, Any]:

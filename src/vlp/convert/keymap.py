@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +44,25 @@ def weight_and_bias(ours: str, theirs: str) -> list[Rule]:
 def prefixed(rules: Iterable[Rule], ours: str, theirs: str) -> list[Rule]:
     """The same rules under a vlp prefix and a foreign prefix."""
     return [Rule(tuple(ours + k for k in r.ours), tuple(theirs + k for k in r.theirs), r.transform) for r in rules]
+
+
+def layer_rules(
+    layers: int, ours: str, theirs: str, pairs: Sequence[tuple[str | tuple[str, ...], str | tuple[str, ...]]],
+    params: Sequence[str] = ("weight", "bias"),
+) -> list[Rule]:
+    """The rules of a stack of layers: for every layer i, pair (a, b) and parameter p, vlp's
+    `{ours}.{i}.{a}.{p}` is the foreign `{theirs}.{i}.{b}.{p}`. A tuple names tensors concatenated into
+    the other side's one (separate q, k, v into `qkv_proj`); a name holding `{p}` spells the parameter
+    itself (`attn.in_proj_{p}`)."""
+
+    def names(prefix: str, parts: str | tuple[str, ...], p: str) -> tuple[str, ...]:
+        parts = (parts,) if isinstance(parts, str) else parts
+        return tuple(prefix + (part.format(p=p) if "{p}" in part else f"{part}.{p}") for part in parts)
+
+    return [
+        rule(names(f"{ours}.{i}.", a, p), names(f"{theirs}.{i}.", b, p))
+        for i in range(layers) for a, b in pairs for p in params
+    ]
 
 
 def _describe(keys: tuple[str, ...]) -> str:

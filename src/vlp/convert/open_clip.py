@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
-from vlp.convert.hf import ConversionError, save_hf_tokenizer
-from vlp.convert.keymap import Rule, from_vlp, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
+from vlp.convert.common import ConversionError, save_hf_tokenizer
+from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
-from vlp.families import FAMILIES
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
+from vlp.registry import FAMILIES
 from vlp.towers import TextConfig, VisionConfig
 
 CONFIG_FILE = "open_clip_config.json"
@@ -203,25 +203,15 @@ def _block_rules(
 ) -> list[Rule]:
     """open_clip's residual attention blocks (packed q/k/v, `c_fc`/`c_proj` MLP) <-> TransformerBlocks,
     or with `cross` its cross-attention blocks (`ln_1_kv` on the context) <-> CrossAttentionBlocks."""
-    rules = []
-    for i in range(layers):
-        ours, theirs = f"{ours_prefix}.{i}.", f"{theirs_prefix}.{i}."
-        pairs = [
-            ("norm1", "ln_1"),
-            ("attn.out_proj", "attn.out_proj"),
-            ("norm2", "ln_2"),
-            ("mlp.fc1", "mlp.c_fc"),
-            ("mlp.fc2", "mlp.c_proj"),
-        ]
-        if cross:
-            pairs.append(("norm_context", "ln_1_kv"))
-        rules += [rule(f"{ours}{a}.{p}", f"{theirs}{b}.{p}") for a, b in pairs for p in ("weight", "bias")]
-        projections = ("q_proj", "kv_proj") if cross else ("qkv_proj",)
-        rules += [
-            rule(tuple(f"{ours}attn.{name}.{p}" for name in projections), f"{theirs}attn.in_proj_{p}")
-            for p in ("weight", "bias")
-        ]
-    return rules
+    pairs: list[tuple[str | tuple[str, ...], str]] = [
+        ("norm1", "ln_1"), ("attn.out_proj", "attn.out_proj"), ("norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+        ("mlp.fc2", "mlp.c_proj"),
+    ]  # fmt: skip
+    if cross:
+        pairs += [("norm_context", "ln_1_kv"), (("attn.q_proj", "attn.kv_proj"), "attn.in_proj_{p}")]
+    else:
+        pairs.append(("attn.qkv_proj", "attn.in_proj_{p}"))
+    return layer_rules(layers, ours_prefix, theirs_prefix, pairs)
 
 
 def _timm_vision_rules(layers: int) -> list[Rule]:
@@ -237,16 +227,10 @@ def _timm_vision_rules(layers: int) -> list[Rule]:
         *weight_and_bias("pool.mlp.fc1", "attn_pool.mlp.fc1"),
         *weight_and_bias("pool.mlp.fc2", "attn_pool.mlp.fc2"),
     ]
-    for i in range(layers):
-        pairs = [
-            ("norm1", "norm1"),
-            ("attn.qkv_proj", "attn.qkv"),
-            ("attn.out_proj", "attn.proj"),
-            ("norm2", "norm2"),
-            ("mlp.fc1", "mlp.fc1"),
-            ("mlp.fc2", "mlp.fc2"),
-        ]
-        rules += [r for a, b in pairs for r in weight_and_bias(f"blocks.{i}.{a}", f"blocks.{i}.{b}")]
+    rules += layer_rules(layers, "blocks", "blocks", [
+        ("norm1", "norm1"), ("attn.qkv_proj", "attn.qkv"), ("attn.out_proj", "attn.proj"), ("norm2", "norm2"),
+        ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
+    ])  # fmt: skip
     return prefixed(rules, "", "trunk.")
 
 
@@ -441,20 +425,29 @@ def _tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: str | 
     return open_clip_bpe(vocab, context_length)
 
 
+def _locate(path: Path, config: str | Path | None) -> tuple[Path, Path, Path]:
+    """(folder, model config file, weights file) of an open_clip folder or a state-dict file."""
+    if path.is_dir():
+        weights = next((path / n for n in WEIGHTS_FILES if (path / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path} holds {CONFIG_FILE} but none of {', '.join(WEIGHTS_FILES)}")
+        return path, Path(config) if config else path / CONFIG_FILE, weights
+    if config is None:
+        raise CheckpointError(
+            f"{path} is a bare state dict: give its open_clip model config JSON too (--config ViT-B-32.json)"
+        )
+    return path.parent, Path(config), path
+
+
+def model_kind(path: Path, config: str | Path | None = None) -> str:
+    """Which vlp family an open_clip checkpoint is: coca (it has a multimodal decoder) or clip."""
+    model_cfg, _ = _read_model_cfg(_locate(path, config)[1])
+    return "coca" if "multimodal_cfg" in model_cfg else "clip"
+
+
 def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: str | Path | None = None) -> Pretrained:
     """An open_clip folder, or a state-dict file with `config` (a model config JSON)."""
-    if path.is_dir():
-        folder = path
-        config_path = Path(config) if config else folder / CONFIG_FILE
-        weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
-        if weights is None:
-            raise CheckpointError(f"{folder} holds {CONFIG_FILE} but none of {', '.join(WEIGHTS_FILES)}")
-    else:
-        if config is None:
-            raise CheckpointError(
-                f"{path} is a bare state dict: give its open_clip model config JSON too (--config ViT-B-32.json)"
-            )
-        folder, config_path, weights = path.parent, Path(config), path
+    folder, config_path, weights = _locate(path, config)
     model_cfg, preprocess = _read_model_cfg(config_path)
     if "multimodal_cfg" in model_cfg:
         cfg, family = coca_config_from_open_clip(model_cfg), FAMILIES["coca"]
@@ -622,8 +615,9 @@ def coca_config_to_open_clip(cfg: CocaConfig, tokenizer: Tokenizer) -> dict[str,
     return config
 
 
-def export_open_clip(pretrained: Pretrained, out: Path) -> Path:
-    """Write open_clip's `save_for_hf` layout: open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
+def export_open_clip(pretrained: Pretrained, out: Path, architecture: str | None = None) -> Path:
+    """Write open_clip's `save_for_hf` layout: open_clip_config.json + open_clip_model.safetensors (+ tokenizer).
+    open_clip has one architecture per model config: `architecture` is there for the exporters' common signature."""
     cfg, tokenizer = pretrained.config, pretrained.tokenizer
     if isinstance(cfg, DualEncoderConfig):
         model_cfg = open_clip_config_from_vlp(cfg, tokenizer)

@@ -229,3 +229,10 @@ def fix_length(backend: BackendTokenizer, context_length: int, pad_token: str, c
     backend.enable_truncation(max_length=context_length)
     backend.enable_padding(length=context_length, pad_id=pad_id, pad_token=pad_token)
     return Tokenizer(backend, clean)
+
+
+def tokenize_trimmed(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenised texts cut to the batch's longest (the tokenizer pads to its full context length)."""
+    ids, mask = tokenizer(texts)
+    length = int(mask.sum(dim=1).max())
+    return ids[:, :length], mask[:, :length]

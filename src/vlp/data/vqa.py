@@ -17,8 +17,9 @@ from torch.utils.data import Dataset
 
 from vlp.data.pipeline import DataConfig, GoodBatches, bad_samples, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, load_image
-from vlp.data.tokenizer import Tokenizer
+from vlp.data.tokenizer import Tokenizer, tokenize_trimmed
 from vlp.data.transforms import ImageTransform
+from vlp.data.vqa_answers import normalize_answer
 
 # VQAv2's COCO images; `data_subtype` comes from the questions file (train2014, val2014, ...).
 DEFAULT_IMAGE_PATTERN = "COCO_{data_subtype}_{image_id:012d}.jpg"
@@ -87,8 +88,6 @@ def read_vqa(
 
 def weighted_answers(answers: list[str]) -> list[tuple[str, float]]:
     """Distinct answers, each weighted by the share of annotators who gave it (BLIP's VQA targets)."""
-    from vlp.evals.vqa import normalize_answer
-
     counts = Counter(normalize_answer(a) for a in answers)
     counts.pop("", None)
     total = sum(counts.values())
@@ -114,13 +113,6 @@ class VqaDataset(Dataset):
         if not answers:
             return {"bad": Skipped("no_answers", f"question {question.question_id}: no usable answer")}
         return {"image": self.transform(image, rng), "question": question.question, "answers": answers}
-
-
-def tokenize_trimmed(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenised texts cut to the batch's longest (the tokenizer pads to its full context length)."""
-    ids, mask = tokenizer(texts)
-    length = int(mask.sum(dim=1).max())
-    return ids[:, :length], mask[:, :length]
 
 
 class VqaCollate:

@@ -100,7 +100,18 @@ def zeroshot_classification(
     templates: list[str],
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Returns (metrics, logits [N, C]). Logits use CLIP_benchmark's fixed scale of 100."""
-    classifier = class_embeddings(embed_texts, classnames, templates)
-    image_features = F.normalize(embed_images(images).float(), dim=-1)
-    logits = 100.0 * image_features @ classifier.T
+    logits = zeroshot_classifier(embed_images, embed_texts, classnames, templates)(images)
     return classification_metrics(logits, torch.as_tensor(list(labels))), logits
+
+
+def zeroshot_classifier(
+    embed_images: EmbedFn, embed_texts: EmbedFn, classnames: list[str], templates: list[str]
+) -> EmbedFn:
+    """A function of images -> class logits [N, C] at CLIP_benchmark's fixed scale of 100 (the class
+    embeddings are computed once, here)."""
+    classifier = class_embeddings(embed_texts, classnames, templates)
+
+    def logits(images: Sequence) -> torch.Tensor:
+        return 100.0 * F.normalize(embed_images(images).float(), dim=-1) @ classifier.T
+
+    return logits

@@ -279,6 +279,10 @@ class Blip(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image_tokens(images)[0]
 
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's output tokens [B, N, D] before any pooling."""
+        return self.visual.forward_features(images)
+
     def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """The unimodal encoder's first ([CLS]) state, projected: the ITC text embedding [B, E]."""
         return F.normalize(self.text_proj(self.text(text, text_mask, mode="text")[:, 0]), dim=-1)
@@ -551,10 +555,15 @@ class BlipNlvr(nn.Module):
         width = cfg.text.width
         self.classifier = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
 
-    def forward(
+    def pair_logits(
         self, left: torch.Tensor, right: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """True / false logits [B, 2] (index 1 = true) of statements about (left, right) image pairs."""
+        return self(left, right, text, text_mask)
+
+    def forward(
+        self, left: torch.Tensor, right: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         tokens = self.visual(torch.cat([left, right]))[1]
         ids = text.clone()
         ids[:, 0] = self.cfg.text.enc_token_id

@@ -67,6 +67,10 @@ class DualEncoder(nn.Module):
                 if proj.bias is not None:
                     nn.init.zeros_(proj.bias)
 
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's output tokens [B, N, D] before any pooling."""
+        return self.visual.forward_features(images)
+
     def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         pooled, _ = self.visual(image)
         features = self.visual_projection(pooled)

@@ -229,6 +229,10 @@ class Coca(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image_tokens(images)[0]
 
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's output tokens [B, N, D] before the poolers."""
+        return self.visual.forward_features(images)
+
     def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_projection(self.text(text, text_mask)[0]), dim=-1)
 

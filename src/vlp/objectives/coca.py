@@ -3,8 +3,7 @@ from one forward pass, weighted 1 and 2 as the paper and open_clip do.
 
 `embed` returns per-sample values only (features, and each caption's summed token loss and token
 count), so gradient accumulation and the cross-process contrastive loss work as for the dual encoder.
-The caption loss is the token mean over the global batch: each process divides its summed token loss
-by the mean token count per process, so DDP's gradient averaging gives the global mean exactly.
+The caption loss is the token mean over the global batch (`losses.token_mean_loss`).
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vlp.config import Fraction, NonNegativeFloat
-from vlp.distributed import all_reduce_mean
-from vlp.objectives.blip import sequence_losses
+from vlp.losses import sequence_losses, token_mean_loss
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 
 
@@ -48,7 +46,6 @@ class CocaObjective(ContrastiveObjective):
     def losses(self, embedded: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         logs = super().losses(embedded)
         logs["contrastive_loss"] = self.cfg.contrastive_weight * logs["contrastive_loss"]
-        tokens_per_process = all_reduce_mean(embedded["caption_tokens"].sum().float())
-        caption = embedded["caption_token_loss"].sum() / tokens_per_process.clamp(min=1)
+        caption = token_mean_loss(embedded["caption_token_loss"], embedded["caption_tokens"])
         logs["caption_loss"] = self.cfg.caption_weight * caption
         return logs

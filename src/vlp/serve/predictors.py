@@ -1,19 +1,36 @@
-"""Predict functions over a loaded checkpoint. Evaluators and servers see these, never the model."""
+"""Predict functions over a loaded checkpoint. Evaluators, CapFilt and servers see these, never the model.
+
+Each predictor needs abilities (`vlp.abilities`) that the checkpoint's family declares in the registry;
+`predict_functions` gives every predict function a checkpoint's abilities allow, in one object.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vlp.abilities import (
+    Ability,
+    AnswersQuestions,
+    CaptionsImages,
+    EmbedsImages,
+    EmbedsTexts,
+    GivesImageTokens,
+    JudgesImagePairs,
+    MatchesImageText,
+)
 from vlp.checkpoint import Pretrained
 from vlp.data.sources import load_image
-from vlp.data.vqa import tokenize_trimmed
+from vlp.data.tokenizer import tokenize_trimmed
+from vlp.evals.zeroshot import zeroshot_classifier
 from vlp.generation import GenerationConfig, generate
+from vlp.losses import sequence_losses
 
 ImageInput = Image.Image | str | Path
 Precision = Literal["fp32", "bf16"]
@@ -55,11 +72,11 @@ class Predictor:
     """What every predictor shares: the model on its device in eval mode, its preprocessing and
     tokenizer, batching, bf16 autocast as an option and progress bars as another.
 
-    `ability` names the model methods the predictor calls and `task` what it does, for the error a
-    checkpoint of another kind gets.
+    `abilities` are what the model must be able to do (its family declares them in the registry) and
+    `task` what the predictor does, for the error a checkpoint of another kind gets.
     """
 
-    ability: tuple[str, ...] = ()
+    abilities: tuple[type[Ability], ...] = ()
     task: str = ""
 
     def __init__(
@@ -84,10 +101,11 @@ class Predictor:
         # bf16 runs the model under bf16 autocast: about twice as fast on CPUs with bf16 matmuls.
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def missing_ability(self, pretrained: Pretrained) -> str | None:
+    @classmethod
+    def missing_ability(cls, pretrained: Pretrained) -> str | None:
         """None when the model can do this predictor's task, else what it lacks."""
-        missing = [name for name in self.ability if not hasattr(pretrained.model, name)]
-        return f"it has no {missing[0]}" if missing else None
+        missing = [ability.__name__ for ability in cls.abilities if not pretrained.family.can(ability)]
+        return f"its family does not declare {', '.join(missing)}" if missing else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs):
@@ -105,7 +123,7 @@ class DualEncoderPredictor(Predictor):
     """`embed_images` and `embed_texts` for a dual encoder: L2-normalised float32 embeddings (bf16:
     within ~1e-2 of fp32)."""
 
-    ability = ("encode_image", "encode_text")
+    abilities = (EmbedsImages, EmbedsTexts)
     task = "embed images and texts"
 
     def __init__(self, pretrained: Pretrained, *, batch_size: int = 256, **kwargs):
@@ -133,7 +151,14 @@ class DualEncoderPredictor(Predictor):
 
     def embed_image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes)."""
-        return self._per_image_batch(images, self.model.visual.forward_features, (0, 0, 0))
+        if not self.pretrained.family.can(GivesImageTokens):
+            raise UnsupportedTask(f"{self.pretrained.path}: a {self.pretrained.family.name} model gives no image tokens")
+        return self._per_image_batch(images, self.model.image_tokens, (0, 0, 0))
+
+    def zeroshot_classifier(self, classnames: list[str], templates: list[str]) -> Callable[[Sequence[ImageInput]], torch.Tensor]:
+        """A function of images -> class probabilities [N, C], from the logits the zero-shot evaluation scores."""
+        logits = zeroshot_classifier(self.embed_images, self.embed_texts, classnames, templates)
+        return lambda images: logits(images).softmax(dim=-1)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -156,7 +181,7 @@ class DualEncoderPredictor(Predictor):
 class CaptionPredictor(Predictor):
     """`caption(images)` for a captioning model (BLIP, CoCa): generated text, the prompt removed."""
 
-    ability = ("caption_decoder",)
+    abilities = (CaptionsImages,)
     task = "caption images"
 
     def __init__(self, pretrained: Pretrained, *, generation: GenerationConfig | None = None, prompt: str = "",
@@ -168,20 +193,22 @@ class CaptionPredictor(Predictor):
         self.prompt = ids[0, 1 : int(mask.sum()) - 1] if prompt else ids[0, :0]
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[ImageInput]) -> list[str]:
+    def caption(self, images: Sequence[ImageInput], *, generation: GenerationConfig | None = None) -> list[str]:
+        """Captions of the images, generated as `generation` (default: the predictor's) says."""
+        generation = generation or self.generation
         captions = []
         for pixels in self.pixel_batches(images, "captioning"):
             with self.autocast:
                 decoder = self.model.caption_decoder(self.model.encode_image_tokens(pixels)[1])
                 prompt = self.prompt.to(self.device).expand(len(pixels), -1)
-                captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, self.generation)]
+                captions += [self.tokenizer.decode(ids) for ids in generate(decoder, prompt, generation)]
         return captions
 
 
 class MatchingPredictor(DualEncoderPredictor):
     """The embeddings plus the image-text matching head (BLIP's ITM) for re-ranking."""
 
-    ability = ("encode_image", "encode_text", "itm_logits")
+    abilities = (EmbedsImages, EmbedsTexts, MatchesImageText)
     task = "match images and texts (an image-text matching head re-ranks)"
 
     @torch.inference_mode()
@@ -234,7 +261,7 @@ class VqaPredictor(Predictor):
     candidate answers as BLIP reports its numbers: every candidate's first token is scored at the [DEC]
     step, the best `k` are re-scored by their whole log-likelihood, the best one is the answer."""
 
-    ability = ("answer_decoder_for",)
+    abilities = (AnswersQuestions,)
     task = "answer questions"
 
     def __init__(
@@ -281,8 +308,6 @@ class VqaPredictor(Predictor):
         return answers
 
     def _rank(self, states: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        from vlp.objectives.blip import sequence_losses
-
         batch, k = len(states), min(self.k, len(self.answer_list))
         decoder = self.model.answer_decoder_for(states, mask)
         start = decoder.start_tokens(states.new_empty(batch, 0, dtype=torch.long))
@@ -299,10 +324,8 @@ class VqaPredictor(Predictor):
 class NlvrPredictor(Predictor):
     """`true_probability(lefts, rights, sentences)` for BLIP-NLVR: p(statement is true of the pair)."""
 
+    abilities = (JudgesImagePairs,)
     task = "judge statements about image pairs"
-
-    def missing_ability(self, pretrained: Pretrained) -> str | None:
-        return None if pretrained.family.name == "blip_nlvr" else "only a blip_nlvr model reads image pairs"
 
     @torch.inference_mode()
     def true_probability(
@@ -320,6 +343,59 @@ class NlvrPredictor(Predictor):
         for start, left, right in batches:
             ids, mask = self.tokenizer(list(sentences[start : start + self.batch_size]))
             with self.autocast:
-                logits = self.model(left, right, ids.to(self.device), mask.to(self.device))
+                logits = self.model.pair_logits(left, right, ids.to(self.device), mask.to(self.device))
             out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+
+@dataclass
+class PredictFunctions:
+    """Every predict function a checkpoint's abilities allow, the others None: what the CLI, the evaluators,
+    CapFilt and the HTTP service call. `require(name)` gives one or says why the model cannot."""
+
+    pretrained: Pretrained
+    embed_images: Callable[[Sequence[ImageInput]], torch.Tensor] | None = None
+    embed_texts: Callable[[Sequence[str]], torch.Tensor] | None = None
+    embed_image_tokens: Callable[[Sequence[ImageInput]], torch.Tensor] | None = None
+    zeroshot_classifier: Callable[[list[str], list[str]], Callable[[Sequence[ImageInput]], torch.Tensor]] | None = None
+    caption: Callable[[Sequence[ImageInput]], list[str]] | None = None
+    match_probabilities: Callable[[Sequence[ImageInput], Sequence[str]], torch.Tensor] | None = None
+    matcher: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
+    answer: Callable[[Sequence[ImageInput], Sequence[str]], list[str]] | None = None
+    true_probability: Callable[..., torch.Tensor] | None = None
+
+    def require(self, name: str) -> Callable[..., Any]:
+        function = getattr(self, name)
+        if function is None:
+            predictor = next(p for p, names in PREDICTORS.items() if name in names)
+            raise UnsupportedTask(
+                f"{self.pretrained.path}: a {self.pretrained.family.name} model cannot {predictor.task} "
+                f"({predictor.missing_ability(self.pretrained)})"
+            )
+        return function
+
+
+# Which predict functions each predictor provides.
+PREDICTORS: dict[type[Predictor], tuple[str, ...]] = {
+    DualEncoderPredictor: ("embed_images", "embed_texts", "embed_image_tokens", "zeroshot_classifier"),
+    CaptionPredictor: ("caption",),
+    MatchingPredictor: ("match_probabilities", "matcher"),
+    VqaPredictor: ("answer",),
+    NlvrPredictor: ("true_probability",),
+}
+
+
+def predict_functions(
+    pretrained: Pretrained, *, options: dict[type[Predictor], dict[str, Any]] | None = None, **common: Any
+) -> PredictFunctions:
+    """The predict functions of every predictor the checkpoint's family has the abilities for. `common`
+    goes to every predictor (device, precision, batch_size, progress); `options` to one predictor each
+    (`{CaptionPredictor: {"generation": ...}}`)."""
+    options = options or {}
+    functions = PredictFunctions(pretrained)
+    for predictor_cls, names in PREDICTORS.items():
+        if predictor_cls.missing_ability(pretrained) is None:
+            predictor = predictor_cls(pretrained, **{**common, **options.get(predictor_cls, {})})
+            for name in names:
+                setattr(functions, name, getattr(predictor, name))
+    return functions

@@ -71,8 +71,8 @@ class TextTransformer(nn.Module):
         mask = padding_mask(text_mask) if self.cfg.mask_padding and text_mask is not None else None
         context_mask = padding_mask(image_mask) if image_mask is not None else None
         for block in self.blocks:
-            kwargs = dict(attn_mask=mask, is_causal=self.cfg.causal, context=image_tokens,
-                          context_mask=context_mask)
+            kwargs = {"attn_mask": mask, "is_causal": self.cfg.causal, "context": image_tokens,
+                      "context_mask": context_mask}
             if self.cfg.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
             else:

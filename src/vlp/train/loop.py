@@ -63,12 +63,13 @@ from vlp.distributed import (
     all_reduce_sum,
     barrier,
     is_distributed,
+    process_group,
     rank,
-    setup_from_environment,
     world_size,
 )
-from vlp.families import Family, parse_model_config
 from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
+from vlp.registry import Family, parse_model_config
+from vlp.train.families import parse_objective_config, recipe_of
 from vlp.train.optim import make_optimizer, warmup_cosine
 from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock, truncate_metrics
 
@@ -127,7 +128,7 @@ class RunConfig:
     def family_configs(self) -> tuple[Family, Any, Any]:
         """Validate the family-specific sections: (family, model config, objective config)."""
         family, model_cfg = parse_model_config(self.model)
-        objective_cfg = from_dict(family.objective_config_cls, self.objective, prefix="objective")
+        objective_cfg = parse_objective_config(family, self.objective)
         patch = getattr(getattr(model_cfg, "vision", None), "patch_size", None)
         if patch and self.image.size % patch:
             # The patch embedding would silently drop the border pixels past the last whole patch.
@@ -190,7 +191,7 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
         return initial.tokenizer
     if rank() == 0:  # one process trains it; the others read what it wrote
         log.info("training a %s tokenizer on the training texts", cfg.tokenizer.kind)
-        train_tokenizer(family.texts(cfg.data), cfg.tokenizer).save(out)
+        train_tokenizer(recipe_of(family).texts(cfg.data), cfg.tokenizer).save(out)
     barrier()
     return Tokenizer.from_file(out)
 
@@ -402,10 +403,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
 
     Everything that can be checked is checked before anything is written; the run folder is locked
     against a second run while this one writes to it."""
-    created_group = not torch.distributed.is_initialized()
-    setup_from_environment()
     out = Path(out)
-    try:
+    with process_group():
         family, model_cfg, objective_cfg = cfg.family_configs()
         check_training_data(cfg.data)
         world = world_size()
@@ -433,9 +432,6 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
                 lock.release()
             if new_folder and rank() == 0 and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
-    finally:
-        if created_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _skipped_totals(bad: BadSamples, carried: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
@@ -474,11 +470,12 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
         start_step = saved_state["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
-    if hasattr(family.objective_cls, "prepare"):  # before wrapping: DDP registers the trainable parameters
-        family.objective_cls.prepare(model, objective_cfg)
+    recipe = recipe_of(family)
+    if hasattr(recipe.objective_cls, "prepare"):  # before wrapping: DDP registers the trainable parameters
+        recipe.objective_cls.prepare(model, objective_cfg)
     parallel = ParallelModel(model, tc.strategy, device)
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
-    objective = family.objective_cls(forward_model, objective_cfg)
+    objective = recipe.objective_cls(forward_model, objective_cfg)
     optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
     schedule = warmup_cosine(optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                              min_lr_ratio=tc.min_lr_ratio)
@@ -500,7 +497,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
 
     bad = bad_samples(cfg.data)
     positions = saved_state.get("data_position")
-    batches = family.batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
+    batches = recipe.batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
                              batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
                              world_size=world, bad=bad,
                              position=positions[rank()] if positions and len(positions) == world else None)

@@ -1,0 +1,57 @@
+"""How each registered family trains: its objective (config and class) and its data task.
+
+The architecture side (config, model, abilities, presets) is `vlp.registry`; this table is the training
+side, kept here so that loading a model never imports an objective or the data pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vlp.config import ConfigError, from_dict
+from vlp.data.nlvr import nlvr_batches, nlvr_texts
+from vlp.data.pipeline import GoodBatches, train_batches, training_captions
+from vlp.data.vqa import vqa_batches, vqa_texts
+from vlp.objectives.blip import (
+    BlipObjective,
+    BlipObjectiveConfig,
+    NlvrObjective,
+    NlvrObjectiveConfig,
+    VqaObjective,
+    VqaObjectiveConfig,
+)
+from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
+from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
+from vlp.registry import Family
+
+
+@dataclass(frozen=True)
+class Recipe:
+    objective_config_cls: type
+    objective_cls: Callable[[Any, Any], Any]
+    # The training data it reads: batches(data config, transform, tokenizer, batch_size=, seed=, start_step=,
+    # rank=, world_size=, bad=, position=) -> GoodBatches, and the texts a new tokenizer is trained on.
+    batches: Callable[..., GoodBatches] = train_batches
+    texts: Callable[[Any], Iterator[str]] = training_captions
+
+
+RECIPES: dict[str, Recipe] = {
+    "clip": Recipe(ContrastiveObjectiveConfig, ContrastiveObjective),
+    "blip": Recipe(BlipObjectiveConfig, BlipObjective),
+    "coca": Recipe(CocaObjectiveConfig, CocaObjective),
+    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts),
+    "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts),
+}
+
+
+def recipe_of(family: Family) -> Recipe:
+    """A registered family without a recipe loads and predicts, but does not train."""
+    if family.name not in RECIPES:
+        raise ConfigError(f"config key 'model.family': vlp cannot train a {family.name} model yet")
+    return RECIPES[family.name]
+
+
+def parse_objective_config(family: Family, data: dict[str, Any]) -> Any:
+    return from_dict(recipe_of(family).objective_config_cls, data, prefix="objective")
