@@ -41,7 +41,7 @@ MODEL = [
     "model.embed_dim=64",
     "model.vision={kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
     (
-        "model.text={vocab_size: 512, max_positions: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
+        "model.text={vocab_size: 512, context_length: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
         "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}"
     ),
     "tokenizer.kind=wordpiece",

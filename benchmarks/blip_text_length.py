@@ -21,8 +21,8 @@ from common import interleaved_times
 
 import vlp.objectives.blip as blip_objectives
 from vlp.distributed import ParallelModel
-from vlp.models.blip import Blip, BlipConfig, MedConfig
-from vlp.towers import VisionConfig
+from vlp.models.blip import Blip, BlipConfig
+from vlp.towers import BertTextConfig, VisionConfig
 from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
 
@@ -40,7 +40,7 @@ def _batch(context: int) -> dict[str, torch.Tensor | int]:
 
 def measure(context: int, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
-    text = MedConfig(vocab_size=VOCAB, max_positions=context, width=WIDTH, layers=DEPTH, heads=HEADS, pad_token_id=0,
+    text = BertTextConfig(vocab_size=VOCAB, context_length=context, width=WIDTH, layers=DEPTH, heads=HEADS, pad_token_id=0,
                      eos_token_id=3, enc_token_id=4, dec_token_id=5)  # fmt: skip
     vision = VisionConfig(image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS)
     model = Blip(BlipConfig(vision=vision, text=text, embed_dim=WIDTH)).train()

@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 import vlp
 from vlp.distributed import ParallelModel
 from vlp.generation import GenerationConfig, generate
-from vlp.models.blip import Blip, BlipConfig, MedConfig
+from vlp.models.blip import Blip, BlipConfig
 from vlp.models.coca import Coca, CocaConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
-from vlp.towers import TextConfig, VisionConfig
+from vlp.towers import BertTextConfig, TextConfig, VisionConfig
 from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
 
@@ -41,9 +41,9 @@ def _vision(**extra: Any) -> VisionConfig:
 
 
 def _blip() -> Blip:
-    text = MedConfig(
+    text = BertTextConfig(
         vocab_size=VOCAB,
-        max_positions=77,
+        context_length=77,
         width=WIDTH,
         layers=DEPTH,
         heads=HEADS,

@@ -5,7 +5,7 @@ import socket
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # open_clip's parity tests run in the environment `make interop` builds, where open_clip imports.
-collect_ignore = [] if importlib.util.find_spec("open_clip") else ["test_open_clip.py", "test_open_clip_coca.py"]
+collect_ignore = [] if importlib.util.find_spec("open_clip") else ["convert/test_open_clip.py", "convert/test_open_clip_coca.py"]
 
 import pytest
 import torch
@@ -55,7 +55,7 @@ BLIP_TINY = {
     "model.family": "blip",
     "model.embed_dim": 64,
     "model.vision": "{kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
-    "model.text": "{vocab_size: 512, max_positions: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
+    "model.text": "{vocab_size: 512, context_length: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
     "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}",
     "tokenizer.kind": "wordpiece",
     "tokenizer.pad_token": "'[PAD]'",

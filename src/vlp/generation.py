@@ -1,13 +1,15 @@
 """Text generation for every captioning family: greedy, beam search and nucleus sampling, batched.
 
-A family hands over a stepwise decoder (BLIP's `StepDecoder`): `start_tokens(prompt)` gives the
-prefix, `decoder(tokens, real)` feeds new tokens and returns next-token logits from its key/value
-cache, `reorder(index)` keeps and repeats rows for beam search, and `eos_token_id` / `pad_token_id`; an
-optional `max_length` caps the whole sequence.
+A family hands over a `StepDecoder`: `start_tokens(prompt)` gives the prefix of ids, `decoder(tokens,
+real)` feeds new tokens and returns next-token logits from its key/value cache, `reorder(index)` keeps
+and repeats rows for beam search, and `eos_token_id` / `pad_token_id`; `max_length` caps the whole
+sequence. A decoder may start from prefix embeddings (a frozen language model reading image queries)
+before the ids.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -27,6 +29,73 @@ class GenerationConfig:
     repetition_penalty: PositiveFloat = 1.0  # > 1 discourages tokens already in the sequence (CTRL's rule)
     length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
     seed: int | None = None
+
+
+# step(inputs, key_mask, cache, state) -> (next-token logits [B, V] of the last input, new cache): inputs are
+# ids [B, t] or embeddings [B, t, D]; key_mask [B, past + t] is 1 at real positions; state holds per-row
+# tensors the step reads (cross-attention keys and values, context masks), reordered with the rows.
+Step = Callable[[torch.Tensor, torch.Tensor, Any, Any], tuple[torch.Tensor, Any]]
+
+
+class StepDecoder:
+    """Incremental decoding over a key/value cache, for every decoder: each new token costs one position
+    rather than the whole prefix again. The model supplies `step`; the cache, the key mask, the rows'
+    order and an optional prefix of embeddings are kept here."""
+
+    def __init__(
+        self,
+        step: Step,
+        *,
+        start_ids: Sequence[int],
+        eos_token_id: int,
+        pad_token_id: int,
+        max_length: int | None,
+        state: Any = (),
+        prefix: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+    ):
+        """start_ids: the ids every sequence starts with ([DEC], or the start-of-text token); prefix
+        [B, P, D] with prefix_mask [B, P]: embeddings fed before them (they take P of max_length)."""
+        self.step, self.state = step, state
+        self.start_ids = list(start_ids)
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.prefix = prefix
+        self.prefix_mask = prefix_mask if prefix is None or prefix_mask is not None else torch.ones(
+            prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        prefix_length = 0 if prefix is None else prefix.shape[1]
+        self.max_length = None if max_length is None else max_length - prefix_length
+        self.cache: Any = None
+        self.key_mask: torch.Tensor | None = None
+
+    def start_tokens(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The start ids, then the prompt's tokens [B, P] (may be empty)."""
+        first = torch.tensor(self.start_ids, dtype=torch.long, device=prompt.device).expand(prompt.shape[0], -1)
+        return torch.cat([first, prompt], dim=1)
+
+    def __call__(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] after feeding `tokens` [B, t]; `real` [B, t] is 0 for padding fed after a
+        row has finished."""
+        if self.key_mask is None and self.prefix is not None:
+            self.key_mask = self.prefix_mask
+            _, self.cache = self.step(self.prefix, self.key_mask, None, self.state)
+        self.key_mask = real if self.key_mask is None else torch.cat([self.key_mask, real], dim=1)
+        logits, self.cache = self.step(tokens, self.key_mask, self.cache, self.state)
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (repeats allowed), in that order."""
+        self.state, self.cache, self.key_mask, self.prefix, self.prefix_mask = _take_rows(
+            (self.state, self.cache, self.key_mask, self.prefix, self.prefix_mask), index
+        )
+
+
+def _take_rows(value: Any, index: torch.Tensor) -> Any:
+    """Rows `index` of every tensor in nested tuples and lists (caches, cross-attention keys and values)."""
+    if torch.is_tensor(value):
+        return value[index]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(item, index) for item in value)
+    return value
 
 
 def _adjust(

@@ -34,9 +34,9 @@ from vlp.convert.common import (
 )
 from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
-from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig, MedConfig
+from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig
 from vlp.registry import FAMILIES
-from vlp.towers import VisionConfig
+from vlp.towers import BertTextConfig, VisionConfig
 
 log = logging.getLogger("vlp.convert")
 
@@ -65,7 +65,7 @@ def architecture_of(config: dict[str, Any], where: str) -> str:
     return names[0]
 
 
-def configs_from_hf(config: dict[str, Any], enc_token_id: int) -> tuple[VisionConfig, MedConfig]:
+def configs_from_hf(config: dict[str, Any], enc_token_id: int) -> tuple[VisionConfig, BertTextConfig]:
     text = {**_TEXT_DEFAULTS, **(config.get("text_config") or {})}
     vision = {**_VISION_DEFAULTS, **(config.get("vision_config") or {})}
     vision_cfg = VisionConfig(
@@ -78,8 +78,8 @@ def configs_from_hf(config: dict[str, Any], enc_token_id: int) -> tuple[VisionCo
         raise ConversionError(
             f"text_config.encoder_hidden_size {text['encoder_hidden_size']} is not the vision width {vision['hidden_size']}"
         )
-    text_cfg = MedConfig(
-        vocab_size=text["vocab_size"], max_positions=text["max_position_embeddings"], width=text["hidden_size"],
+    text_cfg = BertTextConfig(
+        vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"], width=text["hidden_size"],
         layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
         mlp_ratio=text["intermediate_size"] / text["hidden_size"], act=activation_from_hf(text["hidden_act"], "text_config"),
         norm_eps=text["layer_norm_eps"], share="all", pad_token_id=text["pad_token_id"],
@@ -103,7 +103,7 @@ def _vision_rules(layers: int) -> list[Rule]:
 
 
 def _text_rules(layers: int, ours: str, theirs: str, attention: str = "attn", norm: str = "norm1") -> list[Rule]:
-    """A MedTextTransformer at `ours` <-> a BlipTextModel at `theirs`; `attention`/`norm` name the
+    """A BertTextTransformer at `ours` <-> a BlipTextModel at `theirs`; `attention`/`norm` name the
     self-attention that plays HF's (the decoder's own one under share all_but_self_attention)."""
     rules = [
         rule("word_embeddings.weight", "embeddings.word_embeddings.weight"),
@@ -205,11 +205,11 @@ def load_hf_blip(folder: Path, *, tokenizer: str | Path | None = None, **_: Any)
     return Pretrained(family, model_cfg, model, image_config, text_tokenizer, folder)
 
 
-def _hf_text_config(text: MedConfig, vision_width: int, tied: bool) -> dict[str, Any]:
+def _hf_text_config(text: BertTextConfig, vision_width: int, tied: bool) -> dict[str, Any]:
     return {
         "vocab_size": text.vocab_size, "hidden_size": text.width, "encoder_hidden_size": vision_width,
         "intermediate_size": round(text.width * text.mlp_ratio), "num_hidden_layers": text.layers,
-        "num_attention_heads": text.heads, "max_position_embeddings": text.max_positions,
+        "num_attention_heads": text.heads, "max_position_embeddings": text.context_length,
         "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(text.act, text.act), "layer_norm_eps": text.norm_eps,
         "bos_token_id": text.dec_token_id, "sep_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
         "eos_token_id": text.eos_token_id, "tie_word_embeddings": tied,

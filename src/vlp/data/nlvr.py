@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlp.data.pipeline import DataConfig, GoodBatches, bad_samples, map_style_batches
+from vlp.data.batches import ImagePairBatch
+from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, load_image, skipped
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import ImageTransform
@@ -78,7 +79,7 @@ class NlvrCollate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> ImagePairBatch:
         good = [i for i in items if "bad" not in i]
         bad = [i["bad"] for i in items if "bad" in i]
         if not good:
@@ -89,7 +90,7 @@ class NlvrCollate:
             "right": torch.stack([i["right"] for i in good]),
             "text": text,
             "text_mask": text_mask,
-            "label": torch.tensor([i["label"] for i in good]),
+            "labels": torch.tensor([i["label"] for i in good]),
             "bad": bad,
             "size": len(good),
         }
@@ -112,17 +113,8 @@ def nlvr_batches(
     if not cfg.train:
         raise DataError("NLVR training needs data.train (a JSON list of images, sentence, label)")
     items = read_nlvr(cfg.train, cfg.images)
-    batches = map_style_batches(
-        NlvrDataset(items, transform, seed),
-        NlvrCollate(tokenizer),
-        cfg,
-        batch_size=batch_size,
-        seed=seed,
-        start_step=start_step,
-        rank=rank,
-        world_size=world_size,
-    )
-    return GoodBatches(batches, bad or bad_samples(cfg))
+    return map_style_batches(NlvrDataset(items, transform, seed), NlvrCollate(tokenizer), cfg, batch_size=batch_size,
+                             seed=seed, start_step=start_step, rank=rank, world_size=world_size, bad=bad)
 
 
 def nlvr_texts(cfg: DataConfig) -> Iterator[str]:

@@ -23,6 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vlp.config import Fraction, NonNegativeInt, PositiveInt
+from vlp.data.batches import CaptionBatch
 from vlp.data.sources import (
     BadSamples,
     DataError,
@@ -54,10 +55,6 @@ class DataConfig:
     bad_fraction_min_samples: PositiveInt = 2000
     shuffle_buffer: PositiveInt = 1000  # WebDataset sample shuffle
     samples_per_epoch: PositiveInt | None = None  # WebDataset epoch length; None = one pass over the shards
-    # VQA (family blip_vqa): `train` is a VQAv2 questions file, `annotations` its answers file; image
-    # paths are `images` / image_pattern with {image_id} and {data_subtype}; None = VQAv2's COCO names.
-    annotations: str | None = None
-    image_pattern: str | None = None
 
 
 def flatten_pairs(items: list[ImageCaptions]) -> list[tuple[Path, str]]:
@@ -93,7 +90,7 @@ class Collate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> CaptionBatch:
         good = [i for i in items if "bad" not in i]
         bad = [i["bad"] for i in items if "bad" in i]
         if not good:
@@ -290,10 +287,8 @@ def train_batches(
         return GoodBatches(StreamBatches(stream, cfg.num_workers, cfg.samples_per_epoch, position), bad)
     items = read_captions(cfg.train, images_dir=cfg.images, image_key=cfg.image_key,
                           caption_key=cfg.caption_key, bad=bad)
-    batches = map_style_batches(PairDataset(flatten_pairs(items), transform, seed), collate, cfg,
-                                batch_size=batch_size, seed=seed, start_step=start_step, rank=rank,
-                                world_size=world_size)
-    return GoodBatches(batches, bad)
+    return map_style_batches(PairDataset(flatten_pairs(items), transform, seed), collate, cfg, batch_size=batch_size,
+                             seed=seed, start_step=start_step, rank=rank, world_size=world_size, bad=bad)
 
 
 def bad_samples(cfg: DataConfig) -> BadSamples:
@@ -312,14 +307,16 @@ def check_training_data(cfg: DataConfig) -> None:
 
 
 def map_style_batches(dataset: Dataset, collate: Any, cfg: DataConfig, *, batch_size: int, seed: int,
-                      start_step: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-    """Endless batches of a map-style dataset indexed by (index, epoch), in the resumable seeded order."""
+                      start_step: int = 0, rank: int = 0, world_size: int = 1,
+                      bad: BadSamples | None = None) -> GoodBatches:
+    """Endless batches of a map-style dataset indexed by (index, epoch), in the resumable seeded order,
+    with skipped samples counted in `bad`: every task that reads a file of samples loads through this."""
     sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
                                 start_step=start_step)
-    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                           persistent_workers=cfg.num_workers > 0,
-                           prefetch_factor=4 if cfg.num_workers > 0 else None,
-                           pin_memory=torch.cuda.is_available()))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+                        pin_memory=torch.cuda.is_available())
+    return GoodBatches(iter(loader), bad or bad_samples(cfg))
 
 
 class GoodBatches:

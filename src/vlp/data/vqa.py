@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlp.data.pipeline import DataConfig, GoodBatches, bad_samples, map_style_batches
+from vlp.data.batches import VqaBatch
+from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, load_image
 from vlp.data.tokenizer import Tokenizer, tokenize_trimmed
 from vlp.data.transforms import ImageTransform
@@ -23,6 +24,16 @@ from vlp.data.vqa_answers import normalize_answer
 
 # VQAv2's COCO images; `data_subtype` comes from the questions file (train2014, val2014, ...).
 DEFAULT_IMAGE_PATTERN = "COCO_{data_subtype}_{image_id:012d}.jpg"
+
+
+@dataclass
+class VqaDataConfig(DataConfig):
+    """The data section of a VQA run (family blip_vqa): `train` is a VQAv2 questions file, `annotations` its
+    answers file; image paths are `images` / `image_pattern` with {image_id} and {data_subtype}
+    (None: VQAv2's COCO names)."""
+
+    annotations: str | None = None
+    image_pattern: str | None = None
 
 
 @dataclass
@@ -122,7 +133,7 @@ class VqaCollate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]]) -> VqaBatch:
         good = [i for i in items if "bad" not in i]
         bad = [i["bad"] for i in items if "bad" in i]
         if not good:
@@ -132,8 +143,8 @@ class VqaCollate:
         answer, answer_mask = tokenize_trimmed(self.tokenizer, [a for _, a, _ in flat])
         return {
             "image": torch.stack([i["image"] for i in good]),
-            "question": question,
-            "question_mask": question_mask,
+            "text": question,
+            "text_mask": question_mask,
             "answer": answer,
             "answer_mask": answer_mask,
             "answer_question": torch.tensor([row for row, _, _ in flat]),
@@ -144,7 +155,7 @@ class VqaCollate:
 
 
 def vqa_batches(
-    cfg: DataConfig,
+    cfg: VqaDataConfig,
     transform: ImageTransform,
     tokenizer: Tokenizer,
     *,
@@ -160,20 +171,11 @@ def vqa_batches(
     if not cfg.train or not cfg.annotations:
         raise DataError("VQA training needs data.train (questions file) and data.annotations (answers file)")
     questions = read_vqa(cfg.train, cfg.annotations, images_dir=cfg.images, image_pattern=cfg.image_pattern)
-    batches = map_style_batches(
-        VqaDataset(questions, transform, seed),
-        VqaCollate(tokenizer),
-        cfg,
-        batch_size=batch_size,
-        seed=seed,
-        start_step=start_step,
-        rank=rank,
-        world_size=world_size,
-    )
-    return GoodBatches(batches, bad or bad_samples(cfg))
+    return map_style_batches(VqaDataset(questions, transform, seed), VqaCollate(tokenizer), cfg, batch_size=batch_size,
+                             seed=seed, start_step=start_step, rank=rank, world_size=world_size, bad=bad)
 
 
-def vqa_texts(cfg: DataConfig) -> Iterator[str]:
+def vqa_texts(cfg: VqaDataConfig) -> Iterator[str]:
     """Questions and answers, for training a tokenizer when no pre-trained one is given."""
     for question in read_vqa(cfg.train, cfg.annotations, images_dir=cfg.images, image_pattern=cfg.image_pattern):
         yield question.question

@@ -1,4 +1,5 @@
-"""Pre-norm transformer blocks: self-attention (optional cross-attention) + MLP, and cross-attention + MLP."""
+"""Transformer blocks: the one block every tower is built from (self-attention, optional cross-attention,
+MLP; pre- or post-norm), and open_clip CoCa's cross-attention + MLP block."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 class TransformerBlock(nn.Module):
+    """Self-attention, then (with `context_dim`) cross-attention to a context, then an MLP; each a residual
+    branch whose LayerNorm comes before it (pre-norm: ViT, CLIP) or after the residual sum (`post_norm`:
+    BERT, BLIP's MED, the Q-Former).
+
+    `causal_self_attention` gives causal passes a self-attention of their own (BLIP's decoder shares
+    everything with its encoder but that)."""
+
     def __init__(
         self,
         dim: int,
@@ -21,17 +29,35 @@ class TransformerBlock(nn.Module):
         act: Activation = "gelu",
         norm_eps: float = 1e-5,
         context_dim: int | None = None,
+        post_norm: bool = False,
+        causal_self_attention: bool = False,
     ):
         super().__init__()
+        self.post_norm = post_norm
+        # Created in this order so that seeded initialisation draws the same numbers for every layout.
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
+        self.decoder_norm1: nn.LayerNorm | None = None
+        self.decoder_attn: Attention | None = None
+        if causal_self_attention:
+            self.decoder_norm1 = nn.LayerNorm(dim, eps=norm_eps)
+            self.decoder_attn = Attention(dim, num_heads)
+        self.norm_cross: nn.LayerNorm | None = None
+        self.cross_attn: Attention | None = None
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
             self.cross_attn = Attention(dim, num_heads, context_dim=context_dim)
-        else:
-            self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), act=act)
+
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, branch) -> torch.Tensor:
+        """x + branch(x), normalised after (post-norm) or the branch's input normalised (pre-norm)."""
+        return norm(x + branch(x)) if self.post_norm else x + branch(norm(x))
+
+    def _self_attention(self, causal: bool) -> tuple[Attention, nn.LayerNorm]:
+        if causal and self.decoder_attn is not None:
+            return self.decoder_attn, self.decoder_norm1
+        return self.attn, self.norm1
 
     def forward(
         self,
@@ -41,20 +67,46 @@ class TransformerBlock(nn.Module):
         is_causal: bool = False,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        decoder: bool = False,
+        text_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context, attn_mask=context_mask)
-        return x + self.mlp(self.norm2(x))
+        """x [B, N, D]; context [B, M, Dc] to cross-attend to; `decoder` picks the causal passes' own
+        self-attention when the block has one (`attn_mask` then carries the causal mask); `text_only` runs
+        the block without its cross-attention (BLIP's unimodal text encoder, on the same layers)."""
+        attn, norm = self._self_attention(decoder)
+        x = self._residual(x, norm, lambda h: attn(h, attn_mask=attn_mask, is_causal=is_causal))
+        if self.cross_attn is not None and not text_only:
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, context, attn_mask=context_mask))
+        return self._residual(x, self.norm2, self.mlp)
 
-    def decode(self, x: torch.Tensor, past: KeyValue | None, attn_mask: torch.Tensor) -> tuple[torch.Tensor, KeyValue]:
-        """Incremental decoding of the newest positions x [B, t, D] of a self-attention block: returns them
-        and the extended key/value cache."""
-        if self.cross_attn is not None:
-            raise ValueError("decode runs self-attention blocks; pair them with CrossAttentionBlocks for a context")
-        out, present = self.attn.cached(self.norm1(x), past, attn_mask=attn_mask)
-        x = x + out
-        return x + self.mlp(self.norm2(x)), present
+    def decode(
+        self,
+        x: torch.Tensor,
+        past: KeyValue | None,
+        attn_mask: torch.Tensor,
+        *,
+        context_kv: KeyValue | None = None,
+        context_mask: torch.Tensor | None = None,
+        decoder: bool = True,
+    ) -> tuple[torch.Tensor, KeyValue]:
+        """Incremental decoding of the newest positions x [B, t, D]: returns them and the extended key/value
+        cache; `context_kv` (the cross-attention's keys and values of the context) when it cross-attends."""
+        if self.cross_attn is not None and context_kv is None:
+            raise ValueError("this block cross-attends: decode it with the context's keys and values")
+        attn, norm = self._self_attention(decoder)
+        present: KeyValue | None = None
+
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            nonlocal present
+            out, present = attn.cached(h, past, attn_mask=attn_mask)
+            return out
+
+        x = self._residual(x, norm, self_attention)
+        if context_kv is not None:
+            cross = self.cross_attn
+            x = self._residual(x, self.norm_cross, lambda h: cross.cached(h, None, attn_mask=context_mask,
+                                                                          context_kv=context_kv)[0])
+        return self._residual(x, self.norm2, self.mlp), present
 
 
 class CrossAttentionBlock(nn.Module):

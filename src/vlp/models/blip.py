@@ -16,62 +16,16 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlp.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
-from vlp.layers import (
-    Activation,
-    Attention,
-    KeyValue,
-    Mlp,
-    causal_mask,
-    incremental_causal_mask,
-    make_activation,
-    padding_mask,
-)
-from vlp.towers import ImageTowerConfig, VisionConfig, build_image_tower
-
-TextMode = Literal["text", "multimodal", "decoder"]
-
-
-@dataclass
-class MedConfig:
-    """The BERT-style text side (post-norm layers, embeddings LayerNorm)."""
-
-    vocab_size: PositiveInt = 30524
-    max_positions: PositiveInt = 512
-    width: PositiveInt = 768
-    layers: PositiveInt = 12
-    heads: PositiveInt = 12
-    mlp_ratio: PositiveFloat = 4.0
-    act: Activation = "gelu"
-    norm_eps: PositiveFloat = 1e-12
-    share: Literal["all_but_self_attention", "all", "none"] = "all_but_self_attention"
-    # Tokens the model writes itself: [ENC] and [DEC] replace the first token; [SEP] ends a caption. The
-    # trainer checks each id against the tokenizer.
-    pad_token_id: int = 0
-    eos_token_id: int = 102
-    enc_token_id: int = 30523
-    dec_token_id: int = 30522
-
-    def __post_init__(self) -> None:
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
-
-    def special_tokens(self) -> dict[str, tuple[str, int]]:
-        """config key -> (token, id) the tokenizer must agree on."""
-        return {
-            "pad_token_id": ("[PAD]", self.pad_token_id),
-            "eos_token_id": ("[SEP]", self.eos_token_id),
-            "enc_token_id": ("[ENC]", self.enc_token_id),
-            "dec_token_id": ("[DEC]", self.dec_token_id),
-        }
+from vlp.generation import StepDecoder
+from vlp.layers import Attention, KeyValue, TransformerBlock, make_activation
+from vlp.towers import BertTextConfig, BertTextTransformer, ImageTowerConfig, VisionConfig, build_image_tower
 
 
 @dataclass
@@ -82,7 +36,7 @@ class BlipConfig:
             image_size=384, patch_size=16, norm_eps=1e-6, ln_pre=False, patch_bias=True
         )
     )
-    text: MedConfig = field(default_factory=MedConfig)
+    text: BertTextConfig = field(default_factory=BertTextConfig)
     embed_dim: PositiveInt = 256  # the ITC projections
     init_temperature: PositiveFloat = 0.07
     # The temperature is clamped into this range after every step, as BLIP does.
@@ -98,137 +52,10 @@ class BlipConfig:
             raise ValueError("queue_size needs momentum: the queues hold momentum-encoder features")
 
 
-class MedLayer(nn.Module):
-    """A post-norm BERT layer with cross-attention; optionally a second self-attention for the decoder."""
-
-    def __init__(self, cfg: MedConfig, context_width: int, decoder_self_attention: bool):
-        super().__init__()
-        width, eps = cfg.width, cfg.norm_eps
-        self.attn, self.norm1 = Attention(width, cfg.heads), nn.LayerNorm(width, eps=eps)
-        if decoder_self_attention:
-            self.decoder_attn, self.decoder_norm1 = Attention(width, cfg.heads), nn.LayerNorm(width, eps=eps)
-        else:
-            self.decoder_attn = self.decoder_norm1 = None
-        self.cross_attn = Attention(width, cfg.heads, context_dim=context_width)
-        self.norm_cross = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, round(width * cfg.mlp_ratio), act=cfg.act)
-        self.norm2 = nn.LayerNorm(width, eps=eps)
-
-    def _self_attention(self, mode: TextMode) -> tuple[Attention, nn.LayerNorm]:
-        if mode == "decoder" and self.decoder_attn is not None:
-            return self.decoder_attn, self.decoder_norm1
-        return self.attn, self.norm1
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        mode: TextMode,
-        context: torch.Tensor | None,
-        context_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        attn, norm = self._self_attention(mode)
-        x = norm(x + attn(x, attn_mask=mask))
-        if mode != "text":
-            x = self.norm_cross(x + self.cross_attn(x, context, attn_mask=context_mask))
-        return self.norm2(x + self.mlp(x))
-
-    def decode(
-        self,
-        x: torch.Tensor,
-        past: KeyValue | None,
-        mask: torch.Tensor,
-        cross_kv: KeyValue,
-        context_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KeyValue]:
-        """Decoder mode for the newest positions only, reading and extending the self-attention cache."""
-        attn, norm = self._self_attention("decoder")
-        out, present = attn.cached(x, past, attn_mask=mask)
-        x = norm(x + out)
-        x = self.norm_cross(x + self.cross_attn.cached(x, None, attn_mask=context_mask, context_kv=cross_kv)[0])
-        return self.norm2(x + self.mlp(x)), present
-
-
-class MedTextTransformer(nn.Module):
-    """Word + position embeddings and MED layers. [B, L] ids -> [B, L, D] states."""
-
-    def __init__(
-        self,
-        cfg: MedConfig,
-        context_width: int,
-        decoder_self_attention: bool,
-        make_layer: Callable[[int], nn.Module] | None = None,
-    ):
-        """make_layer(index) builds layers other than MedLayer (NLVR2's two-image layers)."""
-        super().__init__()
-        self.cfg = cfg
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.width)
-        self.embed_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        make_layer = make_layer or (lambda index: MedLayer(cfg, context_width, decoder_self_attention))
-        self.layers = nn.ModuleList(make_layer(index) for index in range(cfg.layers))
-        for module in self.modules():  # BERT's initialisation
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Normalised word + position embeddings of ids [B, t] at positions start .. start + t - 1."""
-        end = start + ids.shape[1]
-        if end > self.cfg.max_positions:
-            raise ValueError(f"text of {end} tokens exceeds max_positions {self.cfg.max_positions}")
-        positions = torch.arange(start, end, device=ids.device)
-        return self.embed_norm(self.word_embeddings(ids) + self.position_embeddings(positions))
-
-    def forward(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        *,
-        mode: TextMode,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """context [B, M, Dc]: what the grounded modes cross-attend to (image tokens, or BLIP-VQA's question
-        states); context_mask [B, M], 1 = real, when the context has padding."""
-        if mode != "text" and context is None:
-            raise ValueError(f"text mode '{mode}' cross-attends to a context (image tokens); none was given")
-        length = ids.shape[1]
-        x = self._embed(ids, 0)
-        attend = padding_mask(mask)  # [B, 1, 1, L]
-        if mode == "decoder":
-            attend = attend & causal_mask(length, ids.device)
-        cross_mask = None if context_mask is None else padding_mask(context_mask)
-        for layer in self.layers:
-            x = layer(x, attend, mode, context, cross_mask)
-        return x
-
-    def decode(
-        self,
-        ids: torch.Tensor,
-        key_mask: torch.Tensor,
-        cache: list[KeyValue] | None,
-        cross_kv: list[KeyValue],
-        context_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[KeyValue]]:
-        """Decoder states [B, t, D] of the newest `t` tokens given the cached earlier ones.
-        key_mask [B, past + t]: 1 where a position (earlier or new) is a real token."""
-        past = 0 if cache is None else cache[0][0].shape[2]
-        x = self._embed(ids, past)
-        mask = incremental_causal_mask(key_mask, ids.shape[1])
-        cross_mask = None if context_mask is None else padding_mask(context_mask)
-        present = []
-        for index, layer in enumerate(self.layers):
-            x, kv = layer.decode(x, None if cache is None else cache[index], mask, cross_kv[index], cross_mask)
-            present.append(kv)
-        return x, present
-
-
 class LMHead(nn.Module):
     """BERT's prediction head: dense, activation, LayerNorm, then the vocabulary projection."""
 
-    def __init__(self, cfg: MedConfig):
+    def __init__(self, cfg: BertTextConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.width, cfg.width)
         self.act = make_activation(cfg.act)
@@ -252,9 +79,9 @@ class Blip(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = build_image_tower(cfg.vision)
-        self.text = MedTextTransformer(cfg.text, cfg.vision.width, cfg.text.share == "all_but_self_attention")
+        self.text = BertTextTransformer(cfg.text, cfg.vision.width, cfg.text.share == "all_but_self_attention")
         # share none: the decoder is a second text transformer of its own.
-        self.text_decoder = MedTextTransformer(cfg.text, cfg.vision.width, False) if cfg.text.share == "none" else None
+        self.text_decoder = BertTextTransformer(cfg.text, cfg.vision.width, False) if cfg.text.share == "none" else None
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text.width, 2)
@@ -303,7 +130,7 @@ class Blip(nn.Module):
         return self.decoder_text(ids, text_mask, mode="decoder", context=image_tokens)
 
     @property
-    def decoder_text(self) -> MedTextTransformer:
+    def decoder_text(self) -> BertTextTransformer:
         """The text transformer the decoder runs on: its own under share none, else the shared one."""
         return self.text_decoder if self.text_decoder is not None else self.text
 
@@ -313,7 +140,7 @@ class Blip(nn.Module):
 
     def caption_decoder(self, image_tokens: torch.Tensor) -> StepDecoder:
         """The image-grounded decoder, stepwise with a key/value cache, for `vlp.generation`."""
-        return StepDecoder(self.decoder_text, self.lm_head, image_tokens)
+        return med_step_decoder(self.decoder_text, self.lm_head, image_tokens)
 
     def _objectives_using(self, name: str) -> set[str]:
         """Which objectives (itc, itm, lm) parameter `name` takes part in."""
@@ -384,49 +211,21 @@ class Blip(nn.Module):
         )
 
 
-class StepDecoder:
-    """A MED decoder for incremental generation: cross-attention keys and values of the context (image
-    tokens, or question states) are computed once, self-attention keys and values are cached per layer,
-    so each new token costs one position rather than the whole prefix again. Rows may be reordered
-    (beam search)."""
+def med_step_decoder(
+    decoder: BertTextTransformer, lm_head: LMHead, context: torch.Tensor, context_mask: torch.Tensor | None = None
+) -> StepDecoder:
+    """A MED decoder for incremental generation from [DEC]: the context's cross-attention keys and values
+    (image tokens, or question states) are computed once; self-attention keys and values are cached."""
+    cross_kv = [layer.cross_attn.context_kv(context) for layer in decoder.layers]
 
-    def __init__(
-        self,
-        decoder: MedTextTransformer,
-        lm_head: LMHead,
-        context: torch.Tensor,
-        context_mask: torch.Tensor | None = None,
-    ):
-        self.decoder, self.lm_head = decoder, lm_head
-        self.cross_kv = [layer.cross_attn.context_kv(context) for layer in decoder.layers]
-        self.context_mask = context_mask
-        self.cache: list[KeyValue] | None = None
-        self.key_mask: torch.Tensor | None = None
-        self.dec_token_id = decoder.cfg.dec_token_id
-        self.eos_token_id = decoder.cfg.eos_token_id
-        self.pad_token_id = decoder.cfg.pad_token_id
-        self.max_length = decoder.cfg.max_positions
+    def step(ids: torch.Tensor, key_mask: torch.Tensor, cache: list[KeyValue] | None, state: tuple) -> tuple:
+        cross_kv, context_mask = state
+        states, cache = decoder.decode(ids, key_mask, cache, cross_kv, context_mask)
+        return lm_head(states[:, -1]), cache
 
-    def start_tokens(self, prompt: torch.Tensor) -> torch.Tensor:
-        """The prefix every sequence starts from: [DEC] then the prompt's tokens [B, P] (may be empty)."""
-        first = torch.full((prompt.shape[0], 1), self.dec_token_id, dtype=torch.long, device=prompt.device)
-        return torch.cat([first, prompt], dim=1)
-
-    def __call__(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, V] after feeding `tokens` [B, t]; `real` [B, t] is 0 for padding fed
-        after a row has finished."""
-        self.key_mask = real if self.key_mask is None else torch.cat([self.key_mask, real], dim=1)
-        states, self.cache = self.decoder.decode(tokens, self.key_mask, self.cache, self.cross_kv, self.context_mask)
-        return self.lm_head(states[:, -1])
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (repeats allowed), in that order."""
-        self.cross_kv = [(k[index], v[index]) for k, v in self.cross_kv]
-        if self.context_mask is not None:
-            self.context_mask = self.context_mask[index]
-        if self.cache is not None:
-            self.cache = [(k[index], v[index]) for k, v in self.cache]
-            self.key_mask = self.key_mask[index]
+    cfg = decoder.cfg
+    return StepDecoder(step, state=(cross_kv, context_mask), start_ids=[cfg.dec_token_id],
+                       eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, max_length=cfg.context_length)
 
 
 @dataclass
@@ -439,7 +238,7 @@ class BlipVqaConfig:
             image_size=480, patch_size=16, norm_eps=1e-6, ln_pre=False, patch_bias=True
         )
     )
-    text: MedConfig = field(default_factory=MedConfig)
+    text: BertTextConfig = field(default_factory=BertTextConfig)
 
 
 class BlipVqa(nn.Module):
@@ -447,8 +246,8 @@ class BlipVqa(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = build_image_tower(cfg.vision)
-        self.text = MedTextTransformer(cfg.text, cfg.vision.width, decoder_self_attention=False)
-        self.answer_decoder = MedTextTransformer(cfg.text, cfg.text.width, decoder_self_attention=False)
+        self.text = BertTextTransformer(cfg.text, cfg.vision.width, causal_self_attention=False)
+        self.answer_decoder = BertTextTransformer(cfg.text, cfg.text.width, causal_self_attention=False)
         self.lm_head = LMHead(cfg.text)
 
     def encode_question(
@@ -475,7 +274,7 @@ class BlipVqa(nn.Module):
         return self.lm_head(states)
 
     def answer_decoder_for(self, question_states: torch.Tensor, question_mask: torch.Tensor) -> StepDecoder:
-        return StepDecoder(self.answer_decoder, self.lm_head, question_states, question_mask)
+        return med_step_decoder(self.answer_decoder, self.lm_head, question_states, question_mask)
 
     def forward(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         return self.encode_question(images, question, question_mask)
@@ -513,30 +312,35 @@ class BlipNlvrConfig:
             image_size=384, patch_size=16, norm_eps=1e-6, ln_pre=False, patch_bias=True
         )
     )
-    text: MedConfig = field(default_factory=MedConfig)
+    text: BertTextConfig = field(default_factory=BertTextConfig)
 
 
-class TwoImageLayer(MedLayer):
+class TwoImageLayer(TransformerBlock):
     """A MED encoder layer reading two images: each has its own cross-attention; their outputs are
     averaged in the first half of the layers and concatenated then projected (`merge`) in the second,
     before the shared residual LayerNorm, as BLIP's NLVR2 model does."""
 
-    def __init__(self, cfg: MedConfig, context_width: int, concatenate: bool):
-        super().__init__(cfg, context_width, decoder_self_attention=False)
+    def __init__(self, cfg: BertTextConfig, context_width: int, concatenate: bool):
+        super().__init__(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps,
+                         context_dim=context_width, post_norm=True)
         self.cross_attn_right = Attention(cfg.width, cfg.heads, context_dim=context_width)
         self.merge = nn.Linear(2 * cfg.width, cfg.width) if concatenate else None
 
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None,
-        mode: TextMode,
-        context: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
         context_mask: torch.Tensor | None = None,
+        decoder: bool = False,
+        text_only: bool = False,
     ) -> torch.Tensor:
-        if mode != "multimodal":
-            return super().forward(x, mask, mode, None if context is None else context[0], context_mask)
-        x = self.norm1(x + self.attn(x, attn_mask=mask))
+        """context: (left image tokens, right image tokens); text_only: the unimodal text layer."""
+        if text_only:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, decoder=decoder, text_only=True)
+        x = self.norm1(x + self.attn(x, attn_mask=attn_mask))
         left, right = self.cross_attn(x, context[0]), self.cross_attn_right(x, context[1])
         merged = self.merge(torch.cat([left, right], dim=-1)) if self.merge is not None else (left + right) / 2
         x = self.norm_cross(x + merged)
@@ -549,7 +353,7 @@ class BlipNlvr(nn.Module):
         self.cfg = cfg
         self.visual = build_image_tower(cfg.vision)
         half = cfg.text.layers // 2
-        self.text = MedTextTransformer(
+        self.text = BertTextTransformer(
             cfg.text, cfg.vision.width, False, lambda index: TwoImageLayer(cfg.text, cfg.vision.width, index >= half)
         )
         width = cfg.text.width

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vlp.config import PositiveInt
+from vlp.generation import StepDecoder
 from vlp.layers import (
     AttentionalPooler,
     CrossAttentionBlock,
@@ -34,7 +35,7 @@ from vlp.layers import (
     incremental_causal_mask,
 )
 from vlp.models.clip import DualEncoderOutput
-from vlp.towers import ImageTowerConfig, TextConfig, VisionConfig, build_image_tower
+from vlp.towers import ImageTowerConfig, TextConfig, TextTransformer, VisionConfig, build_image_tower
 
 
 @dataclass
@@ -78,22 +79,13 @@ class CocaConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by pooler_heads {self.pooler_heads}")
 
 
-class CocaTextEncoder(nn.Module):
-    """The unimodal half: token + position embeddings, causal blocks, a CLS appended at position
-    `context_length` whatever the text's length, LayerNorm on the CLS state only."""
+class CocaTextEncoder(TextTransformer):
+    """The unimodal half: the shared text tower with its CLS appended at position `context_length`
+    whatever the text's length, LayerNorm on the CLS state only."""
 
     def __init__(self, cfg: TextConfig, cls_mask: Literal["correct", "legacy"]):
-        super().__init__()
-        self.cfg, self.cls_mask = cfg, cls_mask
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.randn(cfg.context_length + 1, cfg.width) * 0.01)
-        self.cls_embedding = nn.Parameter(torch.randn(cfg.width) * 0.01)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps)
-            for _ in range(cfg.layers)
-        )
-        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        super().__init__(cfg, cls_token=True)
+        self.cls_mask = cls_mask
 
     def _keys_seen_by_cls(self, text_mask: torch.Tensor) -> torch.Tensor:
         """[B, T + 1] keys (text, then CLS) the CLS attends to."""
@@ -128,21 +120,6 @@ class CocaTextEncoder(nn.Module):
             else:
                 x = block(x, attn_mask=mask)
         return self.ln_final(x[:, -1]), x[:, :-1]
-
-    def decode(
-        self, ids: torch.Tensor, key_mask: torch.Tensor, cache: list[KeyValue] | None
-    ) -> tuple[torch.Tensor, list[KeyValue]]:
-        """States [B, t, D] of the newest tokens given cached earlier ones; key_mask [B, past + t]."""
-        past = 0 if cache is None else cache[0][0].shape[2]
-        if past + ids.shape[1] > self.cfg.context_length:
-            raise ValueError(f"text of {past + ids.shape[1]} tokens exceeds context_length {self.cfg.context_length}")
-        x = self.token_embedding(ids) + self.pos_embed[past : past + ids.shape[1]].to(self.token_embedding.weight.dtype)
-        mask = incremental_causal_mask(key_mask, ids.shape[1])
-        present = []
-        for index, block in enumerate(self.blocks):
-            x, kv = block.decode(x, None if cache is None else cache[index], mask)
-            present.append(kv)
-        return x, present
 
 
 class MultimodalDecoder(nn.Module):
@@ -240,9 +217,20 @@ class Coca(nn.Module):
         """Teacher-forced next-token logits [B, T, V] (T: the batch's text cut to its longest)."""
         return self.decoder(self.text(text, text_mask)[1], image_tokens)
 
-    def caption_decoder(self, image_tokens: torch.Tensor) -> CocaStepDecoder:
-        """Both halves stepwise with key/value caches, for `vlp.generation`."""
-        return CocaStepDecoder(self, image_tokens)
+    def caption_decoder(self, image_tokens: torch.Tensor) -> StepDecoder:
+        """Both halves stepwise with key/value caches, for `vlp.generation`: each new token runs one position
+        of the unimodal and the multimodal blocks; the image tokens' keys and values are computed once."""
+
+        def step(ids: torch.Tensor, key_mask: torch.Tensor, cache: tuple | None, context_kv: list) -> tuple:
+            text_cache, decoder_cache = cache or (None, None)
+            states, text_cache = self.text.decode(ids, key_mask, text_cache)
+            logits, decoder_cache = self.decoder.decode(states, key_mask, decoder_cache, context_kv)
+            return logits[:, -1], (text_cache, decoder_cache)
+
+        cfg = self.cfg
+        return StepDecoder(step, state=self.decoder.context_kv(image_tokens), start_ids=[cfg.bos_token_id],
+                           eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                           max_length=cfg.text.context_length)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> CocaOutput:
         image_features, image_tokens = self.encode_image_tokens(image)
@@ -254,38 +242,3 @@ class Coca(nn.Module):
             logit_bias=self.logit_bias,
             caption_logits=self.decoder(text_states, image_tokens),
         )
-
-
-class CocaStepDecoder:
-    """Incremental generation over both halves: each new token runs one position of the unimodal and
-    the multimodal blocks against their caches; the image tokens' keys and values are computed once."""
-
-    def __init__(self, model: Coca, image_tokens: torch.Tensor):
-        self.text, self.decoder = model.text, model.decoder
-        self.context_kv = model.decoder.context_kv(image_tokens)
-        self.text_cache: list[KeyValue] | None = None
-        self.decoder_cache: list[KeyValue] | None = None
-        self.key_mask: torch.Tensor | None = None
-        cfg = model.cfg
-        self.bos_token_id, self.eos_token_id, self.pad_token_id = cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id
-        self.max_length = cfg.text.context_length
-
-    def start_tokens(self, prompt: torch.Tensor) -> torch.Tensor:
-        """The start-of-text token, then the prompt's tokens [B, P] (may be empty)."""
-        first = torch.full((prompt.shape[0], 1), self.bos_token_id, dtype=torch.long, device=prompt.device)
-        return torch.cat([first, prompt], dim=1)
-
-    def __call__(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, V] after feeding `tokens` [B, t]; `real` is 0 for padding fed to finished rows."""
-        self.key_mask = real if self.key_mask is None else torch.cat([self.key_mask, real], dim=1)
-        states, self.text_cache = self.text.decode(tokens, self.key_mask, self.text_cache)
-        logits, self.decoder_cache = self.decoder.decode(states, self.key_mask, self.decoder_cache, self.context_kv)
-        return logits[:, -1]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (repeats allowed), in that order."""
-        self.context_kv = [(k[index], v[index]) for k, v in self.context_kv]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[index]
-            self.text_cache = [(k[index], v[index]) for k, v in self.text_cache]
-            self.decoder_cache = [(k[index], v[index]) for k, v in self.decoder_cache]

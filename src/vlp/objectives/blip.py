@@ -25,6 +25,7 @@ from vlp.losses import (
     momentum_distilled_contrastive_loss,
     weighted_answer_loss,
 )
+from vlp.objectives import Objective
 
 
 @dataclass
@@ -50,7 +51,9 @@ def trim_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return text[:, :length], mask[:, :length]
 
 
-class BlipObjective:
+class BlipObjective(Objective):
+    cfg: BlipObjectiveConfig
+
     @staticmethod
     def prepare(model: nn.Module, cfg: BlipObjectiveConfig) -> None:
         """Terms weighted 0 are not computed (CapFilt's LM-only captioner and ITC + ITM-only filter); the
@@ -58,11 +61,6 @@ class BlipObjective:
         frozen = model.freeze_unused(itc=cfg.itc_weight > 0, itm=cfg.itm_weight > 0, lm=cfg.lm_weight > 0)
         if frozen:
             logging.getLogger("vlp.train").info("objective terms off: %d parameter tensors frozen", len(frozen))
-
-    def __init__(self, model: nn.Module, cfg: BlipObjectiveConfig):
-        """`model` is the Blip model, or the DDP wrapper around it that forward passes go through."""
-        self.model = model
-        self.cfg = cfg
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         text, mask = trim_padding(batch["text"], batch["text_mask"])
@@ -130,17 +128,15 @@ class VqaObjectiveConfig:
     label_smoothing: Fraction = 0.1
 
 
-class VqaObjective:
+class VqaObjective(Objective):
     """BLIP's VQA loss: every distinct answer of a question is decoded from the question's states and its
     summed token loss weighted by the share of annotators who gave it; summed, divided by the questions."""
 
-    def __init__(self, model: nn.Module, cfg: VqaObjectiveConfig):
-        self.model = model
-        self.cfg = cfg
+    cfg: VqaObjectiveConfig
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        question_mask = batch["question_mask"]
-        states = self.model(batch["image"], batch["question"], question_mask)
+        question_mask = batch["text_mask"]
+        states = self.model(batch["image"], batch["text"], question_mask)
         rows = batch["answer_question"]
         logits = unwrap(self.model).answer_logits(
             batch["answer"], batch["answer_mask"], states[rows], question_mask[rows]
@@ -157,15 +153,13 @@ class NlvrObjectiveConfig:
     label_smoothing: Fraction = 0.0
 
 
-class NlvrObjective:
+class NlvrObjective(Objective):
     """Cross-entropy of BLIP-NLVR's true / false head on statements about image pairs."""
 
-    def __init__(self, model: nn.Module, cfg: NlvrObjectiveConfig):
-        self.model = model
-        self.cfg = cfg
+    cfg: NlvrObjectiveConfig
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         text, mask = trim_padding(batch["text"], batch["text_mask"])
         logits = self.model(batch["left"], batch["right"], text, mask)
-        loss, accuracy = classification_loss(logits, batch["label"], label_smoothing=self.cfg.label_smoothing)
+        loss, accuracy = classification_loss(logits, batch["labels"], label_smoothing=self.cfg.label_smoothing)
         return {"nlvr_loss": loss, "nlvr_accuracy": accuracy}

@@ -16,6 +16,7 @@ from torch import nn
 from vlp.config import PositiveFloat, PositiveInt
 from vlp.distributed import unwrap
 from vlp.losses import contrastive_loss, sigmoid_loss
+from vlp.objectives import Objective
 
 
 @dataclass
@@ -26,13 +27,15 @@ class ContrastiveObjectiveConfig:
     chunk_size: PositiveInt | None = None
 
 
-class ContrastiveObjective:
+class ContrastiveObjective(Objective):
+    accumulates = True
+    cfg: ContrastiveObjectiveConfig
+
     def __init__(self, model: nn.Module, cfg: ContrastiveObjectiveConfig):
         """`model` is the DualEncoder, or the DDP wrapper around it that forward passes go through."""
         if cfg.loss == "siglip" and unwrap(model).logit_bias is None:
             raise ValueError("the siglip loss needs a model with init_logit_bias set (SigLIP uses -10)")
-        self.model = model
-        self.cfg = cfg
+        super().__init__(model, cfg)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """Per-sample features ([b, ...]) and model-level scalars (0-dim) for `losses`."""

@@ -150,9 +150,11 @@ class DualEncoderPredictor(Predictor):
         return self._finite(self._per_image_batch(images, self.model.encode_image, (0, 0)), "image")
 
     def embed_image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes)."""
+        """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes);
+        the model must also give image tokens (`GivesImageTokens`)."""
         if not self.pretrained.family.can(GivesImageTokens):
-            raise UnsupportedTask(f"{self.pretrained.path}: a {self.pretrained.family.name} model gives no image tokens")
+            raise UnsupportedTask(f"{self.pretrained.path}: a {self.pretrained.family.name} model cannot give image "
+                                  "tokens (its family does not declare GivesImageTokens)")
         return self._per_image_batch(images, self.model.image_tokens, (0, 0, 0))
 
     def zeroshot_classifier(self, classnames: list[str], templates: list[str]) -> Callable[[Sequence[ImageInput]], torch.Tensor]:
@@ -367,35 +369,49 @@ class PredictFunctions:
     def require(self, name: str) -> Callable[..., Any]:
         function = getattr(self, name)
         if function is None:
-            predictor = next(p for p, names in PREDICTORS.items() if name in names)
+            predictor, _ = FUNCTIONS[name]
+            missing = [a.__name__ for a in abilities_of(name) if not self.pretrained.family.can(a)]
+            # The predictor's task when the model lacks the predictor's abilities, else the function's own.
+            task = predictor.task if predictor.missing_ability(self.pretrained) else name.replace("_", " ")
             raise UnsupportedTask(
-                f"{self.pretrained.path}: a {self.pretrained.family.name} model cannot {predictor.task} "
-                f"({predictor.missing_ability(self.pretrained)})"
+                f"{self.pretrained.path}: a {self.pretrained.family.name} model cannot {task} "
+                f"(its family does not declare {', '.join(missing)})"
             )
         return function
 
 
-# Which predict functions each predictor provides.
-PREDICTORS: dict[type[Predictor], tuple[str, ...]] = {
-    DualEncoderPredictor: ("embed_images", "embed_texts", "embed_image_tokens", "zeroshot_classifier"),
-    CaptionPredictor: ("caption",),
-    MatchingPredictor: ("match_probabilities", "matcher"),
-    VqaPredictor: ("answer",),
-    NlvrPredictor: ("true_probability",),
+# Every predict function: the predictor that provides it, and the abilities it needs beyond the predictor's.
+FUNCTIONS: dict[str, tuple[type[Predictor], tuple[type[Ability], ...]]] = {
+    "embed_images": (DualEncoderPredictor, ()),
+    "embed_texts": (DualEncoderPredictor, ()),
+    "embed_image_tokens": (DualEncoderPredictor, (GivesImageTokens,)),
+    "zeroshot_classifier": (DualEncoderPredictor, ()),
+    "caption": (CaptionPredictor, ()),
+    "match_probabilities": (MatchingPredictor, ()),
+    "matcher": (MatchingPredictor, ()),
+    "answer": (VqaPredictor, ()),
+    "true_probability": (NlvrPredictor, ()),
 }
+
+
+def abilities_of(function: str) -> tuple[type[Ability], ...]:
+    """What a model must be able to do for predict function `function`."""
+    predictor, extra = FUNCTIONS[function]
+    return (*predictor.abilities, *extra)
 
 
 def predict_functions(
     pretrained: Pretrained, *, options: dict[type[Predictor], dict[str, Any]] | None = None, **common: Any
 ) -> PredictFunctions:
-    """The predict functions of every predictor the checkpoint's family has the abilities for. `common`
-    goes to every predictor (device, precision, batch_size, progress); `options` to one predictor each
+    """The predict functions the checkpoint's family has the abilities for. `common` goes to every
+    predictor (device, precision, batch_size, progress); `options` to one predictor each
     (`{CaptionPredictor: {"generation": ...}}`)."""
     options = options or {}
     functions = PredictFunctions(pretrained)
-    for predictor_cls, names in PREDICTORS.items():
-        if predictor_cls.missing_ability(pretrained) is None:
-            predictor = predictor_cls(pretrained, **{**common, **options.get(predictor_cls, {})})
-            for name in names:
-                setattr(functions, name, getattr(predictor, name))
+    predictors: dict[type[Predictor], Predictor] = {}
+    for name, (predictor_cls, _) in FUNCTIONS.items():
+        if all(pretrained.family.can(ability) for ability in abilities_of(name)):
+            if predictor_cls not in predictors:
+                predictors[predictor_cls] = predictor_cls(pretrained, **{**common, **options.get(predictor_cls, {})})
+            setattr(functions, name, getattr(predictors[predictor_cls], name))
     return functions

@@ -1,9 +1,9 @@
-"""Encoders built from the shared blocks: the vision transformer, a compact ConvNet, the text transformer."""
+"""Encoders built from the shared blocks: the vision transformer, a compact ConvNet, the text towers."""
 
 from torch import nn
 
 from vlp.towers.convnet import ConvNet, ConvNetConfig
-from vlp.towers.text import TextConfig, TextTransformer
+from vlp.towers.text import BertTextConfig, BertTextTransformer, TextConfig, TextTransformer
 from vlp.towers.vision import VisionConfig, VisionTransformer
 
 ImageTowerConfig = VisionConfig | ConvNetConfig
@@ -14,5 +14,5 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
     return ConvNet(cfg) if isinstance(cfg, ConvNetConfig) else VisionTransformer(cfg)
 
 
-__all__ = ["ConvNet", "ConvNetConfig", "ImageTowerConfig", "TextConfig", "TextTransformer", "VisionConfig",
+__all__ = ["BertTextConfig", "BertTextTransformer", "ConvNet", "ConvNetConfig", "ImageTowerConfig", "TextConfig", "TextTransformer", "VisionConfig",
            "VisionTransformer", "build_image_tower"]

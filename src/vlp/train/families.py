@@ -12,8 +12,8 @@ from typing import Any
 
 from vlp.config import ConfigError, from_dict
 from vlp.data.nlvr import nlvr_batches, nlvr_texts
-from vlp.data.pipeline import GoodBatches, train_batches, training_captions
-from vlp.data.vqa import vqa_batches, vqa_texts
+from vlp.data.pipeline import DataConfig, GoodBatches, train_batches, training_captions
+from vlp.data.vqa import VqaDataConfig, vqa_batches, vqa_texts
 from vlp.objectives.blip import (
     BlipObjective,
     BlipObjectiveConfig,
@@ -32,16 +32,18 @@ class Recipe:
     objective_config_cls: type
     objective_cls: Callable[[Any, Any], Any]
     # The training data it reads: batches(data config, transform, tokenizer, batch_size=, seed=, start_step=,
-    # rank=, world_size=, bad=, position=) -> GoodBatches, and the texts a new tokenizer is trained on.
+    # rank=, world_size=, bad=, position=) -> GoodBatches, and the texts a new tokenizer is trained on; its
+    # data section's config (DataConfig, or a task's subclass with the task's own settings).
     batches: Callable[..., GoodBatches] = train_batches
     texts: Callable[[Any], Iterator[str]] = training_captions
+    data_config_cls: type[DataConfig] = DataConfig
 
 
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(ContrastiveObjectiveConfig, ContrastiveObjective),
     "blip": Recipe(BlipObjectiveConfig, BlipObjective),
     "coca": Recipe(CocaObjectiveConfig, CocaObjective),
-    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts),
+    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts, VqaDataConfig),
     "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts),
 }
 
@@ -55,3 +57,9 @@ def recipe_of(family: Family) -> Recipe:
 
 def parse_objective_config(family: Family, data: dict[str, Any]) -> Any:
     return from_dict(recipe_of(family).objective_config_cls, data, prefix="objective")
+
+
+def parse_data_config(family: Family, data: Any) -> DataConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key 'data': expected a mapping, got {data!r}")
+    return from_dict(recipe_of(family).data_config_cls, data, prefix="data")

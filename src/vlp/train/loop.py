@@ -69,7 +69,7 @@ from vlp.distributed import (
 )
 from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
 from vlp.registry import Family, parse_model_config
-from vlp.train.families import parse_objective_config, recipe_of
+from vlp.train.families import parse_data_config, parse_objective_config, recipe_of
 from vlp.train.optim import make_optimizer, warmup_cosine
 from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock, truncate_metrics
 
@@ -151,8 +151,11 @@ def load_run_config(
     apply_overrides(data, list(overrides))
     if "model" not in data:
         raise ConfigError("missing config key 'model'" + ("" if path else ": give --config"))
-    cfg = from_dict(RunConfig, data)
-    cfg.family_configs()
+    sections = dict(data)
+    data_section = sections.pop("data", {})
+    cfg = from_dict(RunConfig, sections)
+    family, _, _ = cfg.family_configs()
+    cfg.data = parse_data_config(family, data_section)  # the family's data task may add its own settings
     return cfg
 
 
@@ -287,7 +290,7 @@ class TrainStep:
         device_type: str = "cpu",
         family: str = "model",
     ):
-        if accum_steps > 1 and not hasattr(objective, "embed"):
+        if accum_steps > 1 and not objective.accumulates:
             raise ConfigError(f"config key 'train.accum_steps': the {family} objective cannot accumulate yet")
         self.parallel, self.objective, self.optimizer, self.schedule = parallel, objective, optimizer, schedule
         self.accum_steps, self.grad_clip, self.family = accum_steps, grad_clip, family
@@ -319,7 +322,7 @@ class TrainStep:
             self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
-        if not skipped and hasattr(self.objective, "after_step"):
+        if not skipped:
             self.objective.after_step()
         return StepResult(loss, values, grad_norm, skipped)
 
@@ -333,10 +336,9 @@ def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
             f"config key 'model.text.vocab_size': {text.vocab_size} is smaller than the tokenizer's "
             f"vocabulary of {tokenizer.vocab_size}"
         )
-    length_key = "context_length" if hasattr(text, "context_length") else "max_positions"
-    if tokenizer.context_length > getattr(text, length_key):
+    if tokenizer.context_length > text.context_length:
         raise ConfigError(
-            f"config key 'model.text.{length_key}': {getattr(text, length_key)} is shorter than the tokenizer's "
+            f"config key 'model.text.context_length': {text.context_length} is shorter than the tokenizer's "
             f"context length {tokenizer.context_length}"
         )
     for key, (token, expected) in (text.special_tokens() if hasattr(text, "special_tokens") else {}).items():
@@ -471,8 +473,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
     recipe = recipe_of(family)
-    if hasattr(recipe.objective_cls, "prepare"):  # before wrapping: DDP registers the trainable parameters
-        recipe.objective_cls.prepare(model, objective_cfg)
+    recipe.objective_cls.prepare(model, objective_cfg)  # before wrapping: DDP registers the trainable parameters
     parallel = ParallelModel(model, tc.strategy, device)
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
     objective = recipe.objective_cls(forward_model, objective_cfg)

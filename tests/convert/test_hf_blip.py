@@ -166,16 +166,16 @@ def test_a_vlp_blip_exports_to_both_heads(trained_blip, tmp_path, bert_vocab):
     from vlp.convert import ConversionError
     from vlp.convert.tokenizers import tokenizer_from_path
     from vlp.data.transforms import ImageConfig
-    from vlp.models.blip import BlipConfig, MedConfig
+    from vlp.models.blip import BlipConfig
     from vlp.registry import FAMILIES
-    from vlp.towers import VisionConfig
+    from vlp.towers import BertTextConfig, VisionConfig
 
     with pytest.raises(ConversionError, match="ViT"):
         export_pretrained(load_checkpoint(trained_blip), "hf", tmp_path / "x")
     torch.manual_seed(3)
     vision = VisionConfig(image_size=32, patch_size=8, width=48, layers=2, heads=4, norm_eps=1e-6, ln_pre=False,
                           patch_bias=True)  # fmt: skip
-    text = MedConfig(vocab_size=30524, max_positions=40, width=48, layers=2, heads=4)
+    text = BertTextConfig(vocab_size=30524, context_length=40, width=48, layers=2, heads=4)
     cfg = BlipConfig(vision=vision, text=text, embed_dim=16)
     model = Blip(cfg).eval()
     with torch.no_grad():

@@ -12,10 +12,10 @@ from vlp.data.sources import load_image
 from vlp.data.vqa import VqaCollate, read_vqa, weighted_answers
 from vlp.evals.vqa import evaluate_vqa, majority_answer, normalize_answer, read_answer_list, vqa_accuracy
 from vlp.losses import sequence_losses
-from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig, MedConfig
+from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig
 from vlp.registry import get_family
 from vlp.serve.predictors import VqaPredictor
-from vlp.towers import VisionConfig
+from vlp.towers import BertTextConfig, VisionConfig
 from vlp.train.loop import load_run_config, train
 
 
@@ -104,9 +104,9 @@ def test_reader_and_collate(shapes_world):
 def _tiny_pair():
     torch.manual_seed(0)
     vision = VisionConfig(image_size=16, patch_size=8, width=24, layers=1, heads=2)
-    text = MedConfig(
+    text = BertTextConfig(
         vocab_size=40,
-        max_positions=12,
+        context_length=12,
         width=24,
         layers=2,
         heads=2,

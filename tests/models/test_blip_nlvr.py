@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from test_blip_vqa import _tiny_pair
 
 from conftest import BLIP_TINY, tiny_run_overrides
-from test_vqa import _tiny_pair
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.data.nlvr import read_nlvr

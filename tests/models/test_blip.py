@@ -16,19 +16,19 @@ from vlp.config import ConfigError
 from vlp.evals.captioning import evaluate_captioning
 from vlp.generation import GenerationConfig
 from vlp.losses import lm_loss, sample_negatives
-from vlp.models.blip import Blip, BlipConfig, MedConfig
+from vlp.models.blip import Blip, BlipConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor
-from vlp.towers import VisionConfig
+from vlp.towers import BertTextConfig, VisionConfig
 from vlp.train.loop import load_run_config, train
 
 
 def tiny_blip(share: str = "all_but_self_attention", **extra) -> Blip:
     torch.manual_seed(0)
     vision = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2)
-    text = MedConfig(
+    text = BertTextConfig(
         vocab_size=40,
-        max_positions=12,
+        context_length=12,
         width=24,
         layers=2,
         heads=2,
