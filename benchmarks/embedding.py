@@ -39,6 +39,11 @@ def models() -> tuple[CLIPModel, DualEncoder]:
     return reference, model
 
 
+def _features(output: Any) -> torch.Tensor:
+    """transformers before 4.56 returns the projected features; later versions an output holding them."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
 def measure(
     images: torch.Tensor, texts: torch.Tensor, *, steps: int, warmup: int, device: torch.device = CPU
 ) -> dict[str, Any]:
@@ -62,7 +67,7 @@ def measure(
         gap_images = (
             (
                 model.encode_image(images)
-                - torch.nn.functional.normalize(reference.get_image_features(pixel_values=images).pooler_output, dim=-1)
+                - torch.nn.functional.normalize(_features(reference.get_image_features(pixel_values=images)), dim=-1)
             )
             .abs()
             .max()
@@ -72,7 +77,7 @@ def measure(
             (
                 model.encode_text(texts, vlp_mask)
                 - torch.nn.functional.normalize(
-                    reference.get_text_features(input_ids=hf_ids, attention_mask=hf_mask).pooler_output, dim=-1
+                    _features(reference.get_text_features(input_ids=hf_ids, attention_mask=hf_mask)), dim=-1
                 )
             )
             .abs()

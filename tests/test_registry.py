@@ -197,3 +197,22 @@ def test_the_reference_presets_are_what_the_converters_make_of_the_reference_con
         "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
     }  # fmt: skip
     assert coca_config_from_open_clip(coca) == preset("coca-vit-b-32")
+
+
+def test_a_checkpoint_written_before_the_text_towers_shared_their_key_names_still_loads(tmp_path, caplog):
+    """BLIP checkpoints name the text positions `max_positions` in model.json before vlp 0.1's towers
+    shared `context_length`: they load as they are, and the log says which key was renamed."""
+    import json
+
+    family, config = parse_model_config({"preset": "blip-tiny"})
+    tokenizer = train_tokenizer(WORDS * 4, TokenizerConfig(kind="wordpiece", vocab_size=64, pad_token="[PAD]",
+                                                           unk_token="[UNK]", bos_token="[CLS]", eos_token="[SEP]",
+                                                           extra_tokens=("[ENC]", "[DEC]")))  # fmt: skip
+    folder = save_checkpoint(tmp_path / "old", family=family, model_config=config, model=family.model_cls(config),
+                             image_config=ImageConfig(size=48), tokenizer=tokenizer)
+    arch = json.loads((folder / "model.json").read_text())
+    arch["text"]["max_positions"] = arch["text"].pop("context_length")
+    (folder / "model.json").write_text(json.dumps(arch))
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(folder).config == config
+    assert "'model.text.max_positions' is now 'model.text.context_length'" in caplog.text

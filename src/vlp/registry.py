@@ -9,6 +9,7 @@ no trainer, objective or data pipeline.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# Architecture keys renamed since checkpoints were first written: (section, old) -> new. Older model.json
+# files and saved run configs are read with the new name, and the log says so.
+RENAMED_KEYS = {("text", "max_positions"): "context_length"}
+
+log = logging.getLogger("vlp")
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,19 @@ def resolve_preset(data: dict[str, Any]) -> dict[str, Any]:
     return _overlay(read_preset(name), data)
 
 
+def _rename_old_keys(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    for (section, old), new in RENAMED_KEYS.items():
+        values = data.get(section)
+        if isinstance(values, dict) and old in values and new not in values:
+            log.warning("config key 'model.%s.%s' is now 'model.%s.%s'; read as such", section, old, section, new)
+            data[section] = {new if key == old else key: value for key, value in values.items()}
+    return data
+
+
 def parse_model_config(data: dict[str, Any]) -> tuple[Family, Any]:
     """{'family': name, ...} or {'preset': name, ...} -> (family, typed architecture config)."""
-    data = resolve_preset(data)
+    data = resolve_preset(_rename_old_keys(data))
     if "family" not in data:
         raise ConfigError("missing config key 'model.family' (or 'model.preset')")
     family = get_family(data.pop("family"))
