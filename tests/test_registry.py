@@ -18,7 +18,7 @@ from vlp.data.pipeline import Collate, train_batches
 from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.data.vqa import VqaCollate, vqa_batches
-from vlp.registry import FAMILIES, list_presets, parse_model_config, read_preset
+from vlp.registry import FAMILIES, create_model, list_presets, parse_model_config, read_preset
 from vlp.serve.predictors import FUNCTIONS, abilities_of, predict_functions
 from vlp.train.families import RECIPES, recipe_of
 from vlp.train.optim import make_optimizer
@@ -69,6 +69,8 @@ def test_a_preset_takes_overrides_and_a_tower_of_another_kind_replaces_its_secti
     _, config = parse_model_config({"preset": "clip-tiny", "vision": {"kind": "vit", "image_size": 48,
                                                                       "patch_size": 8, "width": 64, "heads": 4}})
     assert config.vision.kind == "vit" and config.vision.patch_size == 8
+    model = create_model("coca-tiny", embed_dim=64)
+    assert isinstance(model, FAMILIES["coca"].model_cls) and model.cfg.embed_dim == 64
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
