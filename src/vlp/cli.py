@@ -56,23 +56,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"last checkpoint: {last}")
 
 
-def _predict(args: argparse.Namespace, function: str, options: dict | None = None) -> Callable[..., Any]:
-    """One predict function of the checkpoint, with the command's precision and progress bars; an error
-    naming what the model lacks when its family cannot."""
+def _functions(args: argparse.Namespace, options: dict | None = None) -> Any:
+    """The checkpoint's predict functions, with the command's precision and progress bars."""
     from vlp.convert import load_pretrained
     from vlp.serve.predictors import predict_functions
 
-    functions = predict_functions(load_pretrained(args.checkpoint), options=options, precision=args.precision,
-                                  progress=True)
-    return functions.require(function)
+    return predict_functions(load_pretrained(args.checkpoint), options=options, precision=args.precision,
+                             progress=True)
+
+
+def _predict(args: argparse.Namespace, function: str, options: dict | None = None) -> Callable[..., Any]:
+    """One predict function of the checkpoint; an error naming what the model lacks when its family cannot."""
+    return _functions(args, options).require(function)
 
 
 def _embedder(args: argparse.Namespace) -> Any:
     """The dual-encoder predict functions (embed_images, embed_texts, ...) the evaluators read."""
-    from vlp.convert import load_pretrained
-    from vlp.serve.predictors import predict_functions
-
-    functions = predict_functions(load_pretrained(args.checkpoint), precision=args.precision, progress=True)
+    functions = _functions(args)
     functions.require("embed_images")
     return functions
 

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 Strategy = Literal["ddp", "fsdp"]
@@ -191,6 +192,12 @@ class ParallelModel:
             if param.grad is not None:
                 dist.all_reduce(param.grad)
                 param.grad /= world_size()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to `max_norm` (inf: leave them) and return their total norm before clipping, as
+        a whole tensor on every process (FSDP computes it sharded, as a DTensor)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Whole weights on rank 0, on the CPU (collective: every process calls it)."""

@@ -109,14 +109,16 @@ def momentum_distilled_contrastive_loss(
     text_queue: torch.Tensor,
     *,
     alpha: float,
+    sizes: list[int] | None = None,
     group: Group = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ALBEF's ITC with momentum distillation: each process's features [b, E] against the momentum
     features of the global batch and the queues [Q, E], with targets mixing alpha x the momentum
     encoders' own softmax and (1 - alpha) x the one-hot positives.
 
-    Returns (loss, the global batch's momentum image and text features [B, E], for the queues)."""
-    sizes = local_sizes(image_features.shape[0], image_features.device, group)
+    Returns (loss, the global batch's momentum image and text features [B, E], for the queues). `sizes`
+    (every process's batch size, `distributed.local_sizes`) saves a collective when the caller has them."""
+    sizes = sizes or local_sizes(image_features.shape[0], image_features.device, group)
     offset = sum(sizes[: rank(group)])
     with torch.no_grad():
         image_m = all_gather_with_grad(image_momentum, sizes, group)
@@ -150,12 +152,17 @@ def sample_negatives(
 
 @torch.no_grad()
 def itm_negatives(
-    image_features: torch.Tensor, text_features: torch.Tensor, *, hard: bool, group: Group = None
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    hard: bool,
+    sizes: list[int] | None = None,
+    group: Group = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP's ITM negatives among the global batch: for every text an image, for every image a text,
     drawn by ITC similarity (hard) or uniformly, never the positive. Returns global row indices
-    (negative images [b], negative texts [b])."""
-    sizes = local_sizes(image_features.shape[0], image_features.device, group)
+    (negative images [b], negative texts [b]). `sizes` as for `momentum_distilled_contrastive_loss`."""
+    sizes = sizes or local_sizes(image_features.shape[0], image_features.device, group)
     offset = sum(sizes[: rank(group)])
     image_to_text = image_features @ all_gather_with_grad(text_features.detach(), sizes, group).T
     text_to_image = text_features @ all_gather_with_grad(image_features.detach(), sizes, group).T

@@ -122,12 +122,7 @@ def parse_model_config(data: dict[str, Any]) -> tuple[Family, Any]:
     return family, from_dict(family.config_cls, data, prefix="model")
 
 
-def preset_config(name: str, **overrides: Any) -> tuple[Family, Any]:
-    """A preset's family and typed config, with top-level keys replaced (`embed_dim=64`)."""
-    return parse_model_config({"preset": name, **overrides})
-
-
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """A randomly initialised model of a preset."""
-    family, config = preset_config(name, **overrides)
+    """A randomly initialised model of a preset, top-level keys replaced (`embed_dim=64`)."""
+    family, config = parse_model_config({"preset": name, **overrides})
     return family.model_cls(config)

@@ -313,3 +313,17 @@ def test_a_resumed_webdataset_run_continues_the_stream_where_it_stopped(shapes_w
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+
+
+def test_init_from_refuses_a_family_the_recipe_does_not_start_from(tmp_path):
+    """BLIP-VQA starts from a BLIP, as its recipe declares; a CLIP checkpoint is named, not fed to
+    `init_from` (which would fail inside the model, on a missing text encoder)."""
+    from vlp.checkpoint import Pretrained
+    from vlp.config import ConfigError
+    from vlp.data.transforms import ImageConfig
+    from vlp.registry import create_model
+    from vlp.train.loop import _initialise
+
+    clip = Pretrained(get_family("clip"), None, create_model("clip-tiny"), ImageConfig(), None, tmp_path / "clip")
+    with pytest.raises(ConfigError, match=r"a BlipVqa cannot start from a DualEncoder checkpoint \(.*clip\)"):
+        _initialise(create_model("blip-vqa-tiny"), get_family("blip_vqa"), clip)

@@ -67,15 +67,16 @@ class BlipObjective(Objective):
         image = batch["image"]
         blip = unwrap(self.model)
         out = self.model(image, text, mask)
+        sizes = local_sizes(image.shape[0], image.device)  # every process's batch, gathered once per step
         values: dict[str, torch.Tensor] = {"temperature": out.temperature.detach()}
         if self.cfg.itc_weight:
             if blip.momentum_encoder is None:
                 itc = contrastive_loss(out.image_features, out.text_features, 1 / out.temperature)
             else:
-                itc = self._distilled_itc(blip, out, image, text, mask)
+                itc = self._distilled_itc(blip, out, image, text, mask, sizes)
             values["itc_loss"] = self.cfg.itc_weight * itc
         if self.cfg.itm_weight:
-            itm, accuracy = self._itm(blip, out, text, mask)
+            itm, accuracy = self._itm(blip, out, text, mask, sizes)
             values["itm_loss"], values["itm_accuracy"] = self.cfg.itm_weight * itm, accuracy
         if self.cfg.lm_weight:
             lm_logits = blip.lm_logits(text, mask, out.image_tokens)
@@ -86,16 +87,15 @@ class BlipObjective(Objective):
         return values
 
     def _itm(
-        self, blip: nn.Module, out: Any, text: torch.Tensor, mask: torch.Tensor
+        self, blip: nn.Module, out: Any, text: torch.Tensor, mask: torch.Tensor, sizes: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM loss and accuracy over the positives and one hard negative per text and per image; every
         process picks its negatives among the whole global batch."""
-        sizes = local_sizes(text.shape[0], text.device)
         all_tokens = all_gather_with_grad(out.image_tokens, sizes)
         with torch.no_grad():
             all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
         negative_images, negative_texts = itm_negatives(
-            out.image_features, out.text_features, hard=self.cfg.hard_negatives
+            out.image_features, out.text_features, hard=self.cfg.hard_negatives, sizes=sizes
         )
         itm_text = torch.cat([text, text, all_text[negative_texts]])
         itm_mask = torch.cat([mask, mask, all_mask[negative_texts]])
@@ -103,7 +103,8 @@ class BlipObjective(Objective):
         return itm_loss(blip.itm_logits(itm_text, itm_mask, itm_images), positives=text.shape[0])
 
     def _distilled_itc(
-        self, blip: nn.Module, out: Any, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+        self, blip: nn.Module, out: Any, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+        sizes: list[int],
     ) -> torch.Tensor:
         """ITC against the momentum features of the global batch and the queues, with soft targets."""
         blip.update_momentum_encoder()
@@ -111,7 +112,7 @@ class BlipObjective(Objective):
         alpha = self.cfg.alpha * min(1.0, int(blip.momentum_steps) / max(1, self.cfg.alpha_warmup_steps))
         loss, image_m, text_m = momentum_distilled_contrastive_loss(
             out.image_features, out.text_features, out.temperature, image_m, text_m, blip.image_queue,
-            blip.text_queue, alpha=alpha,
+            blip.text_queue, alpha=alpha, sizes=sizes,
         )
         if blip.cfg.queue_size:
             blip.enqueue(image_m, text_m)

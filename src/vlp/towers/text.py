@@ -47,6 +47,10 @@ class TextConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
 
+    def special_tokens(self) -> dict[str, tuple[str, int]]:
+        """config key -> (token, id) the tokenizer must agree on: none, the tower writes no token itself."""
+        return {}
+
 
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, *, cls_token: bool = False):

@@ -37,14 +37,17 @@ class Recipe:
     batches: Callable[..., GoodBatches] = train_batches
     texts: Callable[[Any], Iterator[str]] = training_captions
     data_config_cls: type[DataConfig] = DataConfig
+    # Other families whose checkpoints `train.init_from` may start it from, through the model's
+    # `init_from(pretrained model) -> tensors left at initialisation` (BLIP-VQA and BLIP-NLVR from BLIP).
+    starts_from: tuple[str, ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(ContrastiveObjectiveConfig, ContrastiveObjective),
     "blip": Recipe(BlipObjectiveConfig, BlipObjective),
     "coca": Recipe(CocaObjectiveConfig, CocaObjective),
-    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts, VqaDataConfig),
-    "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts),
+    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts, VqaDataConfig, starts_from=("blip",)),
+    "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts, starts_from=("blip",)),
 }
 
 

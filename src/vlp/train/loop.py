@@ -199,12 +199,12 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
     return Tokenizer.from_file(out)
 
 
-def _initialise(model: torch.nn.Module, initial: Pretrained) -> None:
-    """Copy a pre-trained model's weights into a new one: the same family loads them whole; another
-    goes through the new model's `init_from` (BLIP-VQA from BLIP)."""
-    if type(initial.model) is type(model):
+def _initialise(model: torch.nn.Module, family: Family, initial: Pretrained) -> None:
+    """Copy a pre-trained model's weights into a new one: the same family loads them whole; a family the
+    recipe says it starts from goes through the new model's `init_from` (BLIP-VQA from BLIP)."""
+    if initial.family == family:
         model.load_state_dict(initial.model.state_dict())
-    elif hasattr(model, "init_from"):
+    elif initial.family.name in recipe_of(family).starts_from:
         skipped = model.init_from(initial.model)
         if skipped:
             log.warning("not initialised from %s (shapes differ): %s", initial.path, ", ".join(skipped))
@@ -311,9 +311,7 @@ class TrainStep:
         self.parallel.sync_gradients()
         # The total norm is always measured (an infinite clip leaves the gradients as they are): it decides
         # whether the step is taken.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parallel.model.parameters(), self.grad_clip or math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded scalar
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.parallel.clip_grad_norm(self.grad_clip or math.inf)
         finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         skipped = not all_processes_agree(finite)
         if skipped:
@@ -341,7 +339,7 @@ def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
             f"config key 'model.text.context_length': {text.context_length} is shorter than the tokenizer's "
             f"context length {tokenizer.context_length}"
         )
-    for key, (token, expected) in (text.special_tokens() if hasattr(text, "special_tokens") else {}).items():
+    for key, (token, expected) in text.special_tokens().items():
         if tokenizer.token_id(token) != expected:
             raise ConfigError(
                 f"config key 'model.text.{key}': {expected}, but the tokenizer's {token} is {tokenizer.token_id(token)}"
@@ -464,7 +462,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     model = build_model(family, model_cfg, bytes_per_parameter=TRAIN_BYTES_PER_PARAMETER, what="config section 'model'")
     start_step = 0
     if initial is not None:
-        _initialise(model, initial)
+        _initialise(model, family, initial)
         log.info("initialised from %s", initial.path)
         del initial
     if resume_from is not None:
