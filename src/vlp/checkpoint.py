@@ -79,6 +79,26 @@ def first_nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Tied weights (a language model's output layer sharing its input embeddings): name -> the first name
+    holding the same tensor."""
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    aliases = {}
+    for key, value in state_dict.items():
+        identity = (value.data_ptr(), tuple(value.shape))
+        if value.numel() and identity in first:
+            aliases[key] = first[identity]
+        else:
+            first.setdefault(identity, key)
+    return aliases
+
+
+def _without_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tied tensor once (safetensors refuses to write one tensor under two names)."""
+    aliases = _aliases(state_dict)
+    return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
 def save_checkpoint(
     folder: str | Path,
     *,
@@ -96,7 +116,7 @@ def save_checkpoint(
     folder that exists only the checkpoint files are replaced. Non-finite weights are refused."""
     folder = Path(folder)
     state_dict = model.state_dict() if isinstance(model, nn.Module) else model
-    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in _without_aliases(state_dict).items()}
     bad = first_nonfinite(weights)
     if bad is not None:
         raise CheckpointError(f"not writing {folder}: weight '{bad}' holds NaN or infinite values")
@@ -195,7 +215,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load safetensors weights, naming any missing, unexpected or mis-shaped key."""
     weights = read_weights(path)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
+    aliases = _aliases(expected)  # tied weights are stored once, under their first name
+    missing = sorted(set(expected) - set(weights) - {k for k, v in aliases.items() if v in weights})
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
@@ -204,7 +225,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise CheckpointError(
                 f"{path}: '{key}' has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(weights)
+    model.load_state_dict(weights, strict=not aliases)
 
 
 def read_json(path: Path) -> Any:

@@ -139,13 +139,46 @@ def momentum_distilled_contrastive_loss(
     return (image_to_text + text_to_image) / 2, image_m, text_m
 
 
+def query_similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's image-text similarity [I, T]: the best of each image's query features [I, Q, E] against
+    each text feature [T, E]."""
+    return torch.einsum("iqe,te->itq", image_features.float(), text_features.float()).amax(dim=-1)
+
+
+def max_query_contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    sizes: list[int] | None = None,
+    group: Group = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BLIP-2's ITC: per-query image features [b, Q, E] and text features [b, E] (L2-normalised) against
+    the global batch, similarity the best query's, divided by the temperature; symmetric cross-entropy
+    with label smoothing. Returns (loss, image-to-text [b, B] and text-to-image [b, B] logits, detached:
+    ITM samples its hard negatives from them). `sizes` as for `momentum_distilled_contrastive_loss`."""
+    sizes = sizes or local_sizes(image_features.shape[0], image_features.device, group)
+    offset = sum(sizes[: rank(group)])
+    all_image = all_gather_with_grad(image_features.float(), sizes, group)
+    all_text = all_gather_with_grad(text_features.float(), sizes, group)
+    image_to_text = query_similarity(image_features, all_text) / temperature.float()
+    text_to_image = query_similarity(all_image, text_features).T / temperature.float()
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
+    loss = (F.cross_entropy(image_to_text, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(text_to_image, labels, label_smoothing=label_smoothing)) / 2
+    return loss, image_to_text.detach(), text_to_image.detach()
+
+
 def sample_negatives(
-    similarity: torch.Tensor, offset: int, hard: bool, generator: torch.Generator | None = None
+    similarity: torch.Tensor, offset: int, hard: bool, generator: torch.Generator | None = None, *,
+    floor: float = 1e-4,
 ) -> torch.Tensor:
     """One column per row of `similarity` [b, B], never row i's positive column offset + i: drawn with
-    probability softmax(similarity) (hard) or uniformly. BLIP adds 1e-4 so that no column is impossible."""
+    probability softmax(similarity) + floor (hard) or uniformly. BLIP's floor of 1e-4 makes no column
+    impossible; BLIP-2 samples from the softmax alone (floor 0)."""
     rows = torch.arange(similarity.shape[0], device=similarity.device)
-    weights = similarity.float().softmax(dim=1) + 1e-4 if hard else torch.ones_like(similarity, dtype=torch.float)
+    weights = similarity.float().softmax(dim=1) + floor if hard else torch.ones_like(similarity, dtype=torch.float)
     weights[rows, rows + offset] = 0
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 

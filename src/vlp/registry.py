@@ -28,6 +28,7 @@ from vlp.abilities import (
 )
 from vlp.config import ConfigError, from_dict, merge
 from vlp.models.blip import Blip, BlipConfig, BlipNlvr, BlipNlvrConfig, BlipVqa, BlipVqaConfig
+from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
 
@@ -60,6 +61,12 @@ FAMILIES: dict[str, Family] = {
     "coca": Family("coca", CocaConfig, Coca, (EmbedsImages, EmbedsTexts, GivesImageTokens, CaptionsImages)),
     "blip_vqa": Family("blip_vqa", BlipVqaConfig, BlipVqa, (AnswersQuestions,)),
     "blip_nlvr": Family("blip_nlvr", BlipNlvrConfig, BlipNlvr, (JudgesImagePairs,)),
+    # Image embeddings are one vector per query: [B, Q, E].
+    "blip2_qformer": Family(
+        "blip2_qformer", Blip2QformerConfig, Blip2Qformer,
+        (EmbedsImages, EmbedsTexts, GivesImageTokens, CaptionsImages, MatchesImageText),
+    ),
+    "blip2": Family("blip2", Blip2Config, Blip2, (CaptionsImages,)),
 }
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from vlp.evals import EmbedFn
+from vlp.evals import EmbedFn, image_text_similarity
 
 
 def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
@@ -47,9 +46,7 @@ def zeroshot_retrieval(
     """images[i] has captions[i]. Returns (metrics, similarity [T, I])."""
     texts = [c for caps in captions for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    image_features = F.normalize(embed_images(images).float(), dim=-1)
-    text_features = F.normalize(embed_texts(texts).float(), dim=-1)
-    similarity = text_features @ image_features.T
+    similarity = image_text_similarity(embed_images(images), embed_texts(texts)).T
     return retrieval_metrics(similarity, text_to_image, ks), similarity
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.data.sources import IMAGE_EXTENSIONS, DataError
-from vlp.evals import EmbedFn
+from vlp.evals import EmbedFn, image_text_similarity
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -112,6 +112,6 @@ def zeroshot_classifier(
     classifier = class_embeddings(embed_texts, classnames, templates)
 
     def logits(images: Sequence) -> torch.Tensor:
-        return 100.0 * F.normalize(embed_images(images).float(), dim=-1) @ classifier.T
+        return 100.0 * image_text_similarity(embed_images(images), classifier)
 
     return logits

@@ -22,6 +22,12 @@ from vlp.objectives.blip import (
     VqaObjective,
     VqaObjectiveConfig,
 )
+from vlp.objectives.blip2 import (
+    Blip2Objective,
+    Blip2ObjectiveConfig,
+    Blip2QformerObjective,
+    Blip2QformerObjectiveConfig,
+)
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 from vlp.registry import Family
@@ -48,6 +54,9 @@ RECIPES: dict[str, Recipe] = {
     "coca": Recipe(CocaObjectiveConfig, CocaObjective),
     "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts, VqaDataConfig, starts_from=("blip",)),
     "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts, starts_from=("blip",)),
+    "blip2_qformer": Recipe(Blip2QformerObjectiveConfig, Blip2QformerObjective,
+                            starts_from=("clip", "blip", "coca")),
+    "blip2": Recipe(Blip2ObjectiveConfig, Blip2Objective, starts_from=("blip2_qformer", "clip", "blip", "coca")),
 }
 
 

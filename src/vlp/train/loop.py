@@ -71,6 +71,7 @@ from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
 from vlp.registry import Family, parse_model_config
 from vlp.train.families import parse_data_config, parse_objective_config, recipe_of
 from vlp.train.optim import make_optimizer, warmup_cosine
+from vlp.train.sources import load_sources, resolve_sources
 from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock, truncate_metrics
 
 log = logging.getLogger("vlp.train")
@@ -450,6 +451,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     tc = cfg.train
     world, is_main = world_size(), rank() == 0
     torch.manual_seed(tc.seed)
+    model_cfg = resolve_sources(model_cfg)
 
     initial = None
     if tc.init_from and resume_from is None:
@@ -461,6 +463,8 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     _check_tokenizer_fits(tokenizer, model_cfg)
     model = build_model(family, model_cfg, bytes_per_parameter=TRAIN_BYTES_PER_PARAMETER, what="config section 'model'")
     start_step = 0
+    if resume_from is None:
+        load_sources(model, model_cfg)
     if initial is not None:
         _initialise(model, family, initial)
         log.info("initialised from %s", initial.path)

@@ -1,0 +1,342 @@
+"""BLIP-2: a Q-Former between a frozen image encoder and a frozen language model (spec `blip2-family.md`).
+
+- `Blip2Qformer` (stage 1, family `blip2_qformer`): the frozen image tower, a trained `ln_vision`, the
+  Q-Former with its ITC projections, ITM head and ITG language-model head. Image features are one vector
+  per query; a text's similarity to an image is the best over the queries.
+- `Blip2` (stage 2, family `blip2`): the Q-Former's query path, a linear projection of the query outputs
+  into a frozen Hugging Face causal language model's embedding space (a soft visual prompt), and the LM.
+
+The image tower is any vlp tower (ViT or ConvNet, trained here or converted from Hugging Face or
+open_clip); `vision_feature_layer: -2` drops its last block, as BLIP-2 does. Frozen parts run without
+gradients, in bf16 when their `*_precision` says so, and are kept in eval mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.config import PositiveFloat, PositiveInt
+from vlp.generation import StepDecoder
+from vlp.layers import KeyValue
+from vlp.models.blip import LMHead
+from vlp.towers import ImageTowerConfig, VisionConfig, build_image_tower
+from vlp.towers.convnet import ConvNetConfig
+from vlp.towers.qformer import QFormer, QFormerConfig
+
+Precision = Literal["fp32", "bf16"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _eva_vit_g() -> VisionConfig:
+    """EVA-CLIP ViT-g/14 as BLIP-2 uses it (spec §2.1): 1408 wide, 16 heads, MLP 6144, no pre- or post-norm."""
+    return VisionConfig(image_size=224, patch_size=14, width=1408, layers=40, heads=16, mlp_ratio=6144 / 1408,
+                        norm_eps=1e-6, patch_bias=True, ln_pre=False, ln_post=False)
+
+
+@dataclass
+class FrozenImageConfig:
+    """The frozen image encoder and what the Q-Former reads of it."""
+
+    vision: ImageTowerConfig = field(default_factory=_eva_vit_g)
+    # -1: the tower's output; -2: its penultimate block's (BLIP-2 removes the last layer). ViT only.
+    vision_feature_layer: Literal[-1, -2] = -2
+    vision_precision: Precision = "bf16"
+    ln_vision_eps: PositiveFloat = 1e-5  # LAVIS's ln_vision; Hugging Face's post_layernorm uses 1e-6
+
+    def check(self) -> None:
+        if isinstance(self.vision, ConvNetConfig) and self.vision_feature_layer != -1:
+            raise ValueError("vision_feature_layer must be -1 for a ConvNet image tower (it has no blocks to drop)")
+
+
+class FrozenImageEncoder(nn.Module):
+    """The image tower (frozen: no gradients, eval mode, optionally bf16) and the trained `ln_vision`."""
+
+    def __init__(self, cfg: FrozenImageConfig):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg.vision)
+        if cfg.vision_feature_layer == -2:
+            del self.visual.blocks[-1]
+            self.visual.ln_post = nn.Identity()  # the penultimate block's output is not final-normalised
+        self.visual.requires_grad_(False).to(DTYPES[cfg.vision_precision])
+        self.ln_vision = nn.LayerNorm(cfg.vision.width, eps=cfg.ln_vision_eps)
+
+    def train(self, mode: bool = True) -> FrozenImageEncoder:
+        super().train(mode)
+        self.visual.eval()  # no dropout or batch-statistics updates in the frozen tower, ever
+        return self
+
+    def tower_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's tokens [B, N, Dv], computed without gradients in its precision."""
+        dtype = DTYPES[self.cfg.vision_precision]
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            tokens = self.visual.forward_features(images.to(dtype))
+        return tokens.float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> ln_vision(tower tokens) [B, N, Dv], in fp32."""
+        tokens = self.tower_tokens(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.ln_vision(tokens)
+
+
+@dataclass
+class Blip2Sources:
+    """Pre-trained parts a new training run starts from (`vlp.train.sources` reads them once; a checkpoint
+    holds their weights after that, so loading one never reads these paths)."""
+
+    # Any checkpoint vlp loads (vlp, Hugging Face, open_clip): its image tower, architecture and weights.
+    image_encoder: str | None = None
+    # Stage 2: a Hugging Face causal language model folder (config.json, weights, tokenizer).
+    language_model: str | None = None
+
+
+@dataclass
+class Blip2QformerConfig:
+    sources: Blip2Sources = field(default_factory=Blip2Sources)
+    image: FrozenImageConfig = field(default_factory=FrozenImageConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    embed_dim: PositiveInt = 256  # the ITC projections
+    init_temperature: PositiveFloat = 0.07  # learned, used as a divisor, not clamped (LAVIS)
+
+    @property
+    def text(self) -> QFormerConfig:
+        """The section the tokenizer feeds: the Q-Former's text side."""
+        return self.qformer
+
+
+@dataclass
+class Blip2QformerOutput:
+    image_features: torch.Tensor  # [B, Q, E] L2-normalised, one per query
+    text_features: torch.Tensor  # [B, E] L2-normalised, of [CLS]
+    temperature: torch.Tensor  # scalar
+    image_tokens: torch.Tensor  # [B, N, Dv] after ln_vision: what ITM cross-attends to
+    query_kv: list[KeyValue]  # the queries' self-attention keys and values, reused by ITG
+
+
+class Blip2Qformer(nn.Module):
+    def __init__(self, cfg: Blip2QformerConfig):
+        super().__init__()
+        if not cfg.qformer.text_input:
+            raise ValueError("stage 1 reads text: model.qformer.text_input must be true")
+        self.cfg = cfg
+        self.image_encoder = FrozenImageEncoder(cfg.image)
+        width = cfg.qformer.width
+        self.qformer = QFormer(cfg.qformer, cfg.image.vision.width)
+        self.vision_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(width, cfg.embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.lm_head = LMHead(cfg.qformer)
+        self.temperature = nn.Parameter(torch.tensor(cfg.init_temperature))
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's tokens [B, N, Dv] (before ln_vision)."""
+        return self.image_encoder.tower_tokens(images)
+
+    def _image_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[KeyValue]]:
+        queries, query_kv = self.qformer.query_states(tokens)
+        return F.normalize(self.vision_proj(queries), dim=-1), query_kv
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-query ITC features [B, Q, E], ln_vision tokens [B, N, Dv] for ITM and captioning)."""
+        tokens = self.image_encoder(images)
+        return self._image_features(tokens)[0], tokens
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-query ITC features [B, Q, E]: similarity to a text is the best query's cosine."""
+        return self.encode_image_tokens(images)[0]
+
+    def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The text-only pass's [CLS] state, projected: [B, E]."""
+        return F.normalize(self.text_proj(self.qformer.text_states(text, text_mask)[:, 0]), dim=-1)
+
+    def _with_first(self, text: torch.Tensor, token_id: int) -> torch.Tensor:
+        text = text.clone()
+        text[:, 0] = token_id
+        return text
+
+    def itm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Match / no-match logits [B, 2] (index 1 = match): the ITM head on each query of the bidirectional
+        pass, averaged over the queries. The text starts with [CLS]."""
+        ids = self._with_first(text, self.cfg.qformer.cls_token_id)
+        states = self.qformer.joint_states(image_tokens, ids, text_mask, "itm")[:, : self.cfg.qformer.num_queries]
+        return self.itm_head(states).mean(dim=1)
+
+    def lm_logits(self, text: torch.Tensor, text_mask: torch.Tensor, query_kv: list[KeyValue]) -> torch.Tensor:
+        """ITG next-token logits [B, L, V] (position i predicts token i + 1); the first token is read as [DEC]."""
+        ids = self._with_first(text, self.cfg.qformer.dec_token_id)
+        return self.lm_head(self.qformer.decoder_states(ids, text_mask, query_kv))
+
+    def caption_decoder(self, image_tokens: torch.Tensor) -> StepDecoder:
+        """The Q-Former as a captioner (LAVIS's stage-1 `generate`): [DEC] first, the queries' keys and
+        values as a prefix every text position sees."""
+        _, query_kv = self.qformer.query_states(image_tokens)
+        q = self.cfg.qformer
+
+        def step(ids: torch.Tensor, key_mask: torch.Tensor, cache: list[KeyValue] | None, state: tuple) -> tuple:
+            (query_cache,) = state
+            key_mask = torch.cat([key_mask.new_ones(ids.shape[0], q.num_queries), key_mask], dim=1)
+            states, cache = self.qformer.decode(ids, key_mask, query_cache if cache is None else cache)
+            return self.lm_head(states[:, -1]), cache
+
+        return StepDecoder(step, state=(query_kv,), start_ids=[q.dec_token_id], eos_token_id=q.eos_token_id,
+                           pad_token_id=q.pad_token_id, max_length=q.context_length)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> Blip2QformerOutput:
+        tokens = self.image_encoder(image)
+        image_features, query_kv = self._image_features(tokens)
+        return Blip2QformerOutput(
+            image_features=image_features,
+            text_features=self.encode_text(text, text_mask),
+            temperature=self.temperature,
+            image_tokens=tokens,
+            query_kv=query_kv,
+        )
+
+    @torch.no_grad()
+    def init_from(self, source: nn.Module) -> list[str]:
+        """Start from a pre-trained model of another family: its image tower (a CLIP, SigLIP, BLIP or CoCa
+        checkpoint; the blocks past `vision_feature_layer` are not used). Returns what was left as it was."""
+        return load_image_tower(self.image_encoder, source)
+
+
+def load_image_tower(encoder: FrozenImageEncoder, source: nn.Module) -> list[str]:
+    """Copy a vlp model's image tower (`visual`) into the frozen encoder; blocks it dropped are skipped."""
+    tower = getattr(source, "visual", None)
+    if tower is None and isinstance(getattr(source, "image_encoder", None), FrozenImageEncoder):
+        tower = source.image_encoder.visual
+    if tower is None:
+        raise ValueError(f"a {type(source).__name__} has no image tower to start a BLIP-2 image encoder from")
+    ours = encoder.visual.state_dict()
+    theirs = tower.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    wrong = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if missing or wrong:
+        raise ValueError(f"the image tower does not fit model.image.vision: missing {missing[:4]}, other shapes "
+                         f"{wrong[:4]}; copy the source's vision section into model.image.vision")
+    encoder.visual.load_state_dict({k: theirs[k].to(ours[k].dtype) for k in ours})
+    return []
+
+
+@dataclass
+class Blip2Config:
+    sources: Blip2Sources = field(default_factory=Blip2Sources)
+    image: FrozenImageConfig = field(default_factory=FrozenImageConfig)
+    # Stage 2 keeps the Q-Former's query path only (spec §5.1).
+    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(text_input=False))
+    # The frozen language model's Hugging Face config (`model_type` and sizes, as in its config.json): any
+    # causal LM `AutoModelForCausalLM` builds (OPT, GPT-2, Llama class).
+    language_model: dict[str, Any] = field(default_factory=dict)
+    lm_precision: Precision = "bf16"
+
+    def __post_init__(self) -> None:
+        if "model_type" not in self.language_model and self.sources.language_model is None:
+            raise ValueError("language_model must be a Hugging Face config with its model_type (a causal LM "
+                             "folder's config.json; `sources.language_model: FOLDER` fills it in for training)")
+
+
+class LanguageModelDecoder(StepDecoder):
+    """A Hugging Face causal LM decoding from a soft prompt on its own key/value cache (`past_key_values`);
+    beam search reorders that cache in place."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        cache = self.cache
+        super().reorder(index)
+        if cache is not None:
+            cache.reorder_cache(index)
+            self.cache = cache
+
+
+class Blip2(nn.Module):
+    def __init__(self, cfg: Blip2Config):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM  # only this family needs transformers
+
+        self.cfg = cfg
+        self.image_encoder = FrozenImageEncoder(cfg.image)
+        self.qformer = QFormer(cfg.qformer, cfg.image.vision.width)
+        lm_config = AutoConfig.for_model(**cfg.language_model)
+        if lm_config.is_encoder_decoder:
+            raise ValueError(f"language_model: a {lm_config.model_type} is an encoder-decoder; vlp's BLIP-2 takes a "
+                             "causal (decoder-only) language model so far")
+        self.language_model = freeze_language_model(AutoModelForCausalLM.from_config(lm_config), cfg.lm_precision)
+        self.language_projection = nn.Linear(cfg.qformer.width, lm_config.get_text_config().hidden_size)
+
+    def train(self, mode: bool = True) -> Blip2:
+        super().train(mode)
+        self.language_model.eval()
+        return self
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder.tower_tokens(images)
+
+    def soft_prompt(self, images: torch.Tensor) -> torch.Tensor:
+        """The projected query outputs [B, Q, D_lm], in the language model's dtype."""
+        queries = self.qformer.query_states(self.image_encoder(images))[0]
+        return self.language_projection(queries).to(self.language_model.dtype)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the soft prompt's mean [B, D_lm] (stage 2 has no contrastive embedding), the soft prompt [B, Q, D_lm]
+        the language model reads)."""
+        prompt = self.soft_prompt(images)
+        return prompt.mean(dim=1), prompt
+
+    def text_logits(self, prompt: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, L, V] of the text after the soft prompt [B, Q, D_lm]: position i predicts
+        token i + 1. The language model runs frozen, but gradients flow through it to the prompt."""
+        embeds = torch.cat([prompt, self.language_model.get_input_embeddings()(text)], dim=1)
+        mask = torch.cat([text_mask.new_ones(prompt.shape[:2]), text_mask], dim=1)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        return logits[:, prompt.shape[1]:]
+
+    def caption_decoder(self, prompt: torch.Tensor) -> StepDecoder:
+        """The language model decoding after the soft prompt, from its start token."""
+        lm = self.language_model
+        # transformers renamed `past_key_values` to `cache` (5.x); both name the model's own key/value cache.
+        cache_key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+        def step(inputs: torch.Tensor, key_mask: torch.Tensor, cache: Any, state: tuple) -> tuple:
+            # Positions count real tokens only, so left padding and finished rows do not shift them.
+            positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
+            given = {"inputs_embeds": inputs} if inputs.dim() == 3 else {"input_ids": inputs}
+            out = lm(**given, attention_mask=key_mask, position_ids=positions, use_cache=True, **{cache_key: cache})
+            return out.logits[:, -1], out[cache_key]
+
+        config = lm.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        return LanguageModelDecoder(step, start_ids=[config.bos_token_id], eos_token_id=config.eos_token_id,
+                                    pad_token_id=pad, max_length=getattr(config, "max_position_embeddings", None),
+                                    prefix=prompt)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, L, V] of the text given the image."""
+        return self.text_logits(self.soft_prompt(image), text, text_mask)
+
+    @torch.no_grad()
+    def init_from(self, source: nn.Module) -> list[str]:
+        """Start from a stage-1 model (its image encoder, ln_vision, queries and the Q-Former's query path,
+        spec §5.1), or take only the image tower of another family's model. Returns what was left as it was."""
+        if not isinstance(source, Blip2Qformer):
+            return load_image_tower(self.image_encoder, source)
+        self.image_encoder.load_state_dict(source.image_encoder.state_dict())
+        ours = self.qformer.state_dict()
+        theirs = {k: v for k, v in source.qformer.state_dict().items() if k in ours}
+        missing = sorted(set(ours) - set(theirs))
+        wrong = [k for k in theirs if theirs[k].shape != ours[k].shape]
+        if missing or wrong:
+            raise ValueError(f"the stage-1 Q-Former does not fit model.qformer: missing {missing[:4]}, other shapes "
+                             f"{wrong[:4]}")
+        self.qformer.load_state_dict(theirs)
+        return []
+
+
+def freeze_language_model(lm: nn.Module, precision: Precision) -> nn.Module:
+    """No gradients, eval mode, in the given precision."""
+    return lm.requires_grad_(False).to(DTYPES[precision]).eval()

@@ -1,0 +1,71 @@
+"""Pre-trained parts a new run starts from, named in the model config's `sources` (BLIP-2's frozen image
+tower and language model). `resolve_sources` copies their architecture into the config, before the model
+is built (also when a run resumes); `load_sources` copies their weights in, once, when a run starts fresh.
+The checkpoints it writes then hold everything: loading one never reads the sources again."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vlp.config import ConfigError
+
+log = logging.getLogger("vlp.train")
+
+
+@lru_cache(maxsize=2)
+def _pretrained(path: str) -> Any:
+    from vlp.convert import load_pretrained
+
+    return load_pretrained(path)
+
+
+def _read_lm_config(folder: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ConfigError(f"config key 'model.sources.language_model': {folder} holds no config.json (a Hugging Face "
+                          "causal LM folder; `vlp lm convert-gguf` makes one from a GGUF file)")
+    return AutoConfig.from_pretrained(folder).to_dict()
+
+
+def resolve_sources(model_cfg: Any) -> Any:
+    """The config with each source's architecture in place of the preset's (a config without sources is
+    returned as it is)."""
+    sources = getattr(model_cfg, "sources", None)
+    if sources is None:
+        return model_cfg
+    if sources.image_encoder is not None:
+        vision = getattr(_pretrained(sources.image_encoder).config, "vision", None)
+        if vision is None:
+            raise ConfigError(f"config key 'model.sources.image_encoder': {sources.image_encoder} has no image tower")
+        model_cfg.image = dataclasses.replace(model_cfg.image, vision=vision)
+        model_cfg.image.check()
+    if getattr(sources, "language_model", None) is not None:
+        model_cfg.language_model = _read_lm_config(sources.language_model)
+    return model_cfg
+
+
+def load_sources(model: nn.Module, model_cfg: Any) -> None:
+    """Copy each source's weights into a freshly built model."""
+    sources = getattr(model_cfg, "sources", None)
+    if sources is None:
+        return
+    if sources.image_encoder is not None:
+        from vlp.models.blip2 import load_image_tower
+
+        load_image_tower(model.image_encoder, _pretrained(sources.image_encoder).model)
+        log.info("image tower from %s (frozen)", sources.image_encoder)
+    if getattr(sources, "language_model", None) is not None:
+        from transformers import AutoModelForCausalLM
+
+        from vlp.models.blip2 import freeze_language_model
+
+        lm = AutoModelForCausalLM.from_pretrained(sources.language_model)
+        model.language_model = freeze_language_model(lm, model_cfg.lm_precision)
+        log.info("language model from %s (frozen)", sources.language_model)
