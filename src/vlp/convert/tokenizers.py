@@ -198,6 +198,16 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
         pad = _special(settings, "pad_token", None) or _special(settings, "eos_token", None)
         if pad is None:
             raise ValueError(f"{folder}: tokenizer_config.json names no pad or eos token to pad with")
+        if _is_causal_lm(folder):
+            # A caption for a language model is framed by its start and end tokens (BLIP-2's stage 2), which
+            # the tokenizer.json of a causal LM leaves to the caller.
+            bos, eos = _special(settings, "bos_token", None), _special(settings, "eos_token", None)
+            if bos is None or eos is None:
+                raise ValueError(f"{folder}: tokenizer_config.json must name the bos_token and eos_token")
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
+                special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
+            )
         clean = "canonicalize_hf" if model_type == "siglip" and settings.get("do_lower_case", True) else "none"
         return fix_length(backend, context_length, pad, clean)
     if (folder / "vocab.txt").is_file():
@@ -207,6 +217,15 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
     raise FileNotFoundError(
         f"{folder} holds no tokenizer (tokenizer.json, vocab.json + merges.txt, spiece.model or vocab.txt)"
     )
+
+
+def _is_causal_lm(folder: Path) -> bool:
+    """A Hugging Face causal language model's folder (its config names a *ForCausalLM architecture)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def tokenizer_from_path(path: str | Path, *, context_length: int, model_type: str = "clip") -> Tokenizer:

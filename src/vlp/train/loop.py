@@ -189,7 +189,12 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
     if resume_from is not None:
         return Tokenizer.from_file(resume_from)
     if cfg.tokenizer.path:
-        return Tokenizer.from_file(cfg.tokenizer.path)
+        path = Path(cfg.tokenizer.path)
+        if (path / "config.json").is_file():  # a Hugging Face model's folder (a language model's tokenizer)
+            from vlp.convert.tokenizers import tokenizer_from_path
+
+            return tokenizer_from_path(path, context_length=cfg.tokenizer.context_length)
+        return Tokenizer.from_file(path)
     if initial is not None:
         initial.tokenizer.save(out)
         return initial.tokenizer

@@ -1,0 +1,272 @@
+"""BLIP-2: the Q-Former's masks keep information where the paper says, the cached and single-pass paths
+agree, frozen parts get no gradient, and the stage losses are the math the spec writes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlp.generation import GenerationConfig, generate
+from vlp.losses import max_query_contrastive_loss, query_similarity, sample_negatives
+from vlp.objectives.blip2 import Blip2Objective, Blip2ObjectiveConfig, Blip2QformerObjective, Blip2QformerObjectiveConfig
+from vlp.registry import create_model
+from vlp.towers.qformer import QFormer, QFormerConfig, attention_mask
+from vlp.train.optim import make_optimizer
+
+NQ = 3
+
+
+def _qformer(**overrides) -> QFormer:
+    torch.manual_seed(0)
+    cfg = QFormerConfig(vocab_size=50, context_length=16, width=32, layers=4, heads=4, num_queries=NQ, **overrides)
+    return QFormer(cfg, context_width=24).eval()
+
+
+def _text(batch: int = 2, length: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(5, 50, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0  # the first text ends in padding
+    return ids, mask
+
+
+def test_the_three_masks_are_the_papers():
+    """3 queries, 4 text tokens of which the last is padding (spec §3.5)."""
+    mask = torch.tensor([[1, 1, 1, 0]])
+    rows = {kind: attention_mask(kind, 3, mask)[0, 0].int().tolist() for kind in ("itc", "itg", "itm")}
+    q, t = [1, 1, 1], [1, 1, 1, 0]
+    assert rows["itc"] == [q + [0] * 4] * 3 + [[0] * 3 + t] * 4
+    assert rows["itg"] == [q + [0] * 4] * 3 + [q + [1, 0, 0, 0], q + [1, 1, 0, 0], q + [1, 1, 1, 0], q + [1, 1, 1, 0]]
+    assert rows["itm"] == [q + t] * 7
+
+
+def test_the_layout_of_the_layers():
+    qformer = _qformer(cross_attention_freq=2)
+    assert [layer.cross_attn is not None for layer in qformer.layers] == [True, False, True, False]
+    assert all(layer.mlp is not None and layer.mlp_query is not None for layer in qformer.layers)
+    assert all(layer.mlp is None for layer in _qformer(text_input=False).layers)
+
+
+@torch.no_grad()
+def test_information_flows_only_where_each_mask_allows():
+    qformer = _qformer()
+    image = torch.randn(2, 7, 24)
+    ids, mask = _text()
+    other_ids = ids.clone()
+    other_ids[:, 2:] = torch.randint(5, 50, (2, 3))  # tokens 2.. differ
+    other_image = torch.randn(2, 7, 24)
+
+    def states(kind, ids=ids, image=image):
+        return qformer.joint_states(image, ids, mask, kind)
+
+    # ITC: the queries never see the text, the text never sees the image.
+    torch.testing.assert_close(states("itc")[:, :NQ], states("itc", ids=other_ids)[:, :NQ])
+    torch.testing.assert_close(states("itc")[:, NQ:], states("itc", image=other_image)[:, NQ:])
+    # ITG: the queries never see the text; a text token sees no later token, but does see the image.
+    torch.testing.assert_close(states("itg")[:, :NQ], states("itg", ids=other_ids)[:, :NQ])
+    torch.testing.assert_close(states("itg")[:, NQ : NQ + 2], states("itg", ids=other_ids)[:, NQ : NQ + 2])
+    assert not torch.allclose(states("itg")[:, NQ + 2 :], states("itg", ids=other_ids)[:, NQ + 2 :])
+    assert not torch.allclose(states("itg")[:, NQ:], states("itg", image=other_image)[:, NQ:])
+    # ITM: everything sees everything (but padding).
+    assert not torch.allclose(states("itm")[:, :NQ], states("itm", ids=other_ids)[:, :NQ])
+    assert not torch.allclose(states("itm")[:, NQ:], states("itm", image=other_image)[:, NQ:])
+    # The query-only and text-only passes are ITC's two halves.
+    torch.testing.assert_close(qformer.query_states(image)[0], states("itc")[:, :NQ])
+    torch.testing.assert_close(qformer.text_states(ids, mask)[mask.bool()], states("itc")[:, NQ:][mask.bool()])
+
+
+@torch.no_grad()
+def test_itg_on_cached_query_keys_and_values_equals_the_single_pass_and_decoding_equals_both():
+    qformer = _qformer()
+    image = torch.randn(2, 7, 24)
+    ids, mask = _text()
+    _, query_kv = qformer.query_states(image)
+    cached = qformer.decoder_states(ids, mask, query_kv)
+    single = qformer.joint_states(image, ids, mask, "itg")[:, NQ:]
+    torch.testing.assert_close(cached[mask.bool()], single[mask.bool()])
+    keys = torch.ones(2, NQ, dtype=torch.long)
+    cache, steps = query_kv, []
+    for i in range(ids.shape[1]):
+        out, cache = qformer.decode(ids[:, i : i + 1], torch.cat([keys, mask[:, : i + 1]], dim=1), cache)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[mask.bool()], cached[mask.bool()])
+
+
+def _batch(size: int = 4):
+    torch.manual_seed(3)
+    text = torch.randint(5, 1000, (size, 9))
+    text[:, 0] = 2
+    mask = torch.ones_like(text)
+    mask[0, 6:] = 0
+    return {"image": torch.randn(size, 3, 48, 48), "text": text, "text_mask": mask}
+
+
+def test_stage_one_trains_everything_but_the_frozen_tower():
+    model = create_model("blip2-qformer-tiny").train()
+    assert not model.image_encoder.visual.training  # frozen: stays in eval mode
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.image_encoder.visual.parameters())
+    objective = Blip2QformerObjective(model, Blip2QformerObjectiveConfig())
+    values = objective(_batch())
+    assert {"itc_loss", "itm_loss", "itg_loss"} <= set(values)
+    sum(v for k, v in values.items() if k.endswith("_loss")).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"image_encoder.ln_vision.weight", "qformer.query_tokens", "temperature", "itm_head.weight",
+            "lm_head.decoder.weight", "qformer.layers.0.cross_attn.q_proj.weight",
+            "qformer.layers.0.mlp_query.fc1.weight", "qformer.layers.0.mlp.fc1.weight"} <= trained
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in model.image_encoder.visual.parameters())
+
+
+def test_itc_is_the_best_query_and_matches_a_naive_version():
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(4, 3, 8), dim=-1)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    temperature = torch.tensor(0.07)
+    similarity = torch.stack([torch.stack([max(image[i, q] @ text[t] for q in range(3)) for t in range(4)])
+                              for i in range(4)])  # fmt: skip
+    torch.testing.assert_close(query_similarity(image, text), similarity)
+    loss, image_to_text, text_to_image = max_query_contrastive_loss(image, text, temperature, label_smoothing=0.1)
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(similarity / 0.07, labels, label_smoothing=0.1)
+                + F.cross_entropy(similarity.T / 0.07, labels, label_smoothing=0.1)) / 2
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(text_to_image, similarity.T / 0.07)
+
+
+def test_itm_negatives_are_never_the_positive():
+    similarity = torch.zeros(6, 6)
+    similarity.fill_diagonal_(50.0)  # the positive would take all the mass
+    for _ in range(20):
+        picked = sample_negatives(similarity, 0, hard=True, floor=0.0)
+        assert (picked != torch.arange(6)).all()
+
+
+def test_stage_two_loss_is_the_language_models_cross_entropy_on_the_text_only():
+    torch.manual_seed(0)
+    model = create_model("blip2-tiny").train()
+    assert not model.language_model.training and not any(p.requires_grad for p in model.language_model.parameters())
+    batch = _batch()
+    text, mask = batch["text"][:, :7], batch["text_mask"][:, :7]
+    batch.update(text=text, text_mask=mask)
+    loss = Blip2Objective(model, Blip2ObjectiveConfig(prompt_length=2))(dict(batch))["lm_loss"]
+    with torch.no_grad():
+        prompt = model.soft_prompt(batch["image"])
+        embeds = torch.cat([prompt, model.language_model.get_input_embeddings()(text)], dim=1)
+        full = torch.cat([torch.ones(4, prompt.shape[1], dtype=torch.long), mask], dim=1)
+        logits = model.language_model(inputs_embeds=embeds, attention_mask=full).logits
+    nq = prompt.shape[1]
+    terms = []
+    for row in range(4):
+        for position in range(nq + 2, nq + 6):  # the start token and two prompt tokens are not targets
+            target = text[row, position - nq + 1]
+            if mask[row, position - nq + 1]:
+                terms.append(F.cross_entropy(logits[row, position], target))
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert model.language_projection.weight.grad.abs().sum() > 0
+    assert model.qformer.query_tokens.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_stage_two_starts_from_stage_one_and_generates_on_the_language_models_cache():
+    stage1 = create_model("blip2-qformer-tiny")
+    model = create_model("blip2-tiny").eval()
+    assert model.init_from(stage1) == []
+    torch.testing.assert_close(model.qformer.query_tokens, stage1.qformer.query_tokens)
+    torch.testing.assert_close(model.image_encoder.ln_vision.weight, stage1.image_encoder.ln_vision.weight)
+    _, prompt = model.encode_image_tokens(_batch(2)["image"])
+    greedy = GenerationConfig(method="greedy", max_new_tokens=6, min_new_tokens=6)
+    tokens = generate(model.caption_decoder(prompt), torch.zeros(2, 0, dtype=torch.long), greedy)
+    # The same tokens by recomputing the whole sequence at every step, without a cache.
+    lm = model.language_model
+    ids = torch.full((2, 1), lm.config.bos_token_id)
+    for _ in range(6):
+        embeds = torch.cat([prompt, lm.get_input_embeddings()(ids)], dim=1)
+        logits = lm(inputs_embeds=embeds).logits[:, -1]
+        logits[:, lm.config.eos_token_id] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    assert tokens == ids[:, 1:].tolist()
+    beams = generate(model.caption_decoder(prompt), torch.zeros(2, 0, dtype=torch.long),
+                     GenerationConfig(method="beam", num_beams=3, max_new_tokens=5, min_new_tokens=0))
+    assert len(beams) == 2
+
+
+def test_a_stage_one_captioner_decodes_what_teacher_forcing_predicts():
+    torch.manual_seed(0)
+    model = create_model("blip2-qformer-tiny").eval()
+    with torch.no_grad():
+        tokens = model.image_encoder(_batch(2)["image"])
+        greedy = GenerationConfig(method="greedy", max_new_tokens=5, min_new_tokens=5)
+        out = generate(model.caption_decoder(tokens), torch.zeros(2, 0, dtype=torch.long), greedy)
+        ids = torch.tensor([[model.cfg.qformer.dec_token_id] + row for row in out])
+        _, query_kv = model.qformer.query_states(tokens)
+        logits = model.lm_logits(ids, torch.ones_like(ids), query_kv)
+        logits[..., model.cfg.qformer.eos_token_id] = float("-inf")
+    assert logits[:, :-1].argmax(dim=-1).tolist() == out
+
+
+def test_a_language_model_config_is_required():
+    from vlp.config import ConfigError
+    from vlp.registry import parse_model_config
+
+    with pytest.raises(ConfigError, match="language_model"):
+        parse_model_config({"family": "blip2"})
+
+
+QFORMER_TINY = {
+    "model.preset": "blip2-qformer-tiny",
+    "model.embed_dim": 32,
+    "model.qformer": "{vocab_size: 512, context_length: 24, width: 64, layers: 2, heads: 2, num_queries: 8, "
+    "pad_token_id: 0, cls_token_id: 2, eos_token_id: 3, dec_token_id: 4}",
+    "tokenizer.kind": "wordpiece",
+    "tokenizer.pad_token": "'[PAD]'",
+    "tokenizer.unk_token": "'[UNK]'",
+    "tokenizer.bos_token": "'[CLS]'",
+    "tokenizer.eos_token": "'[SEP]'",
+    "tokenizer.extra_tokens": "['[DEC]']",
+}
+
+
+def test_stage_one_learns_over_a_frozen_clip_tower_and_stage_two_starts_from_it(shapes_world, tmp_path):
+    """A tiny CLIP, then stage 1 over its frozen image tower (named as a source), then stage 2 from stage 1."""
+    import json
+
+    from conftest import tiny_run_overrides
+
+    from vlp.checkpoint import load_checkpoint
+    from vlp.evals.retrieval import zeroshot_retrieval
+    from vlp.serve.predictors import predict_functions
+    from vlp.train.loop import load_run_config, train
+
+    data = str(shapes_world / "train.csv")
+    clip = tmp_path / "clip"
+    train(load_run_config(None, tiny_run_overrides(data, steps=100)), clip)
+    stage1 = tmp_path / "stage1"
+    overrides = tiny_run_overrides(data, steps=150, **{"train.batch_size": 32, "train.log_every": 50})
+    overrides = [o for o in overrides if not o.startswith(("model.", "tokenizer."))]
+    overrides += [f"{k}={v}" for k, v in QFORMER_TINY.items()] + [
+        f"model.sources.image_encoder={clip}", "tokenizer.vocab_size=512", "tokenizer.context_length=24"]
+    train(load_run_config(None, overrides), stage1)
+
+    records = [json.loads(line) for line in (stage1 / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["itg_loss"] < 0.6 * records[0]["itg_loss"]
+    assert records[-1]["itc_loss"] < 0.8 * records[0]["itc_loss"]
+    # The frozen tower is the CLIP's, bit for bit.
+    trained, source = load_checkpoint(stage1), load_checkpoint(clip)
+    for key, value in source.model.visual.state_dict().items():
+        torch.testing.assert_close(trained.model.image_encoder.visual.state_dict()[key].float(), value.bfloat16().float())
+    # Retrieval by the best query beats the untrained Q-Former's.
+    captions = json.loads((shapes_world / "captions_test.json").read_text())
+    images = [shapes_world / image["file_name"] for image in captions["images"]][:60]
+    by_image: dict[int, list[str]] = {}
+    for annotation in captions["annotations"]:
+        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    texts = [by_image[image["id"]][:1] for image in captions["images"]][:60]
+    untrained = type(trained.model)(trained.config)
+    untrained.image_encoder.visual.load_state_dict(trained.model.image_encoder.visual.state_dict())
+    recall = []
+    for model in (trained.model, untrained):
+        trained.model = model.eval()
+        functions = predict_functions(trained, device="cpu")
+        recall.append(zeroshot_retrieval(functions.embed_images, functions.embed_texts, images, texts)[0]
+                      ["image_retrieval_recall@5"])
+    assert recall[0] > recall[1] + 0.15, recall
