@@ -7,7 +7,12 @@ import torch.nn.functional as F
 
 from vlp.generation import GenerationConfig, generate
 from vlp.losses import max_query_contrastive_loss, query_similarity, sample_negatives
-from vlp.objectives.blip2 import Blip2Objective, Blip2ObjectiveConfig, Blip2QformerObjective, Blip2QformerObjectiveConfig
+from vlp.objectives.blip2 import (
+    Blip2Objective,
+    Blip2ObjectiveConfig,
+    Blip2QformerObjective,
+    Blip2QformerObjectiveConfig,
+)
 from vlp.registry import create_model
 from vlp.towers.qformer import QFormer, QFormerConfig, attention_mask
 from vlp.train.optim import make_optimizer
@@ -125,6 +130,7 @@ def test_itc_is_the_best_query_and_matches_a_naive_version():
                               for i in range(4)])  # fmt: skip
     torch.testing.assert_close(query_similarity(image, text), similarity)
     loss, image_to_text, text_to_image = max_query_contrastive_loss(image, text, temperature, label_smoothing=0.1)
+    torch.testing.assert_close(image_to_text, similarity / 0.07)
     labels = torch.arange(4)
     expected = (F.cross_entropy(similarity / 0.07, labels, label_smoothing=0.1)
                 + F.cross_entropy(similarity.T / 0.07, labels, label_smoothing=0.1)) / 2
@@ -231,7 +237,6 @@ def test_stage_one_learns_over_a_frozen_clip_tower_and_stage_two_starts_from_it(
     import json
 
     from conftest import tiny_run_overrides
-
     from vlp.checkpoint import load_checkpoint
     from vlp.evals.retrieval import zeroshot_retrieval
     from vlp.serve.predictors import predict_functions

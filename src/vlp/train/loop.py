@@ -71,8 +71,8 @@ from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
 from vlp.registry import Family, parse_model_config
 from vlp.train.families import parse_data_config, parse_objective_config, recipe_of
 from vlp.train.optim import make_optimizer, warmup_cosine
-from vlp.train.sources import load_sources, resolve_sources
 from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock, truncate_metrics
+from vlp.train.sources import load_sources, resolve_sources
 
 log = logging.getLogger("vlp.train")
 
