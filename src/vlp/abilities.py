@@ -72,6 +72,9 @@ class MatchesImageText(Ability, Protocol):
 
 @runtime_checkable
 class AnswersQuestions(Ability, Protocol):
+    # How a question is put to the model before tokenizing ("{}": as it is; BLIP-2: "Question: {} Answer:").
+    question_template: str
+
     def encode_question(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """Image-grounded question states [B, Lq, D]."""
 

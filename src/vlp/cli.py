@@ -97,7 +97,8 @@ def _answer_function(args: argparse.Namespace) -> Callable[..., list[str]]:
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: re-score at least one candidate")
     answers = read_answer_list(args.answer_list) if args.answer_list else ()
-    return _predict(args, "answer", {VqaPredictor: {"method": args.method, "answer_list": answers, "k": args.k}})
+    options = {"method": args.method, "answer_list": answers, "k": args.k, "question_template": args.question_template}
+    return _predict(args, "answer", {VqaPredictor: options})
 
 
 def _cmd_ask(args: argparse.Namespace) -> None:
@@ -300,6 +301,8 @@ def _add_answer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-list", help="candidates for --method rank: a JSON list, or a VQAv2 annotations "
                         "file whose most frequent answers are taken")
     parser.add_argument("--k", type=int, default=128, help="candidates re-scored in full by --method rank")
+    parser.add_argument("--question-template", help='how a question is put to the model, {} the question (default: '
+                        'the model\'s own: "{}" for BLIP-VQA, "Question: {} Answer:" for BLIP-2)')
 
 
 def _add_eval(sub: Subparsers) -> None:
@@ -348,7 +351,7 @@ def _add_predict(sub: Subparsers) -> None:
     caption = _model_command(sub, "caption", _cmd_caption, "caption images", out=False)
     caption.add_argument("image", nargs="+")
     _add_generation_options(caption)
-    ask = _model_command(sub, "ask", _cmd_ask, "answer a question about an image (BLIP-VQA)", out=False)
+    ask = _model_command(sub, "ask", _cmd_ask, "answer a question about an image (BLIP-VQA, BLIP-2)", out=False)
     ask.add_argument("image")
     ask.add_argument("question")
     _add_answer_options(ask)

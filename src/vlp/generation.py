@@ -54,8 +54,9 @@ class StepDecoder:
         prefix: torch.Tensor | None = None,
         prefix_mask: torch.Tensor | None = None,
     ):
-        """start_ids: the ids every sequence starts with ([DEC], or the start-of-text token); prefix
-        [B, P, D] with prefix_mask [B, P]: embeddings fed before them (they take P of max_length)."""
+        """start_ids: the ids every sequence starts with ([DEC], or the start-of-text token; none when a
+        prefix ends the prompt); prefix [B, P, D] with prefix_mask [B, P]: embeddings fed before them (they
+        take P of max_length)."""
         self.step, self.state = step, state
         self.start_ids = list(start_ids)
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
@@ -77,7 +78,9 @@ class StepDecoder:
         row has finished."""
         if self.key_mask is None and self.prefix is not None:
             self.key_mask = self.prefix_mask
-            _, self.cache = self.step(self.prefix, self.key_mask, None, self.state)
+            logits, self.cache = self.step(self.prefix, self.key_mask, None, self.state)
+            if not tokens.shape[1]:  # no start ids: the prefix ends the prompt (a question to a language model)
+                return logits
         self.key_mask = real if self.key_mask is None else torch.cat([self.key_mask, real], dim=1)
         logits, self.cache = self.step(tokens, self.key_mask, self.cache, self.state)
         return logits

@@ -66,7 +66,7 @@ FAMILIES: dict[str, Family] = {
         "blip2_qformer", Blip2QformerConfig, Blip2Qformer,
         (EmbedsImages, EmbedsTexts, GivesImageTokens, CaptionsImages, MatchesImageText),
     ),
-    "blip2": Family("blip2", Blip2Config, Blip2, (CaptionsImages,)),
+    "blip2": Family("blip2", Blip2Config, Blip2, (CaptionsImages, AnswersQuestions)),
 }
 
 

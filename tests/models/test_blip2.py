@@ -275,3 +275,57 @@ def test_stage_one_learns_over_a_frozen_clip_tower_and_stage_two_starts_from_it(
         recall.append(zeroshot_retrieval(functions.embed_images, functions.embed_texts, images, texts)[0]
                       ["image_retrieval_recall@5"])
     assert recall[0] > recall[1] + 0.15, recall
+
+
+@torch.no_grad()
+def test_questions_are_answered_after_the_soft_prompt_whatever_their_padding():
+    """A question asked alone or beside a longer one gets the same answer and the same answer logits:
+    questions are left-aligned so the answer follows the last question token in every row."""
+    torch.manual_seed(0)
+    # fp32 tower: a bf16 convolution rounds differently for a batch of one and of two
+    model = create_model("blip2-tiny", image={"vision_precision": "fp32"}).eval()
+    images = _batch(2)["image"]
+    short = torch.tensor([[2, 10, 11, 3, 0, 0]])  # start, two tokens, end, padding
+    both = torch.tensor([[2, 10, 11, 3, 0, 0], [2, 20, 21, 22, 23, 3]])
+    greedy = GenerationConfig(method="greedy", max_new_tokens=4, min_new_tokens=4)
+
+    def answers(ids, pixels):
+        mask = (ids != 0).long()
+        states = model.encode_question(pixels, ids, mask)
+        return generate(model.answer_decoder_for(states, mask), ids.new_empty(len(ids), 0), greedy), states, mask
+
+    alone, states_alone, mask_alone = answers(short, images[:1])
+    together, states, mask = answers(both, images)
+    assert alone[0] == together[0]
+    candidate = torch.tensor([[2] + together[1] + [3]])
+    logits = model.answer_logits(candidate, torch.ones_like(candidate), states[1:], mask[1:])
+    logits[..., 3] = float("-inf")
+    assert logits[0, :-2].argmax(dim=-1).tolist() == together[1]  # teacher forcing predicts what was generated
+    logits_alone = model.answer_logits(candidate, torch.ones_like(candidate), states_alone, mask_alone)
+    logits_beside = model.answer_logits(candidate, torch.ones_like(candidate), states[:1], mask[:1])
+    torch.testing.assert_close(logits_alone, logits_beside, atol=1e-5, rtol=1e-5)
+
+
+def test_ask_and_caption_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from vlp.checkpoint import save_checkpoint
+    from vlp.cli import main
+    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+    from vlp.data.transforms import ImageConfig
+    from vlp.registry import parse_model_config
+
+    family, cfg = parse_model_config({"preset": "blip2-tiny"})
+    texts = ["a red circle", "two blue squares", "what colour is the circle"] * 20
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300, context_length=32))
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "blip2", family=family, model_config=cfg, model=family.model_cls(cfg),
+                                 image_config=ImageConfig(size=48), tokenizer=tokenizer)
+    image = str(tmp_path / "x.png")
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(image)
+    assert main(["ask", image, "what colour is the circle?", "--checkpoint", str(checkpoint)]) == 0
+    assert capsys.readouterr().out.count("\n") == 1  # one answer line (a random model may answer nothing)
+    assert main(["caption", image, "--checkpoint", str(checkpoint), "--prompt", "a red"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
+    assert main(["ask", image, "what?", "--checkpoint", str(checkpoint), "--question-template", "Q: A:"]) == 2
+    assert "has no {} where the question goes" in capsys.readouterr().err

@@ -242,6 +242,8 @@ class BlipVqaConfig:
 
 
 class BlipVqa(nn.Module):
+    question_template = "{}"
+
     def __init__(self, cfg: BlipVqaConfig):
         super().__init__()
         self.cfg = cfg

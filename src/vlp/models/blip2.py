@@ -235,6 +235,8 @@ class Blip2Config:
     # causal LM `AutoModelForCausalLM` builds (OPT, GPT-2, Llama class).
     language_model: dict[str, Any] = field(default_factory=dict)
     lm_precision: Precision = "bf16"
+    # How `vlp ask` puts a question to the language model (the paper's zero-shot VQA prompt).
+    question_template: str = "Question: {} Answer:"
 
     def __post_init__(self) -> None:
         if "model_type" not in self.language_model and self.sources.language_model is None:
@@ -298,6 +300,61 @@ class Blip2(nn.Module):
 
     def caption_decoder(self, prompt: torch.Tensor) -> StepDecoder:
         """The language model decoding after the soft prompt, from its start token."""
+        return self._decoder(prompt, None, [self.language_model.config.bos_token_id])
+
+    @property
+    def question_template(self) -> str:
+        return self.cfg.question_template
+
+    def _left_aligned(
+        self, ids: torch.Tensor, mask: torch.Tensor, width: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts as the tokenizer gives them (start token, text, end token, right padding) -> the start token
+        and text, end token dropped, padded on the left to `width` (default: the longest), so that every row's
+        last column is its last token."""
+        lengths = mask.long().sum(dim=1) - 1
+        width = int(lengths.max()) if width is None else width
+        columns = torch.arange(width, device=ids.device)[None]
+        first = (width - lengths)[:, None]
+        real = columns >= first
+        aligned = ids.gather(1, (columns - first).clamp(min=0)).masked_fill(~real, self._pad_id())
+        return aligned, real.long()
+
+    def _pad_id(self) -> int:
+        config = self.language_model.config
+        return config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+
+    def _prefix_mask(self, states: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """[soft prompt; left-aligned question] -> its key mask [B, Q + Lq]."""
+        queries = self.cfg.qformer.num_queries
+        real = self._left_aligned(question_mask, question_mask, states.shape[1] - queries)[1]
+        return torch.cat([real.new_ones(real.shape[0], queries), real], dim=1)
+
+    def encode_question(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """The language model's input embeddings [B, Q + Lq, D_lm] of the soft prompt and the question (start
+        token and text, left-padded): the answer follows directly."""
+        ids, _ = self._left_aligned(question, question_mask)
+        return torch.cat([self.soft_prompt(images), self.language_model.get_input_embeddings()(ids)], dim=1)
+
+    def answer_decoder_for(self, question_states: torch.Tensor, question_mask: torch.Tensor) -> StepDecoder:
+        """The language model continuing after the soft prompt and question (no start token of its own)."""
+        return self._decoder(question_states, self._prefix_mask(question_states, question_mask), [])
+
+    def answer_logits(
+        self, answer: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
+        question_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Next-token logits [A, La, V] of answers (tokenized with their start token, which the question's last
+        position stands for) after each row's soft prompt and question."""
+        prefix_mask = self._prefix_mask(question_states, question_mask)
+        embeds = torch.cat([question_states, self.language_model.get_input_embeddings()(answer[:, 1:])], dim=1)
+        mask = torch.cat([prefix_mask, answer_mask[:, 1:]], dim=1)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                     use_cache=False).logits
+        return logits[:, question_states.shape[1] - 1 :]
+
+    def _decoder(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None, start_ids: list[int]) -> StepDecoder:
         lm = self.language_model
         # transformers renamed `past_key_values` to `cache` (5.x); both name the model's own key/value cache.
         cache_key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -310,10 +367,10 @@ class Blip2(nn.Module):
             return out.logits[:, -1], out[cache_key]
 
         config = lm.config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        return LanguageModelDecoder(step, start_ids=[config.bos_token_id], eos_token_id=config.eos_token_id,
-                                    pad_token_id=pad, max_length=getattr(config, "max_position_embeddings", None),
-                                    prefix=prompt)
+        return LanguageModelDecoder(step, start_ids=start_ids, eos_token_id=config.eos_token_id,
+                                    pad_token_id=self._pad_id(),
+                                    max_length=getattr(config, "max_position_embeddings", None),
+                                    prefix=prefix, prefix_mask=prefix_mask)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, L, V] of the text given the image."""

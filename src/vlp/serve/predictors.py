@@ -26,6 +26,7 @@ from vlp.abilities import (
     MatchesImageText,
 )
 from vlp.checkpoint import Pretrained
+from vlp.config import ConfigError
 from vlp.data.sources import load_image
 from vlp.data.tokenizer import tokenize_trimmed
 from vlp.evals.zeroshot import zeroshot_classifier
@@ -274,9 +275,15 @@ class VqaPredictor(Predictor):
         answer_list: Sequence[str] = (),
         k: int = 128,
         generation: GenerationConfig | None = None,
+        question_template: str | None = None,
         **kwargs,
     ):
+        """question_template: how questions are put to the model ("{}" is the question), the model's own
+        when None."""
         super().__init__(pretrained, **kwargs)
+        self.question_template = question_template or self.model.question_template
+        if "{}" not in self.question_template:
+            raise ConfigError(f"question template {self.question_template!r} has no {{}} where the question goes")
         if method == "rank" and not answer_list:
             raise ValueError("ranked answering needs a list of candidate answers")
         self.method, self.k = method, k
@@ -297,7 +304,8 @@ class VqaPredictor(Predictor):
         for start, pixels in zip(
             range(0, len(images), self.batch_size), self.pixel_batches(images, "answering"), strict=True
         ):
-            ids, mask = tokenize_trimmed(self.tokenizer, list(questions[start : start + self.batch_size]))
+            batch = [self.question_template.replace("{}", q) for q in questions[start : start + self.batch_size]]
+            ids, mask = tokenize_trimmed(self.tokenizer, batch)
             ids, mask = ids.to(self.device), mask.to(self.device)
             with self.autocast:
                 states = self.model.encode_question(pixels, ids, mask)
