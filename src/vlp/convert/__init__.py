@@ -25,6 +25,7 @@ from vlp.convert import open_clip
 from vlp.convert.common import ConversionError, is_hf_folder, read_hf_config
 from vlp.convert.hf import export_hf, load_hf
 from vlp.convert.hf_blip import export_hf_blip, load_hf_blip
+from vlp.convert.hf_blip2 import export_hf_blip2, load_hf_blip2
 from vlp.convert.tokenizers import tokenizer_from_path
 
 Format = Literal["vlp", "hf", "open_clip"]
@@ -40,6 +41,7 @@ LOADERS: dict[tuple[Format, str], Loader] = {
     ("hf", "clip"): load_hf,
     ("hf", "siglip"): load_hf,
     ("hf", "blip"): load_hf_blip,
+    ("hf", "blip-2"): load_hf_blip2,
     ("open_clip", "clip"): open_clip.load_open_clip,
     ("open_clip", "coca"): open_clip.load_open_clip,
 }
@@ -47,6 +49,8 @@ EXPORTERS: dict[tuple[Format, str], Exporter] = {
     ("hf", "clip"): export_hf,
     ("hf", "blip"): export_hf_blip,
     ("hf", "blip_vqa"): export_hf_blip,
+    ("hf", "blip2"): export_hf_blip2,
+    ("hf", "blip2_qformer"): export_hf_blip2,
     ("open_clip", "clip"): open_clip.export_open_clip,
     ("open_clip", "coca"): open_clip.export_open_clip,
 }

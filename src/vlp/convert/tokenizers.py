@@ -171,6 +171,8 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
             _special(settings, "pad_token", None),
             settings["vlp_text_clean"],
         )
+    if model_type == "causal_lm" or _is_causal_lm(folder):
+        return _causal_lm_tokenizer(folder, settings, context_length)
     if model_type == "siglip":
         if (folder / "spiece.model").is_file():
             return sentencepiece_unigram(
@@ -198,16 +200,6 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
         pad = _special(settings, "pad_token", None) or _special(settings, "eos_token", None)
         if pad is None:
             raise ValueError(f"{folder}: tokenizer_config.json names no pad or eos token to pad with")
-        if _is_causal_lm(folder):
-            # A caption for a language model is framed by its start and end tokens (BLIP-2's stage 2), which
-            # the tokenizer.json of a causal LM leaves to the caller.
-            bos, eos = _special(settings, "bos_token", None), _special(settings, "eos_token", None)
-            if bos is None or eos is None:
-                raise ValueError(f"{folder}: tokenizer_config.json must name the bos_token and eos_token")
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
-                special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
-            )
         clean = "canonicalize_hf" if model_type == "siglip" and settings.get("do_lower_case", True) else "none"
         return fix_length(backend, context_length, pad, clean)
     if (folder / "vocab.txt").is_file():
@@ -217,6 +209,24 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
     raise FileNotFoundError(
         f"{folder} holds no tokenizer (tokenizer.json, vocab.json + merges.txt, spiece.model or vocab.txt)"
     )
+
+
+def _causal_lm_tokenizer(folder: Path, settings: dict, context_length: int) -> Tokenizer:
+    """A causal language model's tokenizer.json, each text framed by its start and end tokens (BLIP-2's
+    captions), which a causal LM's tokenizer.json leaves to the caller; padded with its pad token, else
+    its end token."""
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json (re-save the tokenizer with transformers' "
+                                "save_pretrained to write one)")
+    backend = BackendTokenizer.from_file(str(folder / "tokenizer.json"))
+    bos, eos = _special(settings, "bos_token", None), _special(settings, "eos_token", None)
+    if bos is None or eos is None:
+        raise ValueError(f"{folder}: tokenizer_config.json must name the bos_token and eos_token")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
+        special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
+    )
+    return fix_length(backend, context_length, _special(settings, "pad_token", None) or eos, "none")
 
 
 def _is_causal_lm(folder: Path) -> bool:

@@ -94,6 +94,9 @@ class Blip2Sources:
 
     # Any checkpoint vlp loads (vlp, Hugging Face, open_clip): its image tower, architecture and weights.
     image_encoder: str | None = None
+    # A BERT checkpoint folder (Hugging Face) the Q-Former starts from: its sizes, embeddings, self-attention
+    # and feed-forward weights (copied into the query feed-forward too); cross-attention starts fresh.
+    qformer: str | None = None
     # Stage 2: a Hugging Face causal language model folder (config.json, weights, tokenizer).
     language_model: str | None = None
 

