@@ -123,3 +123,67 @@ def test_captioning_model_loads_with_the_same_logits_and_greedy_captions_and_exp
         again = back(pixel_values=pixels, input_ids=torch.cat([torch.full((2, 32), image_token), text], dim=1),
                      attention_mask=torch.cat([torch.ones(2, 32, dtype=torch.long), mask], dim=1)).logits[:, 32:]
     torch.testing.assert_close(again[real], expected[real], atol=1e-5 * scale, rtol=1e-5)
+
+
+T5_SMALL = {"model_type": "t5", "vocab_size": 300, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
+            "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+            "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu", "tie_word_embeddings": False}  # fmt: skip
+
+
+def test_a_flan_t5_class_model_loads_with_the_same_logits_and_answers(tmp_path):
+    """The encoder-decoder form (Flan-T5's layout: gated GELU, untied head), at small vision and Q-Former
+    shapes: the mapping of those is the one checked at full size above."""
+    torch.manual_seed(0)
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 56, "patch_size": 14, "layer_norm_eps": 1e-6}  # fmt: skip
+    qformer = {"vocab_size": 300, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "intermediate_size": 96, "cross_attention_frequency": 2, "encoder_hidden_size": 64}  # fmt: skip
+    config = transformers.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=T5_SMALL,
+                                      num_query_tokens=8, image_token_index=299)
+    reference = transformers.Blip2ForConditionalGeneration(config).eval()
+    _perturb_norms(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({f"t{i}": i for i in range(299)}, unk_token="t2"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "t1", "pad_token": "t0"}')
+
+    pretrained = load_pretrained(tmp_path / "hf")
+    model = pretrained.model
+    assert isinstance(model, Blip2) and model.encoder_decoder
+    question, question_mask = pretrained.tokenizer(["t11 t12 t13", "t21"])  # start (pad), tokens, end
+    question, question_mask = question[:, :5], question_mask[:, :5]
+    decoder = torch.tensor([[0, 31, 32, 33], [0, 41, 1, 0]])
+    decoder_mask = (torch.arange(4) <= torch.tensor([3, 2])[:, None]).long()
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    placeholders = torch.full((2, 8), 299)
+    encoder_ids = torch.cat([placeholders, question[:, 1:]], dim=1)
+    encoder_mask = torch.cat([torch.ones_like(placeholders), question_mask[:, 1:]], dim=1)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=encoder_ids, attention_mask=encoder_mask,
+                             decoder_input_ids=decoder, decoder_attention_mask=decoder_mask).logits
+        logits = model(pixels, decoder, decoder_mask, question[:, 1:], question_mask[:, 1:])
+        states = model.encode_question(pixels, question, question_mask)
+        answer_logits = model.answer_logits(decoder, decoder_mask, states, question_mask)
+    real = decoder_mask.bool()
+    scale = expected[real].abs().max().item()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(answer_logits[real], expected[real], atol=1e-4 * scale, rtol=1e-4)
+    with torch.no_grad():
+        ours = generate(model.answer_decoder_for(states, question_mask), question[:, :0],
+                        GenerationConfig(method="greedy", max_new_tokens=6, min_new_tokens=0))
+        theirs = reference.generate(pixel_values=pixels, input_ids=encoder_ids, attention_mask=encoder_mask,
+                                    max_new_tokens=6, do_sample=False, num_beams=1).tolist()
+    theirs = [row[1:] for row in theirs]  # the decoder start, then new tokens up to EOS, then padding
+    assert ours == [row[: row.index(1)] if 1 in row else row for row in theirs]
+
+    export_pretrained(pretrained, "hf", tmp_path / "back")
+    back = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    token = back.config.image_token_index
+    with torch.no_grad():
+        again = back(pixel_values=pixels, input_ids=torch.cat([torch.full((2, 8), token), question[:, 1:]], dim=1),
+                     attention_mask=encoder_mask, decoder_input_ids=decoder, decoder_attention_mask=decoder_mask).logits
+    torch.testing.assert_close(again[real], expected[real], atol=1e-5 * scale, rtol=1e-5)

@@ -357,3 +357,54 @@ def test_the_qformer_starts_from_a_real_bert_checkpoint():
     layer = model.qformer.layers[0]
     torch.testing.assert_close(layer.mlp_query.fc1.weight, layer.mlp.fc1.weight)
     assert not torch.equal(layer.cross_attn.q_proj.weight, layer.attn.qkv_proj.weight[:384])
+
+
+T5_TINY = {"model_type": "t5", "vocab_size": 200, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+           "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+           "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu", "tie_word_embeddings": False}  # fmt: skip
+
+
+def _t5_blip2():
+    from vlp.models.blip2 import Blip2, Blip2Config
+
+    torch.manual_seed(0)
+    tiny = create_model("blip2-tiny").cfg
+    return Blip2(Blip2Config(image=tiny.image, qformer=tiny.qformer, language_model=T5_TINY, lm_precision="fp32"))
+
+
+def test_a_prefix_lm_cut_keeps_every_token_once():
+    from vlp.objectives.blip2 import split_prefix
+
+    text = torch.tensor([[0, 11, 12, 13, 14, 1, 0], [0, 21, 1, 0, 0, 0, 0]])  # start, tokens, end, padding
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0]])
+    for seed in range(10):
+        torch.manual_seed(seed)
+        encoder, encoder_mask, decoder, decoder_mask = split_prefix(text, mask, pad_id=0)
+        for row in range(2):
+            head = encoder[row][encoder_mask[row].bool()].tolist()
+            tail = decoder[row][decoder_mask[row].bool()].tolist()
+            assert tail[0] == 0 and tail[-1] == 1 and len(tail) >= 3  # start, at least one token, end
+            assert head + tail[1:-1] == text[row][mask[row].bool()].tolist()[1:-1]
+
+
+def test_an_encoder_decoder_language_model_learns_as_a_prefix_lm_and_decodes_on_its_cache():
+    model = _t5_blip2().train()
+    batch = _batch()
+    text = torch.tensor([[0, 11, 12, 13, 14, 1], [0, 21, 22, 1, 0, 0], [0, 31, 1, 0, 0, 0], [0, 41, 42, 43, 1, 0]])
+    batch.update(text=text, text_mask=(torch.arange(6) <= torch.tensor([5, 3, 2, 4])[:, None]).long())
+    loss = Blip2Objective(model, Blip2ObjectiveConfig())(batch)["lm_loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.language_projection.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        prompt = model.encode_image_tokens(batch["image"][:2])[1]
+        greedy = GenerationConfig(method="greedy", max_new_tokens=5, min_new_tokens=5)
+        tokens = generate(model.caption_decoder(prompt), text[:2, :0], greedy)
+        ids = torch.zeros(2, 1, dtype=torch.long)
+        for _ in range(5):  # recomputed whole at every step
+            logits = model.language_model(inputs_embeds=prompt, decoder_input_ids=ids).logits[:, -1]
+            logits[:, 1] = float("-inf")
+            ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        assert tokens == ids[:, 1:].tolist()
+        beams = generate(model.caption_decoder(prompt), text[:2, :0], GenerationConfig(num_beams=3, max_new_tokens=4))
+        assert len(beams) == 2

@@ -7,8 +7,9 @@ Facts the mapping rests on (transformers 5.x, checked against 4.55's and 4.45's 
   Its fused `qkv` bias is LAVIS's q_bias, zeros, v_bias: a plain q/k/v bias here.
 - `qformer.layernorm` normalises [queries; text embeddings]; retrieval keeps the word and position
   embeddings at the top level (`embeddings.*`) and the text feed-forward in every layer.
-- The language model is `AutoModelForCausalLM` under `language_model.`, the same keys as vlp's; its output
-  layer may be tied to its input embeddings and missing from the file.
+- The language model is `AutoModelForCausalLM` (OPT, Llama, ...) or `AutoModelForSeq2SeqLM` (Flan-T5) under
+  `language_model.`, the same keys as vlp's; its output layer may be tied to its input embeddings and
+  missing from the file. A T5's soft prompt and question go to its encoder, the caption to its decoder.
 - No ITG head and no ITC temperature in HF: a retrieval folder loads with them at initialisation, and
   they are not exported.
 - Image placeholders (spec §8.6): from transformers 4.55 on, `input_ids` must hold `num_query_tokens`
@@ -161,10 +162,8 @@ def load_hf_blip2(folder: Path, *, tokenizer: str | Path | None = None, **_: Any
                                             embed_dim=hf.image_text_hidden_size)
         model: Blip2 | Blip2Qformer = Blip2Qformer(model_cfg)
     else:
-        if not hf.use_decoder_only_language_model:
-            raise ConversionError(f"{folder}: a BLIP-2 with an encoder-decoder language model "
-                                  f"({hf.text_config.model_type}) does not load into vlp yet; causal LMs do")
-        text_tokenizer = tokenizer_from_path(tokenizer or folder, context_length=LM_CONTEXT, model_type="causal_lm")
+        kind = "causal_lm" if hf.use_decoder_only_language_model else "seq2seq_lm"
+        text_tokenizer = tokenizer_from_path(tokenizer or folder, context_length=LM_CONTEXT, model_type=kind)
         model_cfg = Blip2Config(image=image, qformer=qformer_config_from_hf(hf, False, None),
                                 language_model=hf.text_config.to_dict(), lm_precision="fp32")
         model = Blip2(model_cfg)

@@ -171,8 +171,9 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
             _special(settings, "pad_token", None),
             settings["vlp_text_clean"],
         )
-    if model_type == "causal_lm" or _is_causal_lm(folder):
-        return _causal_lm_tokenizer(folder, settings, context_length)
+    if model_type in ("causal_lm", "seq2seq_lm") or _lm_kind(folder) is not None:
+        return _lm_tokenizer(folder, settings, context_length, seq2seq=(model_type == "seq2seq_lm"
+                                                                        or _lm_kind(folder) == "seq2seq_lm"))
     if model_type == "siglip":
         if (folder / "spiece.model").is_file():
             return sentencepiece_unigram(
@@ -211,17 +212,20 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
     )
 
 
-def _causal_lm_tokenizer(folder: Path, settings: dict, context_length: int) -> Tokenizer:
-    """A causal language model's tokenizer.json, each text framed by its start and end tokens (BLIP-2's
-    captions), which a causal LM's tokenizer.json leaves to the caller; padded with its pad token, else
-    its end token."""
+def _lm_tokenizer(folder: Path, settings: dict, context_length: int, *, seq2seq: bool) -> Tokenizer:
+    """A language model's tokenizer.json, each text framed by the model's start and end tokens (BLIP-2's
+    captions), which a language model's tokenizer.json leaves to the caller: a causal LM's bos token, or an
+    encoder-decoder's decoder start token (its pad token, T5's rule). Padded with the pad token, else the end
+    token."""
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (re-save the tokenizer with transformers' "
                                 "save_pretrained to write one)")
     backend = BackendTokenizer.from_file(str(folder / "tokenizer.json"))
-    bos, eos = _special(settings, "bos_token", None), _special(settings, "eos_token", None)
+    bos = _special(settings, "pad_token" if seq2seq else "bos_token", None)
+    eos = _special(settings, "eos_token", None)
     if bos is None or eos is None:
-        raise ValueError(f"{folder}: tokenizer_config.json must name the bos_token and eos_token")
+        start = "pad_token" if seq2seq else "bos_token"
+        raise ValueError(f"{folder}: tokenizer_config.json must name the {start} and eos_token")
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
         special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
@@ -229,13 +233,19 @@ def _causal_lm_tokenizer(folder: Path, settings: dict, context_length: int) -> T
     return fix_length(backend, context_length, _special(settings, "pad_token", None) or eos, "none")
 
 
-def _is_causal_lm(folder: Path) -> bool:
-    """A Hugging Face causal language model's folder (its config names a *ForCausalLM architecture)."""
+def _lm_kind(folder: Path) -> str | None:
+    """"causal_lm" or "seq2seq_lm" for a Hugging Face language model's folder (by the architecture its
+    config names), else None."""
     config = folder / "config.json"
     if not config.is_file():
-        return False
+        return None
     architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(name.endswith("ForCausalLM") for name in architectures)
+    if any(name.endswith("ForCausalLM") for name in architectures):
+        return "causal_lm"
+    if any(name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) for name in architectures) and not any(
+            name.startswith(("Blip", "Blip2", "InstructBlip")) for name in architectures):
+        return "seq2seq_lm"
+    return None
 
 
 def tokenizer_from_path(path: str | Path, *, context_length: int, model_type: str = "clip") -> Tokenizer:

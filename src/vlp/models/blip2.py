@@ -234,8 +234,9 @@ class Blip2Config:
     image: FrozenImageConfig = field(default_factory=FrozenImageConfig)
     # Stage 2 keeps the Q-Former's query path only (spec §5.1).
     qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(text_input=False))
-    # The frozen language model's Hugging Face config (`model_type` and sizes, as in its config.json): any
-    # causal LM `AutoModelForCausalLM` builds (OPT, GPT-2, Llama class).
+    # The frozen language model's Hugging Face config (`model_type` and sizes, as in its config.json): a causal
+    # LM `AutoModelForCausalLM` builds (OPT, GPT-2, Llama class) or an encoder-decoder one
+    # `AutoModelForSeq2SeqLM` builds (T5, Flan-T5): the soft prompt then goes to its encoder.
     language_model: dict[str, Any] = field(default_factory=dict)
     lm_precision: Precision = "bf16"
     # How `vlp ask` puts a question to the language model (the paper's zero-shot VQA prompt).
@@ -247,8 +248,23 @@ class Blip2Config:
                              "folder's config.json; `sources.language_model: FOLDER` fills it in for training)")
 
 
+@dataclass
+class EncoderState:
+    """An encoder-decoder LM's generation state: the encoder's output for the prefix (computed once) and the
+    decoder's own key/value cache."""
+
+    states: torch.Tensor  # [B, P, D]
+    mask: torch.Tensor  # [B, P]
+    past: Any = None
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        self.states, self.mask = self.states[index], self.mask[index]
+        if self.past is not None:
+            self.past.reorder_cache(index)
+
+
 class LanguageModelDecoder(StepDecoder):
-    """A Hugging Face causal LM decoding from a soft prompt on its own key/value cache (`past_key_values`);
+    """A Hugging Face LM decoding from a soft prompt on its own key/value cache (`past_key_values`);
     beam search reorders that cache in place."""
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -262,16 +278,15 @@ class LanguageModelDecoder(StepDecoder):
 class Blip2(nn.Module):
     def __init__(self, cfg: Blip2Config):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM  # only this family needs transformers
+        from transformers import AutoConfig  # only this family needs transformers
 
         self.cfg = cfg
         self.image_encoder = FrozenImageEncoder(cfg.image)
         self.qformer = QFormer(cfg.qformer, cfg.image.vision.width)
         lm_config = AutoConfig.for_model(**cfg.language_model)
-        if lm_config.is_encoder_decoder:
-            raise ValueError(f"language_model: a {lm_config.model_type} is an encoder-decoder; vlp's BLIP-2 takes a "
-                             "causal (decoder-only) language model so far")
-        self.language_model = freeze_language_model(AutoModelForCausalLM.from_config(lm_config), cfg.lm_precision)
+        self.encoder_decoder = bool(lm_config.is_encoder_decoder)
+        self.language_model = freeze_language_model(language_model_class(lm_config).from_config(lm_config),
+                                                    cfg.lm_precision)
         self.language_projection = nn.Linear(cfg.qformer.width, lm_config.get_text_config().hidden_size)
 
     def train(self, mode: bool = True) -> Blip2:
@@ -293,17 +308,34 @@ class Blip2(nn.Module):
         prompt = self.soft_prompt(images)
         return prompt.mean(dim=1), prompt
 
-    def text_logits(self, prompt: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def text_logits(
+        self, prompt: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+        encoder_text: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token logits [B, L, V] of the text after the soft prompt [B, Q, D_lm]: position i predicts
-        token i + 1. The language model runs frozen, but gradients flow through it to the prompt."""
+        token i + 1. The language model runs frozen, but gradients flow through it to the prompt.
+
+        An encoder-decoder LM reads the soft prompt (then `encoder_text`, a prefix-LM's caption start) in its
+        encoder and the text in its decoder, whose first token is its start token."""
+        if self.encoder_decoder:
+            embeds, mask = prompt, text_mask.new_ones(prompt.shape[:2])
+            if encoder_text is not None:
+                embeds = torch.cat([prompt, self.language_model.get_input_embeddings()(encoder_text)], dim=1)
+                mask = torch.cat([mask, encoder_mask], dim=1)
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=text,
+                                       decoder_attention_mask=text_mask, use_cache=False).logits
         embeds = torch.cat([prompt, self.language_model.get_input_embeddings()(text)], dim=1)
         mask = torch.cat([text_mask.new_ones(prompt.shape[:2]), text_mask], dim=1)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
         return logits[:, prompt.shape[1]:]
 
+    def _start_id(self) -> int:
+        config = self.language_model.config
+        return config.decoder_start_token_id if self.encoder_decoder else config.bos_token_id
+
     def caption_decoder(self, prompt: torch.Tensor) -> StepDecoder:
         """The language model decoding after the soft prompt, from its start token."""
-        return self._decoder(prompt, None, [self.language_model.config.bos_token_id])
+        return self._decoder(prompt, None, [self._start_id()])
 
     @property
     def question_template(self) -> str:
@@ -328,20 +360,27 @@ class Blip2(nn.Module):
         return config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
 
     def _prefix_mask(self, states: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
-        """[soft prompt; left-aligned question] -> its key mask [B, Q + Lq]."""
+        """[soft prompt; question] (left-aligned for a causal LM) -> its key mask [B, Q + Lq]."""
         queries = self.cfg.qformer.num_queries
-        real = self._left_aligned(question_mask, question_mask, states.shape[1] - queries)[1]
+        if self.encoder_decoder:
+            real = question_mask[:, 1:]
+        else:
+            real = self._left_aligned(question_mask, question_mask, states.shape[1] - queries)[1]
         return torch.cat([real.new_ones(real.shape[0], queries), real], dim=1)
 
     def encode_question(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
-        """The language model's input embeddings [B, Q + Lq, D_lm] of the soft prompt and the question (start
-        token and text, left-padded): the answer follows directly."""
-        ids, _ = self._left_aligned(question, question_mask)
+        """The language model's input embeddings [B, Q + Lq, D_lm] of the soft prompt and the question. A causal
+        LM gets its start token and the text, left-padded, and the answer follows directly; an encoder reads
+        the question and its end token, and the decoder answers from its start token."""
+        # The tokenizer starts texts with the decoder's start token, which the encoder does not read.
+        ids = question[:, 1:] if self.encoder_decoder else self._left_aligned(question, question_mask)[0]
         return torch.cat([self.soft_prompt(images), self.language_model.get_input_embeddings()(ids)], dim=1)
 
     def answer_decoder_for(self, question_states: torch.Tensor, question_mask: torch.Tensor) -> StepDecoder:
-        """The language model continuing after the soft prompt and question (no start token of its own)."""
-        return self._decoder(question_states, self._prefix_mask(question_states, question_mask), [])
+        """The language model continuing after the soft prompt and question (a causal LM: no start token of
+        its own)."""
+        start = [self._start_id()] if self.encoder_decoder else []
+        return self._decoder(question_states, self._prefix_mask(question_states, question_mask), start)
 
     def answer_logits(
         self, answer: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
@@ -350,6 +389,10 @@ class Blip2(nn.Module):
         """Next-token logits [A, La, V] of answers (tokenized with their start token, which the question's last
         position stands for) after each row's soft prompt and question."""
         prefix_mask = self._prefix_mask(question_states, question_mask)
+        if self.encoder_decoder:
+            return self.language_model(inputs_embeds=question_states, attention_mask=prefix_mask,
+                                       decoder_input_ids=answer, decoder_attention_mask=answer_mask,
+                                       use_cache=False).logits
         embeds = torch.cat([question_states, self.language_model.get_input_embeddings()(answer[:, 1:])], dim=1)
         mask = torch.cat([prefix_mask, answer_mask[:, 1:]], dim=1)
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -362,6 +405,16 @@ class Blip2(nn.Module):
         # transformers renamed `past_key_values` to `cache` (5.x); both name the model's own key/value cache.
         cache_key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
+        def encoder_decoder_step(inputs: torch.Tensor, key_mask: torch.Tensor, cache: Any, state: tuple) -> tuple:
+            if inputs.dim() == 3:  # the prefix: through the encoder, once
+                states = lm.get_encoder()(inputs_embeds=inputs, attention_mask=key_mask).last_hidden_state
+                return None, EncoderState(states, key_mask)
+            decoder_mask = key_mask[:, cache.mask.shape[1]:]
+            out = lm(encoder_outputs=(cache.states,), attention_mask=cache.mask, decoder_input_ids=inputs,
+                     decoder_attention_mask=decoder_mask, use_cache=True, **{cache_key: cache.past})
+            cache.past = out[cache_key]
+            return out.logits[:, -1], cache
+
         def step(inputs: torch.Tensor, key_mask: torch.Tensor, cache: Any, state: tuple) -> tuple:
             # Positions count real tokens only, so left padding and finished rows do not shift them.
             positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
@@ -370,14 +423,18 @@ class Blip2(nn.Module):
             return out.logits[:, -1], out[cache_key]
 
         config = lm.config
-        return LanguageModelDecoder(step, start_ids=start_ids, eos_token_id=config.eos_token_id,
+        return LanguageModelDecoder(encoder_decoder_step if self.encoder_decoder else step, start_ids=start_ids,
+                                    eos_token_id=config.eos_token_id,
                                     pad_token_id=self._pad_id(),
                                     max_length=getattr(config, "max_position_embeddings", None),
                                     prefix=prefix, prefix_mask=prefix_mask)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, L, V] of the text given the image."""
-        return self.text_logits(self.soft_prompt(image), text, text_mask)
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+        encoder_text: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits [B, L, V] of the text given the image (see `text_logits`)."""
+        return self.text_logits(self.soft_prompt(image), text, text_mask, encoder_text, encoder_mask)
 
     @torch.no_grad()
     def init_from(self, source: nn.Module) -> list[str]:
@@ -395,6 +452,13 @@ class Blip2(nn.Module):
                              f"{wrong[:4]}")
         self.qformer.load_state_dict(theirs)
         return []
+
+
+def language_model_class(config: Any) -> Any:
+    """transformers' auto class for a language model config: sequence-to-sequence or causal."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 def freeze_language_model(lm: nn.Module, precision: Precision) -> nn.Module:

@@ -74,10 +74,11 @@ def load_sources(model: nn.Module, model_cfg: Any) -> None:
         load_bert_into_qformer(model.qformer, sources.qformer)
         log.info("Q-Former from the BERT checkpoint %s (cross-attention and queries new)", sources.qformer)
     if sources.language_model is not None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        from vlp.models.blip2 import freeze_language_model
+        from vlp.models.blip2 import freeze_language_model, language_model_class
 
-        lm = AutoModelForCausalLM.from_pretrained(sources.language_model)
+        lm = language_model_class(AutoConfig.from_pretrained(sources.language_model)).from_pretrained(
+            sources.language_model)
         model.language_model = freeze_language_model(lm, model_cfg.lm_precision)
         log.info("language model from %s (frozen)", sources.language_model)
