@@ -98,6 +98,12 @@ def coca_section(data: Path, quick: bool) -> dict[str, Any]:
     return coca.measure(data, quick)
 
 
+def blip2_section(data: Path, quick: bool) -> dict[str, Any]:
+    import blip2
+
+    return blip2.measure(data, quick)
+
+
 def report(results: dict[str, Any]) -> list[str]:
     lines = []
     if "train" in results:
@@ -150,12 +156,25 @@ def report(results: dict[str, Any]) -> list[str]:
             + ", ".join(f"{m} {v:.2f}x" for m, v in gen["vlp_over_open_clip"].items())
             + f"; greedy tokens equal: {gen['greedy_tokens_equal']}"
         )
+    if "blip2" in results:
+        gen, step = results["blip2"]["generation"], results["blip2"]["stage1_train_step"]
+        lines.append(
+            f"blip2 generation ({gen['images']} images x {gen['new_tokens']} tokens, pixels to tokens): tokens/s "
+            + ", ".join(f"{k} {v:.1f}" for k, v in gen["tokens_per_s"].items())
+            + "; vlp / transformers "
+            + ", ".join(f"{m} {v:.2f}x" for m, v in gen["vlp_over_transformers"].items())
+            + f"; greedy tokens equal (fp32): {gen['greedy_tokens_equal_fp32']}"
+        )
+        lines.append(
+            f"blip2 stage-1 train step (batch {step['batch_size']}): pairs/s "
+            + ", ".join(f"{k} {v:.1f} ({step['speedup_over_end_to_end'][k]:.2f}x)" for k, v in step["pairs_per_s"].items())
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="train,embed,memory,coca")
+    parser.add_argument("--sections", default="train,embed,memory,coca,blip2")
     parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks the harness runs")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -189,6 +208,8 @@ def main() -> None:
         results["memory"] = memory_section(args.quick)
     if "coca" in sections and device.type == "cpu":
         results["coca"] = coca_section(args.data, args.quick)
+    if "blip2" in sections and device.type == "cpu":
+        results["blip2"] = blip2_section(args.data, args.quick)
     for line in report(results):
         print(line)
     if args.out:

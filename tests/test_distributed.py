@@ -17,10 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import free_port
 from vlp.distributed import all_reduce_mean, setup_from_environment
-from vlp.losses import contrastive_loss, sigmoid_loss
+from vlp.losses import contrastive_loss, max_query_contrastive_loss, sigmoid_loss
 
 GLOBAL_BATCH, WORLD = 12, 2
-CASES = [("clip", None), ("clip", 4), ("siglip", None), ("siglip", 4)]
+CASES = [("clip", None), ("clip", 4), ("siglip", None), ("siglip", 4), ("blip2", None)]
 UNEVEN = 7  # rank 0's rows when a split is uneven, as when bad samples were dropped on one process
 
 
@@ -53,12 +53,19 @@ def _loss_and_grads(model, wrapped, images, texts, loss_name, chunk):
     image_features, text_features, scale, bias = wrapped(images, texts)
     if loss_name == "clip":
         loss = contrastive_loss(image_features, text_features, scale, chunk_size=chunk)
+    elif loss_name == "blip2":  # two 4-wide query features per image, the best one counts
+        loss = max_query_contrastive_loss(_queries(image_features), text_features[:, :4], 1 / scale,
+                                          label_smoothing=0.1)[0]
     else:
         loss = sigmoid_loss(image_features, text_features, scale, bias, chunk_size=chunk)
     model.zero_grad()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return all_reduce_mean(loss).item(), grads
+
+
+def _queries(image_features):
+    return F.normalize(image_features.view(len(image_features), 2, 4), dim=-1)
 
 
 def _worker(rank, port, out):
@@ -102,6 +109,11 @@ def test_two_processes_equal_one_process_on_the_global_batch(two_process_results
 def _row_losses(loss_name, image, text, scale, bias):
     """Each image row's loss on the whole global batch, written out independently of vlp.losses."""
     logits = scale * image @ text.T
+    if loss_name == "blip2":
+        logits = scale * (_queries(image)[:, None] * text[None, :, None, :4]).sum(-1).amax(dim=-1)
+        labels = torch.arange(len(image))
+        return (F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
+                + F.cross_entropy(logits.T, labels, reduction="none", label_smoothing=0.1)) / 2
     if loss_name == "clip":
         labels = torch.arange(len(image))
         return (
