@@ -443,6 +443,8 @@ def test_stage_two_with_the_real_smollm2_learns_to_caption(shapes_world, tmp_pat
 
 
 def test_bad_sources_and_settings_are_named(tmp_path, capsys):
+    from PIL import Image
+
     from vlp.cli import main
     from vlp.config import ConfigError
     from vlp.registry import parse_model_config
@@ -456,9 +458,12 @@ def test_bad_sources_and_settings_are_named(tmp_path, capsys):
     _, stage2 = parse_model_config({"preset": "blip2-tiny", "sources": {"language_model": str(tmp_path)}})
     with pytest.raises(ConfigError, match="holds no config.json"):
         resolve_sources(stage2)
-    (tmp_path / "data.csv").write_text("filepath,title\n")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (48, 48)).save(image)
+    (tmp_path / "data.csv").write_text(f"filepath,title\n{image},a red circle\n")
     code = main(["train", "--config", "configs/blip2-qformer-tiny.yaml", "--data", str(tmp_path / "data.csv"),
                  "--out", str(tmp_path / "run"), "--set", f"model.sources.image_encoder={tmp_path / 'missing'}"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
+    assert code == 2 and err.splitlines() == [
+        f"error: config key 'model.sources.image_encoder': checkpoint not found: {tmp_path / 'missing'}"], err
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start

@@ -20,9 +20,13 @@ log = logging.getLogger("vlp.train")
 
 @lru_cache(maxsize=2)
 def _pretrained(path: str) -> Any:
+    from vlp.checkpoint import CheckpointError
     from vlp.convert import load_pretrained
 
-    return load_pretrained(path)
+    try:
+        return load_pretrained(path)
+    except CheckpointError as err:  # ConversionError is a ValueError: its message already names the file
+        raise ConfigError(f"config key 'model.sources.image_encoder': {err}") from err
 
 
 def _read_lm_config(folder: str) -> dict[str, Any]:
