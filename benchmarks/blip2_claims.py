@@ -4,7 +4,7 @@ A. Frozen towers + a small Q-Former reach most of an end-to-end model (the paper
    stage 1 over the frozen image tower of a tiny CLIP trained first, against an end-to-end tiny BLIP
    (`configs/blip-tiny.yaml`) trained for the same wall time; text->image R@1 by embeddings on the test
    split, and each one's trainable parameters. The stage-1 run saves often; the checkpoint scored is the
-   last one written within the BLIP's wall time.
+   last one within the BLIP's wall time, each run's time taken at its median logged throughput.
 B. Stage 2 with the real frozen SmolLM2-135M-Instruct: zero-shot captioning CIDEr (greedy) and zero-shot
    VQA accuracy ("Question: {} Answer:") on test images, against the same LM given only the prompt (no
    image) and against stage 2 started without stage 1 (the paper's Figure 5), the image tower the same.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from vlp.checkpoint import list_checkpoints, load_checkpoint
 from vlp.convert.tokenizers import tokenizer_from_path
@@ -51,6 +52,15 @@ def _train(config: str, out: Path, overrides: list[str], steps: int | None = Non
     return out
 
 
+def _seconds(run: Path, step: int) -> float:
+    """The wall time a run needs to reach `step` at its median logged throughput: other load on a shared
+    machine then inflates neither run's time."""
+    records = _records(run)
+    rates = sorted(r["samples_per_s"] for r in records)
+    batch = yaml.safe_load((run / "run.yaml").read_text())["train"]["batch_size"]
+    return step * batch / rates[len(rates) // 2]
+
+
 def _trainable(run: Path) -> int:
     return sum(p.numel() for p in load_checkpoint(run).model.parameters() if p.requires_grad)
 
@@ -66,16 +76,16 @@ def part_a(data: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     for seed in seeds:
         common = [f"data.train={data / 'train.csv'}", f"train.seed={seed}"]
         blip = _train("blip-tiny.yaml", out / f"blip-{seed}", common)
-        wall = _records(blip)[-1]["elapsed_s"]
+        wall = _seconds(blip, _records(blip)[-1]["step"])
         stage1 = _train("blip2-qformer-tiny.yaml", out / f"stage1-{seed}", [
             *common, f"model.sources.image_encoder={clip}", "train.steps=1500", "train.save_every=50",
             "train.keep_checkpoints=100"])  # fmt: skip
-        elapsed = {r["step"]: r["elapsed_s"] for r in _records(stage1)}
-        within = [c for c in list_checkpoints(stage1) if elapsed.get(int(c.name.split("_")[1]), 1e9) <= wall]
-        chosen = within[-1] if within else list_checkpoints(stage1)[0]
+        step_of = {c: int(c.name.split("_")[1]) for c in list_checkpoints(stage1)}
+        within = [c for c, step in step_of.items() if _seconds(stage1, step) <= wall]
+        chosen = within[-1] if within else min(step_of, key=step_of.get)
         rows.append({
             "seed": seed, "blip_wall_s": wall, "blip_recall@1": _recall(blip, data),
-            "stage1_checkpoint": chosen.name, "stage1_wall_s": elapsed[int(chosen.name.split("_")[1])],
+            "stage1_checkpoint": chosen.name, "stage1_wall_s": _seconds(stage1, step_of[chosen]),
             "stage1_recall@1": _recall(chosen, data),
         })  # fmt: skip
         log.info("part A seed %d: %s", seed, rows[-1])
@@ -127,16 +137,16 @@ def part_b(data: Path, out: Path, lm: Path, steps: int, images: int, questions: 
     subset = out / "eval-subset"
     subset.mkdir(parents=True, exist_ok=True)
     captions = _captions_subset(data, subset, images)
-    questions, annotations = _vqa_subset(data, subset, questions)
+    question_file, annotations = _vqa_subset(data, subset, questions)
     greedy = GenerationConfig(method="greedy", max_new_tokens=20, min_new_tokens=1)
     short = GenerationConfig(method="greedy", max_new_tokens=5, min_new_tokens=1)
     results = {}
     for name, run in arms.items():
         caption = CaptionPredictor.from_checkpoint(run, generation=greedy, device="cpu").caption
         answer = VqaPredictor.from_checkpoint(run, generation=short, device="cpu").answer
-        results[name] = _score(caption, answer, captions, questions, annotations, data)
+        results[name] = _score(caption, answer, captions, question_file, annotations, data)
         log.info("part B %s: %s", name, results[name])
-    results["language model alone (prompt only, no image)"] = _prompt_only(lm, captions, questions, annotations,
+    results["language model alone (prompt only, no image)"] = _prompt_only(lm, captions, question_file, annotations,
                                                                             data, greedy, short)
     return {"steps": steps, "eval_images": images, "eval_questions": questions, "scores": results}
 
@@ -198,11 +208,11 @@ def main() -> None:
     result: dict[str, Any] = json.loads(args.result.read_text()) if args.result.is_file() else {}
     if "a" in args.parts.split(","):
         result["a"] = part_a(args.data, args.out, args.seeds)
-        args.result.write_text(json.dumps(result, indent=1) + "\n")
+        args.result.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if "b" in args.parts.split(","):
         result["b"] = part_b(args.data, args.out, args.lm, args.stage2_steps, args.eval_images, args.eval_questions)
-        args.result.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+        args.result.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":
