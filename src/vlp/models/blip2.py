@@ -74,9 +74,10 @@ class FrozenImageEncoder(nn.Module):
         return self
 
     def tower_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen tower's tokens [B, N, Dv], computed without gradients in its precision."""
+        """The frozen tower's tokens [B, N, Dv], computed without gradients in its weights' precision, or in
+        bf16 when a bf16 autocast is active (the trainer's and the predictors' bf16 path)."""
         dtype = DTYPES[self.cfg.vision_precision]
-        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        with torch.no_grad():
             tokens = self.visual.forward_features(images.to(dtype))
         return tokens.float()
 
