@@ -59,7 +59,14 @@ def _reference(folder: Path) -> tuple[Any, Any]:
 
 def generation_speed(folder: Path, images: torch.Tensor, *, new_tokens: int, steps: int, warmup: int) -> dict[str, Any]:
     reference, pretrained = _reference(folder)
-    model = pretrained.model.eval()
+    models = {"fp32": pretrained.model.eval()}
+    # vlp's bf16 path as its BLIP-2 configs set it (frozen tower and LM stored in bf16, the rest under a bf16
+    # autocast), against transformers loaded with torch_dtype=bfloat16.
+    bf16 = vlp.load(folder)
+    bf16.model.image_encoder.visual.to(torch.bfloat16)
+    bf16.model.image_encoder.cfg.vision_precision = "bf16"
+    bf16.model.language_model.to(torch.bfloat16)
+    models["bf16"] = bf16.model.eval()
     batch = len(images)
     start = torch.full((batch, 1), 1)
     placeholders = torch.full((batch, 32), IMAGE_TOKEN)
@@ -74,7 +81,8 @@ def generation_speed(folder: Path, images: torch.Tensor, *, new_tokens: int, ste
             # End-of-text is held off until the budget: every contender generates all the tokens.
             cfg = GenerationConfig(method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=3)
 
-            def vlp_run(step: int, cfg=cfg, autocast=autocast, key=f"vlp {method} {precision}") -> None:
+            def vlp_run(step: int, cfg=cfg, autocast=autocast, model=models[precision],
+                        key=f"vlp {method} {precision}") -> None:
                 with torch.inference_mode(), autocast:
                     prompt = model.encode_image_tokens(images)[1]
                     outputs[key] = generate(model.caption_decoder(prompt), start[:, :0], cfg)
