@@ -93,7 +93,7 @@ def _aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _without_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def without_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tied tensor once (safetensors refuses to write one tensor under two names)."""
     aliases = _aliases(state_dict)
     return {k: v for k, v in state_dict.items() if k not in aliases}
@@ -116,7 +116,7 @@ def save_checkpoint(
     folder that exists only the checkpoint files are replaced. Non-finite weights are refused."""
     folder = Path(folder)
     state_dict = model.state_dict() if isinstance(model, nn.Module) else model
-    weights = {k: v.detach().cpu().contiguous() for k, v in _without_aliases(state_dict).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in without_aliases(state_dict).items()}
     bad = first_nonfinite(weights)
     if bad is not None:
         raise CheckpointError(f"not writing {folder}: weight '{bad}' holds NaN or infinite values")

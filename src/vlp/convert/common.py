@@ -75,6 +75,16 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
 
 
+def blip_image_processor(image: ImageConfig) -> dict[str, Any]:
+    """The preprocessor_config.json of BLIP's and BLIP-2's `BlipImageProcessor`: a square resize, no crop."""
+    return {
+        "image_processor_type": "BlipImageProcessor", "do_resize": True,
+        "size": {"height": image.size, "width": image.size}, "resample": 2 if image.interpolation == "bilinear" else 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image.mean),
+        "image_std": list(image.std), "do_convert_rgb": True,
+    }  # fmt: skip
+
+
 def _side(size: int | dict[str, int], default: int) -> int:
     if isinstance(size, dict):
         return int(size.get("height", size.get("shortest_edge", default)))

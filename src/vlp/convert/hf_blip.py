@@ -27,6 +27,7 @@ from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.common import (
     ConversionError,
     activation_from_hf,
+    blip_image_processor,
     image_config_from_hf,
     read_hf_config,
     read_hf_weights,
@@ -88,18 +89,22 @@ def configs_from_hf(config: dict[str, Any], enc_token_id: int) -> tuple[VisionCo
     return vision_cfg, text_cfg
 
 
-def _vision_rules(layers: int) -> list[Rule]:
+def vit_rules(layers: int) -> list[Rule]:
+    """vlp's ViT (class token, patch bias, no pre-norm) <-> the tower of HF's BLIP and BLIP-2 vision models,
+    their final LayerNorm aside."""
     rules = [
         rule("class_embedding", "embeddings.class_embedding", "unsqueeze2"),
         rule("pos_embed", "embeddings.position_embedding", "unsqueeze"),
         *weight_and_bias("patch_embed.proj", "embeddings.patch_embedding"),
-        *weight_and_bias("ln_post", "post_layernorm"),
     ]
-    rules += layer_rules(layers, "blocks", "encoder.layers", [
+    return rules + layer_rules(layers, "blocks", "encoder.layers", [
         ("norm1", "layer_norm1"), ("attn.qkv_proj", "self_attn.qkv"), ("attn.out_proj", "self_attn.projection"),
         ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
     ])  # fmt: skip
-    return prefixed(rules, "visual.", "vision_model.")
+
+
+def _vision_rules(layers: int) -> list[Rule]:
+    return prefixed([*vit_rules(layers), *weight_and_bias("ln_post", "post_layernorm")], "visual.", "vision_model.")
 
 
 def _text_rules(layers: int, ours: str, theirs: str, attention: str = "attn", norm: str = "norm1") -> list[Rule]:
@@ -256,12 +261,6 @@ def export_hf_blip(pretrained: Pretrained, out: Path, architecture: str | None =
     if image.resize_mode != "squash":
         log.warning("BLIP's image processor resizes to a square; this model was trained with '%s' resizing",
                     image.resize_mode)  # fmt: skip
-    processor = {
-        "image_processor_type": "BlipImageProcessor", "do_resize": True,
-        "size": {"height": image.size, "width": image.size}, "resample": 2 if image.interpolation == "bilinear" else 3,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image.mean),
-        "image_std": list(image.std), "do_convert_rgb": True,
-    }  # fmt: skip
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(blip_image_processor(image), indent=1))
     save_hf_tokenizer(pretrained.tokenizer, out)
     return out

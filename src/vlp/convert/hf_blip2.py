@@ -28,15 +28,17 @@ from typing import Any
 
 import torch
 
-from vlp.checkpoint import Pretrained, write_safetensors
+from vlp.checkpoint import Pretrained, without_aliases, write_safetensors
 from vlp.convert.common import (
     ConversionError,
     activation_from_hf,
+    blip_image_processor,
     image_config_from_hf,
     read_hf_config,
     read_hf_weights,
     save_hf_tokenizer,
 )
+from vlp.convert.hf_blip import vit_rules
 from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig, FrozenImageConfig
@@ -101,16 +103,8 @@ def qformer_config_from_hf(hf: Any, text_input: bool, tokenizer: Any | None) -> 
 
 
 def _vision_rules(layers: int) -> list[Rule]:
-    rules = [
-        rule("visual.class_embedding", "embeddings.class_embedding", "unsqueeze2"),
-        rule("visual.pos_embed", "embeddings.position_embedding", "unsqueeze"),
-        *weight_and_bias("visual.patch_embed.proj", "embeddings.patch_embedding"),
-        *weight_and_bias("ln_vision", "post_layernorm"),
-    ]
-    rules += layer_rules(layers, "visual.blocks", "encoder.layers", [
-        ("norm1", "layer_norm1"), ("attn.qkv_proj", "self_attn.qkv"), ("attn.out_proj", "self_attn.projection"),
-        ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
-    ])  # fmt: skip
+    """HF's post_layernorm is BLIP-2's ln_vision, outside vlp's tower."""
+    rules = [*prefixed(vit_rules(layers), "visual.", ""), *weight_and_bias("ln_vision", "post_layernorm")]
     return prefixed(rules, "image_encoder.", "vision_model.")
 
 
@@ -250,23 +244,12 @@ def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None 
         config["tie_word_embeddings"] = bool(getattr(lm.config, "tie_word_embeddings", False))
         state.update({f"language_model.{k}": v for k, v in lm.state_dict().items()})
     out.mkdir(parents=True, exist_ok=True)
-    seen: dict[int, str] = {}
-    unique = {}
-    for key, value in state.items():  # a tied output layer is written once, as transformers writes it
-        if value.data_ptr() in seen and value.numel():
-            continue
-        seen[value.data_ptr()] = key
-        unique[key] = value.contiguous()
+    # A tied output layer is written once, as transformers writes it.
+    unique = {k: v.contiguous() for k, v in without_aliases(state).items()}
     write_safetensors(unique, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     image = pretrained.image_config
-    processor = {
-        "image_processor_type": "BlipImageProcessor", "do_resize": True,
-        "size": {"height": image.size, "width": image.size}, "resample": 2 if image.interpolation == "bilinear" else 3,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image.mean),
-        "image_std": list(image.std), "do_convert_rgb": True,
-    }  # fmt: skip
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(blip_image_processor(image), indent=1))
     save_hf_tokenizer(tokenizer, out)
     if not isinstance(model, Blip2Qformer):
         (out / "processor_config.json").write_text(json.dumps({"processor_class": "Blip2Processor",

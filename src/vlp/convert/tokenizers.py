@@ -171,9 +171,9 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
             _special(settings, "pad_token", None),
             settings["vlp_text_clean"],
         )
-    if model_type in ("causal_lm", "seq2seq_lm") or _lm_kind(folder) is not None:
-        return _lm_tokenizer(folder, settings, context_length, seq2seq=(model_type == "seq2seq_lm"
-                                                                        or _lm_kind(folder) == "seq2seq_lm"))
+    lm_kind = model_type if model_type in ("causal_lm", "seq2seq_lm") else _lm_kind(folder)
+    if lm_kind is not None:
+        return _lm_tokenizer(folder, settings, context_length, seq2seq=lm_kind == "seq2seq_lm")
     if model_type == "siglip":
         if (folder / "spiece.model").is_file():
             return sentencepiece_unigram(

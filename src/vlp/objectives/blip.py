@@ -51,6 +51,20 @@ def trim_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return text[:, :length], mask[:, :length]
 
 
+def itm_pairs(
+    text: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor, negative_images: torch.Tensor,
+    negative_texts: torch.Tensor, sizes: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ITM batch of BLIP and BLIP-2: texts [pos, pos, neg] with images [pos, neg, pos], the negatives
+    global row indices into the whole batch. Image tokens are gathered with their gradient (what produced
+    them trains on the negatives too); texts are ids."""
+    all_tokens = all_gather_with_grad(image_tokens, sizes)
+    with torch.no_grad():
+        all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
+    return (torch.cat([text, text, all_text[negative_texts]]), torch.cat([mask, mask, all_mask[negative_texts]]),
+            torch.cat([image_tokens, all_tokens[negative_images], image_tokens]))
+
+
 class BlipObjective(Objective):
     cfg: BlipObjectiveConfig
 
@@ -91,16 +105,11 @@ class BlipObjective(Objective):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM loss and accuracy over the positives and one hard negative per text and per image; every
         process picks its negatives among the whole global batch."""
-        all_tokens = all_gather_with_grad(out.image_tokens, sizes)
-        with torch.no_grad():
-            all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
         negative_images, negative_texts = itm_negatives(
             out.image_features, out.text_features, hard=self.cfg.hard_negatives, sizes=sizes
         )
-        itm_text = torch.cat([text, text, all_text[negative_texts]])
-        itm_mask = torch.cat([mask, mask, all_mask[negative_texts]])
-        itm_images = torch.cat([out.image_tokens, all_tokens[negative_images], out.image_tokens])
-        return itm_loss(blip.itm_logits(itm_text, itm_mask, itm_images), positives=text.shape[0])
+        pairs = itm_pairs(text, mask, out.image_tokens, negative_images, negative_texts, sizes)
+        return itm_loss(blip.itm_logits(*pairs), positives=text.shape[0])
 
     def _distilled_itc(
         self, blip: nn.Module, out: Any, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,

@@ -21,18 +21,22 @@ import torch
 from torch import nn
 
 from vlp.config import Fraction, NonNegativeFloat, NonNegativeInt
-from vlp.distributed import all_gather_with_grad, local_sizes, rank, unwrap
+from vlp.distributed import local_sizes, rank, unwrap
 from vlp.losses import itm_loss, lm_loss, max_query_contrastive_loss, sample_negatives
 from vlp.objectives import Objective
-from vlp.objectives.blip import trim_padding
+from vlp.objectives.blip import itm_pairs, trim_padding
 
 log = logging.getLogger("vlp.train")
 
 
-def log_trainable(model: nn.Module) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    log.info("parameters: %s trained, %s frozen", f"{trainable:,}", f"{frozen:,}")
+class FrozenPartsObjective(Objective):
+    """An objective of a model with frozen parts: `prepare` says how many parameters train."""
+
+    @staticmethod
+    def prepare(model: nn.Module, cfg: Any) -> None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        log.info("parameters: %s trained, %s frozen", f"{trainable:,}", f"{frozen:,}")
 
 
 @dataclass
@@ -44,12 +48,8 @@ class Blip2QformerObjectiveConfig:
     label_smoothing: Fraction = 0.1  # ITC and ITG
 
 
-class Blip2QformerObjective(Objective):
+class Blip2QformerObjective(FrozenPartsObjective):
     cfg: Blip2QformerObjectiveConfig
-
-    @staticmethod
-    def prepare(model: nn.Module, cfg: Blip2QformerObjectiveConfig) -> None:
-        log_trainable(model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         text, mask = trim_padding(batch["text"], batch["text_mask"])
@@ -69,13 +69,8 @@ class Blip2QformerObjective(Objective):
             negative_images = sample_negatives(text_to_image, offset, self.cfg.hard_negatives, floor=0.0)
             negative_texts = sample_negatives(image_to_text, offset, self.cfg.hard_negatives, floor=0.0)
             # ln_vision's output is gathered with its gradient: ln_vision trains on the negatives too.
-            all_tokens = all_gather_with_grad(out.image_tokens, sizes)
-            with torch.no_grad():
-                all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
-            itm_text = torch.cat([text, text, all_text[negative_texts]])
-            itm_mask = torch.cat([mask, mask, all_mask[negative_texts]])
-            itm_images = torch.cat([out.image_tokens, all_tokens[negative_images], out.image_tokens])
-            itm, accuracy = itm_loss(model.itm_logits(itm_text, itm_mask, itm_images), positives=text.shape[0])
+            pairs = itm_pairs(text, mask, out.image_tokens, negative_images, negative_texts, sizes)
+            itm, accuracy = itm_loss(model.itm_logits(*pairs), positives=text.shape[0])
             values["itm_loss"], values["itm_accuracy"] = self.cfg.itm_weight * itm, accuracy
         if self.cfg.itg_weight:
             logits = model.lm_logits(text, mask, out.query_kv)
@@ -114,12 +109,8 @@ def split_prefix(
     return encoder, encoder_mask.long(), decoder, decoder_mask.long()
 
 
-class Blip2Objective(Objective):
+class Blip2Objective(FrozenPartsObjective):
     cfg: Blip2ObjectiveConfig
-
-    @staticmethod
-    def prepare(model: nn.Module, cfg: Blip2ObjectiveConfig) -> None:
-        log_trainable(model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         text, mask = trim_padding(batch["text"], batch["text_mask"])

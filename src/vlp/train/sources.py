@@ -88,3 +88,4 @@ def load_sources(model: nn.Module, model_cfg: Any) -> None:
             sources.language_model)
         model.language_model = freeze_language_model(lm, model_cfg.lm_precision)
         log.info("language model from %s (frozen)", sources.language_model)
+    _pretrained.cache_clear()  # the weights are copied: the loaded source models are not kept
