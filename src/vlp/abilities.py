@@ -89,6 +89,18 @@ class AnswersQuestions(Ability, Protocol):
 
 
 @runtime_checkable
+class FollowsInstructions(AnswersQuestions, Protocol):
+    """InstructBLIP: the question (an instruction) is read by the image side too, tokenised by the checkpoint's
+    `qformer_tokenizer`; images may be [B, F, 3, H, W], F images read one after the other."""
+
+    def encode_question(
+        self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor,
+        instruction: torch.Tensor | None = None, instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image-grounded question states, the image read under the instruction [B, Li] (its own tokens)."""
+
+
+@runtime_checkable
 class JudgesImagePairs(Ability, Protocol):
     def pair_logits(
         self, left: torch.Tensor, right: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
@@ -108,5 +120,5 @@ class DetectsBoxes(Ability, Protocol):
 
 ABILITIES: tuple[type[Ability], ...] = (
     EmbedsImages, EmbedsTexts, GivesImageTokens, CaptionsImages, MatchesImageText, AnswersQuestions,
-    JudgesImagePairs, DetectsBoxes,
+    FollowsInstructions, JudgesImagePairs, DetectsBoxes,
 )

@@ -4,6 +4,7 @@
     model.json          {"family": ..., architecture config}
     preprocess.json     image preprocessing (ImageConfig)
     tokenizer.json      the tokenizer, fixed to its context length
+    qformer_tokenizer/  InstructBLIP: the tokenizer of the Q-Former's instructions (tokenizer.json)
     state.json          step and run config (training checkpoints only)
     optimizer.pt        optimizer and schedule state (training checkpoints only; loaded weights_only)
 
@@ -39,9 +40,10 @@ ARCH_FILE = "model.json"
 PREPROCESS_FILE = "preprocess.json"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILES = (WEIGHTS_FILE, ARCH_FILE, PREPROCESS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, STATE_FILE,
-                    OPTIMIZER_FILE)
+                    OPTIMIZER_FILE, QFORMER_TOKENIZER_DIR)
 
 
 class CheckpointError(FileNotFoundError):
@@ -58,6 +60,8 @@ class Pretrained:
     image_config: ImageConfig
     tokenizer: Tokenizer
     path: Path
+    # A second tokenizer for models whose image side reads text in its own vocabulary (InstructBLIP's Q-Former).
+    qformer_tokenizer: Tokenizer | None = None
 
     def image_transform(self) -> ImageTransform:
         return ImageTransform(self.image_config, train=False)
@@ -109,6 +113,7 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     state: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    qformer_tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a checkpoint folder. `model` is the module, or its state dict when it was gathered from shards.
 
@@ -129,6 +134,9 @@ def save_checkpoint(
         (tmp / ARCH_FILE).write_text(json.dumps({"family": family.name, **to_dict(model_config)}, indent=1))
         (tmp / PREPROCESS_FILE).write_text(json.dumps(to_dict(image_config), indent=1))
         tokenizer.save(tmp)
+        if qformer_tokenizer is not None:
+            (tmp / QFORMER_TOKENIZER_DIR).mkdir()
+            qformer_tokenizer.save(tmp / QFORMER_TOKENIZER_DIR)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         if state is not None:
@@ -163,11 +171,18 @@ def _replace_checkpoint_files(new: Path, folder: Path) -> None:
     checkpoint that the new one lacks (a training state, say) are removed. Nothing else is touched."""
     written = {p.name for p in new.iterdir()}
     for name in CHECKPOINT_FILES:
-        if name not in written:
-            (folder / name).unlink(missing_ok=True)
+        if name not in written or (folder / name).is_dir():
+            _remove(folder / name)
     for name in written:
         os.replace(new / name, folder / name)
     new.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def is_checkpoint_folder(path: str | Path) -> bool:
@@ -259,4 +274,6 @@ def load_checkpoint(path: str | Path) -> Pretrained:
     model = build_model(family, config, bytes_per_parameter=LOAD_BYTES_PER_PARAMETER, what=str(folder / ARCH_FILE))
     load_weights(model, folder / WEIGHTS_FILE)
     model.eval()
-    return Pretrained(family, config, model, image_config, Tokenizer.from_file(folder), folder)
+    qformer_tokenizer = folder / QFORMER_TOKENIZER_DIR
+    return Pretrained(family, config, model, image_config, Tokenizer.from_file(folder), folder,
+                      Tokenizer.from_file(qformer_tokenizer) if qformer_tokenizer.is_dir() else None)

@@ -25,6 +25,18 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
           + ", ".join(f"{s} {manifest[s]['images']} images" for s in ("train", "test", "web", "classify")))
 
 
+def _cmd_data_instructions(args: argparse.Namespace) -> None:
+    from vlp.data.shapes_instructions import make_instruction_suite
+
+    if args.per_task < 1:
+        raise ConfigError(f"--per-task {args.per_task}: write at least one record per task")
+    manifest = make_instruction_suite(args.world, args.out, seed=args.seed, per_task=args.per_task)
+    held_out = [t for t, spec in manifest["tasks"].items() if spec["split"] == "held_out"]
+    print(f"instruction suite written to {args.out}: train.jsonl ("
+          + ", ".join(f"{t} {n}" for t, n in manifest["train_records"].items())
+          + f"), {len(manifest['tasks'])} test tasks ({len(held_out)} held out), tasks.json")
+
+
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from vlp.config import apply_overrides, read_mapping
     from vlp.data.pipeline import DataConfig, training_captions
@@ -163,6 +175,22 @@ def _eval_vqa(args: argparse.Namespace) -> None:
     _report(result, args)
 
 
+def _eval_instructions(args: argparse.Namespace) -> None:
+    from vlp.evals.instructions import evaluate_instructions
+    from vlp.generation import GenerationConfig
+    from vlp.serve.predictors import VqaPredictor
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: evaluate at least one record per task")
+    generation = from_dict(GenerationConfig, {"method": "beam" if args.beams > 1 else "greedy", "num_beams": args.beams,
+                                              "max_new_tokens": args.max_new_tokens, "min_new_tokens": 1},
+                           prefix="generation")
+    functions = _functions(args, {VqaPredictor: {"generation": generation, "question_template": args.question_template}})
+    result = evaluate_instructions(functions.require("answer"), functions.require("score_answers"), args.tasks,
+                                   tasks=args.task, split=args.split, limit=args.limit)
+    _report(result, args)
+
+
 def _eval_nlvr(args: argparse.Namespace) -> None:
     from vlp.evals.nlvr import evaluate_nlvr
 
@@ -248,6 +276,12 @@ def _add_data(sub: Subparsers) -> None:
     shapes.add_argument("--web-noise", type=float, help="share of noisy web captions")
     shapes.add_argument("--shards", type=int, help="WebDataset shards per split")
     shapes.set_defaults(func=_cmd_data_shapes)
+    suite = data.add_parser("instructions", help="the shapes world as an instruction task suite (InstructBLIP)")
+    suite.add_argument("--world", required=True, help="a shapes world folder (vlp data shapes)")
+    suite.add_argument("--out", required=True)
+    suite.add_argument("--seed", type=int, default=0)
+    suite.add_argument("--per-task", type=int, default=200, help="test records per task")
+    suite.set_defaults(func=_cmd_data_instructions)
 
 
 def _add_tokenizer(sub: Subparsers) -> None:
@@ -342,6 +376,16 @@ def _add_eval(sub: Subparsers) -> None:
     vqa.add_argument("--official-version", choices=["2021", "2016"], default="2021",
                      help="the revision of the official vqaEval.py to follow: 2021 (its latest) or 2016 (LAVIS's copy)")
     _add_answer_options(vqa)
+    ins = _model_command(ev, "instructions", _eval_instructions,
+                         "instruction task suites: each task by its metric, open ones generated, closed ones ranked")
+    ins.add_argument("--tasks", required=True, help="the suite's tasks.json (vlp data instructions)")
+    ins.add_argument("--task", action="append", help="evaluate this task (repeatable; default: all)")
+    ins.add_argument("--split", choices=["held_in", "held_out"], help="only the tasks of this split")
+    ins.add_argument("--limit", type=int, help="at most this many records per task")
+    ins.add_argument("--beams", type=int, default=3)
+    ins.add_argument("--max-new-tokens", type=int, default=20)
+    ins.add_argument("--question-template", default="{}",
+                     help='how an instruction is put to the model, {} the instruction (default: as written)')
     nl = _model_command(ev, "nlvr", _eval_nlvr, "statements about image pairs (NLVR2): accuracy")
     nl.add_argument("--data", required=True, help="JSON list of {images: [left, right], sentence, label}")
     nl.add_argument("--images", help="folder the image paths resolve against (default: beside the file)")
@@ -351,7 +395,8 @@ def _add_predict(sub: Subparsers) -> None:
     caption = _model_command(sub, "caption", _cmd_caption, "caption images", out=False)
     caption.add_argument("image", nargs="+")
     _add_generation_options(caption)
-    ask = _model_command(sub, "ask", _cmd_ask, "answer a question about an image (BLIP-VQA, BLIP-2)", out=False)
+    ask = _model_command(sub, "ask", _cmd_ask, "answer a question or follow an instruction about an image (BLIP-VQA, "
+                         "BLIP-2, InstructBLIP)", out=False)
     ask.add_argument("image")
     ask.add_argument("question")
     _add_answer_options(ask)

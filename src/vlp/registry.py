@@ -22,6 +22,7 @@ from vlp.abilities import (
     CaptionsImages,
     EmbedsImages,
     EmbedsTexts,
+    FollowsInstructions,
     GivesImageTokens,
     JudgesImagePairs,
     MatchesImageText,
@@ -31,6 +32,7 @@ from vlp.models.blip import Blip, BlipConfig, BlipNlvr, BlipNlvrConfig, BlipVqa,
 from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
+from vlp.models.instructblip import InstructBlip, InstructBlipConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Architecture keys renamed since checkpoints were first written: (section, old) -> new. Older model.json
@@ -67,6 +69,7 @@ FAMILIES: dict[str, Family] = {
         (EmbedsImages, EmbedsTexts, GivesImageTokens, CaptionsImages, MatchesImageText),
     ),
     "blip2": Family("blip2", Blip2Config, Blip2, (CaptionsImages, AnswersQuestions)),
+    "instructblip": Family("instructblip", InstructBlipConfig, InstructBlip, (AnswersQuestions, FollowsInstructions)),
 }
 
 

@@ -139,6 +139,7 @@ def export_pretrained(
         model=pretrained.model,
         image_config=pretrained.image_config,
         tokenizer=pretrained.tokenizer,
+        qformer_tokenizer=pretrained.qformer_tokenizer,
     )
 
 

@@ -40,6 +40,19 @@ class VqaBatch(CaptionBatch):
     answer_weight: torch.Tensor  # [A]
 
 
+class InstructionBatch(Batch):
+    """Images (or [B, F, 3, H, W] image sets) with an instruction and its answer in the language model's tokens
+    (`text`, `answer`), and the instruction in the Q-Former's tokens (`instruction`) when it reads it."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    answer: torch.Tensor
+    answer_mask: torch.Tensor
+    instruction: torch.Tensor
+    instruction_mask: torch.Tensor
+
+
 class ImagePairBatch(Batch):
     """Statements about pairs of images (NLVR2), `labels` 1 where true."""
 

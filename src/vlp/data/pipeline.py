@@ -56,6 +56,10 @@ class DataConfig:
     shuffle_buffer: PositiveInt = 1000  # WebDataset sample shuffle
     samples_per_epoch: PositiveInt | None = None  # WebDataset epoch length; None = one pass over the shards
 
+    def check(self) -> None:
+        """Refuse, before any work, training data that is not given or not there."""
+        check_training_data(self)
+
 
 def flatten_pairs(items: list[ImageCaptions]) -> list[tuple[Path, str]]:
     """Every (image, caption) pair, as open_clip's CSV reader sees them."""
@@ -308,11 +312,13 @@ def check_training_data(cfg: DataConfig) -> None:
 
 def map_style_batches(dataset: Dataset, collate: Any, cfg: DataConfig, *, batch_size: int, seed: int,
                       start_step: int = 0, rank: int = 0, world_size: int = 1,
-                      bad: BadSamples | None = None) -> GoodBatches:
-    """Endless batches of a map-style dataset indexed by (index, epoch), in the resumable seeded order,
-    with skipped samples counted in `bad`: every task that reads a file of samples loads through this."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
-                                start_step=start_step)
+                      bad: BadSamples | None = None, sampler: Any = None) -> GoodBatches:
+    """Endless batches of a map-style dataset indexed by (index, epoch), in the resumable seeded order (or
+    a task's own resumable `sampler` of such batches), with skipped samples counted in `bad`: every task that
+    reads a file of samples loads through this."""
+    if sampler is None:
+        sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                    start_step=start_step)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
                         pin_memory=torch.cuda.is_available())

@@ -149,7 +149,7 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _relation(a: ShapeObject, b: ShapeObject) -> str:
+def relation_between(a: ShapeObject, b: ShapeObject) -> str:
     dx, dy = b.cx - a.cx, b.cy - a.cy
     if abs(dx) >= abs(dy):
         return "to the left of" if dx > 0 else "to the right of"
@@ -174,8 +174,8 @@ def describe(scene: Scene, rng: random.Random, count: int) -> list[str]:
         sized_a, sized_b = _article(f"{a.size} {a.name}"), _article(f"{b.size} {b.name}")
         options += [
             f"{NUMBER_WORDS[n]} shapes: {plain_listing}",
-            f"{_article(a.name)} {_relation(a, b)} {_article(b.name)}",
-            f"{sized_a} {_relation(a, b)} {sized_b}",
+            f"{_article(a.name)} {relation_between(a, b)} {_article(b.name)}",
+            f"{sized_a} {relation_between(a, b)} {sized_b}",
             f"{NUMBER_WORDS[n]} coloured shapes, including {_article(a.name)}",
             f"a picture of {plain_listing}",
         ]

@@ -32,6 +32,7 @@ CAUSES = (
     "missing_caption",  # a WebDataset sample with no caption file
     "no_answers",  # a VQA question whose annotators gave no usable answer
     "truncated_shard",  # a WebDataset shard that ends in the middle (its remaining samples are lost)
+    "bad_record",  # an instruction record without an image or an answer, or with a template it cannot fill
 )
 
 

@@ -96,7 +96,9 @@ class Blip2Sources:
     # Any checkpoint vlp loads (vlp, Hugging Face, open_clip): its image tower, architecture and weights.
     image_encoder: str | None = None
     # A BERT checkpoint folder (Hugging Face) the Q-Former starts from: its sizes, embeddings, self-attention
-    # and feed-forward weights (copied into the query feed-forward too); cross-attention starts fresh.
+    # and feed-forward weights (copied into the query feed-forward too); cross-attention starts fresh. Or a
+    # vlp stage-1 checkpoint (blip2_qformer): its whole Q-Former (InstructBLIP takes its text side from it).
+    # The Q-Former's tokenizer comes with it where the model reads instructions.
     qformer: str | None = None
     # Stage 2: a Hugging Face causal language model folder (config.json, weights, tokenizer).
     language_model: str | None = None
@@ -298,10 +300,19 @@ class Blip2(nn.Module):
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder.tower_tokens(images)
 
-    def soft_prompt(self, images: torch.Tensor) -> torch.Tensor:
-        """The projected query outputs [B, Q, D_lm], in the language model's dtype."""
-        queries = self.qformer.query_states(self.image_encoder(images))[0]
-        return self.language_projection(queries).to(self.language_model.dtype)
+    def query_outputs(self, image_tokens: torch.Tensor, **_: Any) -> torch.Tensor:
+        """The Q-Former's query rows [B, Q, D] for ln_vision tokens [B, N, Dv]."""
+        return self.qformer.query_states(image_tokens)[0]
+
+    def soft_prompt(self, images: torch.Tensor, **text: torch.Tensor | None) -> torch.Tensor:
+        """The projected query outputs [B, Q, D_lm], in the language model's dtype. Images [B, F, 3, H, W] (video
+        frames, image pairs) go through the image encoder and the Q-Former one by one, and their soft prompts
+        follow each other: [B, F * Q, D_lm] (LAVIS's video path). `text` is what `query_outputs` reads besides
+        the image (InstructBLIP's instruction)."""
+        frames = images.shape[1] if images.dim() == 5 else 1
+        queries = self.query_outputs(self.image_encoder(images.reshape(-1, *images.shape[-3:])), frames=frames, **text)
+        prompt = self.language_projection(queries).to(self.language_model.dtype)
+        return prompt.reshape(images.shape[0], frames * prompt.shape[1], prompt.shape[2])
 
     def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the soft prompt's mean [B, D_lm] (stage 2 has no contrastive embedding), the soft prompt [B, Q, D_lm]
@@ -361,21 +372,24 @@ class Blip2(nn.Module):
         return config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
 
     def _prefix_mask(self, states: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
-        """[soft prompt; question] (left-aligned for a causal LM) -> its key mask [B, Q + Lq]."""
-        queries = self.cfg.qformer.num_queries
+        """[soft prompt; question] (left-aligned for a causal LM) -> its key mask [B, S + Lq]."""
         if self.encoder_decoder:
             real = question_mask[:, 1:]
         else:
-            real = self._left_aligned(question_mask, question_mask, states.shape[1] - queries)[1]
-        return torch.cat([real.new_ones(real.shape[0], queries), real], dim=1)
+            real = self._left_aligned(question_mask, question_mask)[1]
+        return torch.cat([real.new_ones(real.shape[0], states.shape[1] - real.shape[1]), real], dim=1)
 
-    def encode_question(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
-        """The language model's input embeddings [B, Q + Lq, D_lm] of the soft prompt and the question. A causal
-        LM gets its start token and the text, left-padded, and the answer follows directly; an encoder reads
-        the question and its end token, and the decoder answers from its start token."""
+    def question_states(self, prompt: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """The language model's input embeddings [B, S + Lq, D_lm] of a soft prompt [B, S, D_lm] and the question.
+        A causal LM gets its start token and the text, left-padded, and the answer follows directly; an encoder
+        reads the question and its end token, and the decoder answers from its start token."""
         # The tokenizer starts texts with the decoder's start token, which the encoder does not read.
         ids = question[:, 1:] if self.encoder_decoder else self._left_aligned(question, question_mask)[0]
-        return torch.cat([self.soft_prompt(images), self.language_model.get_input_embeddings()(ids)], dim=1)
+        return torch.cat([prompt, self.language_model.get_input_embeddings()(ids)], dim=1)
+
+    def encode_question(self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """The soft prompt and the question as the language model reads them (`question_states`)."""
+        return self.question_states(self.soft_prompt(images), question, question_mask)
 
     def answer_decoder_for(self, question_states: torch.Tensor, question_mask: torch.Tensor) -> StepDecoder:
         """The language model continuing after the soft prompt and question (a causal LM: no start token of

@@ -6,6 +6,7 @@ Each predictor needs abilities (`vlp.abilities`) that the checkpoint's family de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from vlp.abilities import (
     CaptionsImages,
     EmbedsImages,
     EmbedsTexts,
+    FollowsInstructions,
     GivesImageTokens,
     JudgesImagePairs,
     MatchesImageText,
@@ -260,9 +262,14 @@ class MatchingPredictor(DualEncoderPredictor):
 
 
 class VqaPredictor(Predictor):
-    """`answer(images, questions)` for BLIP-VQA, by generation (beam search) or by ranking a list of
-    candidate answers as BLIP reports its numbers: every candidate's first token is scored at the [DEC]
-    step, the best `k` are re-scored by their whole log-likelihood, the best one is the answer."""
+    """`answer(images, questions)` for models that answer questions (BLIP-VQA, BLIP-2, InstructBLIP), by
+    generation (beam search) or by ranking a list of candidate answers as BLIP reports its numbers: every
+    candidate's first token is scored at the [DEC] step, the best `k` are re-scored by their whole
+    log-likelihood, the best one is the answer. `score_answers(images, questions, candidates)` gives each
+    question's own candidates their log-likelihood (InstructBLIP's vocabulary ranking for closed tasks).
+
+    A model that follows instructions (InstructBLIP) gets each question in its Q-Former's tokens too. An
+    image may be a list of images (an image pair): every question of a batch then has as many."""
 
     abilities = (AnswersQuestions,)
     task = "answer questions"
@@ -286,6 +293,12 @@ class VqaPredictor(Predictor):
             raise ConfigError(f"question template {self.question_template!r} has no {{}} where the question goes")
         if method == "rank" and not answer_list:
             raise ValueError("ranked answering needs a list of candidate answers")
+        self.qformer_tokenizer = None
+        if pretrained.family.can(FollowsInstructions):
+            if pretrained.qformer_tokenizer is None:
+                raise UnsupportedTask(f"{pretrained.path}: an {pretrained.family.name} checkpoint needs its Q-Former's "
+                                      "tokenizer (qformer_tokenizer/), and this one has none")
+            self.qformer_tokenizer = pretrained.qformer_tokenizer
         self.method, self.k = method, k
         # BLIP's VQA generation: beam 3, at most 10 tokens.
         self.generation = generation or GenerationConfig(
@@ -296,19 +309,41 @@ class VqaPredictor(Predictor):
             ids, mask = tokenize_trimmed(self.tokenizer, self.answer_list)
             self.candidates, self.candidate_mask = ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
-    def answer(self, images: Sequence[ImageInput], questions: Sequence[str]) -> list[str]:
+    def _pixels(self, items: Sequence[ImageInput | Sequence[ImageInput]]) -> torch.Tensor:
+        """[b, 3, S, S], or [b, F, 3, S, S] when every item is a list of F images."""
+        def pixels(image: ImageInput) -> torch.Tensor:
+            return self.transform(image if isinstance(image, Image.Image) else load_image(Path(image)))
+
+        lists = [isinstance(item, (list, tuple)) for item in items]
+        if not any(lists):
+            return torch.stack([pixels(item) for item in items]).to(self.device)
+        if not all(lists) or len({len(item) for item in items}) > 1:
+            raise ValueError("every question of a batch needs the same number of images")
+        return torch.stack([torch.stack([pixels(image) for image in item]) for item in items]).to(self.device)
+
+    def _question_batches(
+        self, images: Sequence[Any], questions: Sequence[str], what: str
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(pixels, question ids, mask, the instruction in the Q-Former's tokens when the model reads it) a batch
+        at a time."""
         if len(images) != len(questions):
             raise ValueError(f"{len(questions)} questions for {len(images)} images")
+        for start in batch_starts(len(images), self.batch_size, what if self.progress else None):
+            texts = [self.question_template.replace("{}", q) for q in questions[start : start + self.batch_size]]
+            ids, mask = tokenize_trimmed(self.tokenizer, texts)
+            instruction = {}
+            if self.qformer_tokenizer is not None:
+                qids, qmask = tokenize_trimmed(self.qformer_tokenizer, texts)
+                instruction = {"instruction": qids.to(self.device), "instruction_mask": qmask.to(self.device)}
+            yield (self._pixels(images[start : start + self.batch_size]), ids.to(self.device), mask.to(self.device),
+                   instruction)
+
+    @torch.inference_mode()
+    def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
         answers = []
-        for start, pixels in zip(
-            range(0, len(images), self.batch_size), self.pixel_batches(images, "answering"), strict=True
-        ):
-            batch = [self.question_template.replace("{}", q) for q in questions[start : start + self.batch_size]]
-            ids, mask = tokenize_trimmed(self.tokenizer, batch)
-            ids, mask = ids.to(self.device), mask.to(self.device)
+        for pixels, ids, mask, instruction in self._question_batches(images, questions, "answering"):
             with self.autocast:
-                states = self.model.encode_question(pixels, ids, mask)
+                states = self.model.encode_question(pixels, ids, mask, **instruction)
                 if self.method == "rank":
                     answers += self._rank(states, mask)
                 else:
@@ -329,6 +364,38 @@ class VqaPredictor(Predictor):
         loglik = -sequence_losses(logits, candidates, candidate_mask).view(batch, k)
         best = top.gather(1, loglik.argmax(dim=1, keepdim=True)).squeeze(1)
         return [self.answer_list[i] for i in best.tolist()]
+
+    @torch.inference_mode()
+    def score_answers(
+        self, images: Sequence[Any], questions: Sequence[str], candidates: Sequence[Sequence[str | Sequence[str]]]
+    ) -> list[list[float]]:
+        """Each question's candidates scored by their summed log-likelihood as the answer (no length
+        normalisation, as LAVIS's `predict_class`). A candidate given as a list of words (a label and its
+        verbalizers: ["yes", "true"]) scores as its best word."""
+        if len(candidates) != len(questions):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(questions)} questions")
+        scores: list[list[float]] = []
+        for pixels, ids, mask, instruction in self._question_batches(images, questions, "ranking"):
+            first = len(scores)
+            labels = [[[c] if isinstance(c, str) else list(c) for c in options]
+                      for options in candidates[first : first + len(ids)]]
+            flat = [(row, label, word) for row, options in enumerate(labels)
+                    for label, words in enumerate(options) for word in words]
+            with self.autocast:
+                states = self.model.encode_question(pixels, ids, mask, **instruction)
+                loglik = []
+                for start in range(0, len(flat), self.batch_size * 8):
+                    chunk = flat[start : start + self.batch_size * 8]
+                    answer, answer_mask = tokenize_trimmed(self.tokenizer, [word for _, _, word in chunk])
+                    answer, answer_mask = answer.to(self.device), answer_mask.to(self.device)
+                    rows = torch.tensor([row for row, _, _ in chunk], device=self.device)
+                    logits = self.model.answer_logits(answer, answer_mask, states[rows], mask[rows])
+                    loglik += (-sequence_losses(logits, answer, answer_mask)).tolist()
+            best = [[-math.inf] * len(options) for options in labels]
+            for (row, label, _), value in zip(flat, loglik, strict=True):
+                best[row][label] = max(best[row][label], value)
+            scores += best
+        return scores
 
 
 class NlvrPredictor(Predictor):
@@ -372,6 +439,7 @@ class PredictFunctions:
     match_probabilities: Callable[[Sequence[ImageInput], Sequence[str]], torch.Tensor] | None = None
     matcher: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
     answer: Callable[[Sequence[ImageInput], Sequence[str]], list[str]] | None = None
+    score_answers: Callable[..., list[list[float]]] | None = None
     true_probability: Callable[..., torch.Tensor] | None = None
 
     def require(self, name: str) -> Callable[..., Any]:
@@ -398,6 +466,7 @@ FUNCTIONS: dict[str, tuple[type[Predictor], tuple[type[Ability], ...]]] = {
     "match_probabilities": (MatchingPredictor, ()),
     "matcher": (MatchingPredictor, ()),
     "answer": (VqaPredictor, ()),
+    "score_answers": (VqaPredictor, ()),
     "true_probability": (NlvrPredictor, ()),
 }
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlp.config import ConfigError, from_dict
+from vlp.data.instructions import InstructionDataConfig, instruction_batches, instruction_texts
 from vlp.data.nlvr import nlvr_batches, nlvr_texts
 from vlp.data.pipeline import DataConfig, GoodBatches, train_batches, training_captions
 from vlp.data.vqa import VqaDataConfig, vqa_batches, vqa_texts
@@ -30,6 +31,7 @@ from vlp.objectives.blip2 import (
 )
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
+from vlp.objectives.instructblip import InstructBlipObjective, InstructBlipObjectiveConfig
 from vlp.registry import Family
 
 
@@ -46,6 +48,9 @@ class Recipe:
     # Other families whose checkpoints `train.init_from` may start it from, through the model's
     # `init_from(pretrained model) -> tensors left at initialisation` (BLIP-VQA and BLIP-NLVR from BLIP).
     starts_from: tuple[str, ...] = ()
+    # The model's image side reads text in its own vocabulary (InstructBLIP's Q-Former): the run keeps a
+    # second tokenizer, and `batches` gets it as `qformer_tokenizer`.
+    reads_instructions: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
@@ -57,6 +62,8 @@ RECIPES: dict[str, Recipe] = {
     "blip2_qformer": Recipe(Blip2QformerObjectiveConfig, Blip2QformerObjective,
                             starts_from=("clip", "blip", "coca")),
     "blip2": Recipe(Blip2ObjectiveConfig, Blip2Objective, starts_from=("blip2_qformer", "clip", "blip", "coca")),
+    "instructblip": Recipe(InstructBlipObjectiveConfig, InstructBlipObjective, instruction_batches, instruction_texts,
+                           InstructionDataConfig, starts_from=("blip2", "blip2_qformer"), reads_instructions=True),
 }
 
 

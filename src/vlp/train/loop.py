@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vlp.checkpoint import (
     CHECKPOINTS_DIR,
     OPTIMIZER_FILE,
+    QFORMER_TOKENIZER_DIR,
     STATE_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -50,7 +51,7 @@ from vlp.config import (
     read_mapping,
     to_dict,
 )
-from vlp.data.pipeline import DataConfig, bad_samples, check_training_data
+from vlp.data.pipeline import DataConfig, bad_samples
 from vlp.data.sources import CAUSES, BadSamples
 from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig, ImageTransform
@@ -208,6 +209,30 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
     return Tokenizer.from_file(out)
 
 
+def _prepare_qformer_tokenizer(cfg: RunConfig, model_cfg: Any, resume_from: Path | None,
+                               initial: Pretrained | None) -> Tokenizer:
+    """The tokenizer of the Q-Former's instructions (InstructBLIP): the resumed checkpoint's, the InstructBLIP
+    checkpoint's it starts from, or the one of the Q-Former's source (a stage-1 checkpoint, a BERT folder)."""
+    if resume_from is not None:
+        return Tokenizer.from_file(resume_from / QFORMER_TOKENIZER_DIR)
+    if initial is not None and initial.qformer_tokenizer is not None:
+        return initial.qformer_tokenizer
+    source = getattr(getattr(model_cfg, "sources", None), "qformer", None)
+    if source is None:
+        raise ConfigError("config key 'model.sources.qformer': the Q-Former reads instructions in its own vocabulary; "
+                          "name a BLIP-2 stage-1 checkpoint or a BERT folder (or start from an InstructBLIP "
+                          "checkpoint with train.init_from)")
+    if (Path(source) / "config.json").is_file():  # a BERT folder
+        from vlp.convert.tokenizers import tokenizer_from_path
+
+        tokenizer = tokenizer_from_path(source, context_length=min(model_cfg.qformer.context_length, 128))
+        tokenizer.backend.add_special_tokens(["[DEC]"] if tokenizer.token_id("[DEC]") is None else [])
+        return tokenizer
+    from vlp.train.sources import stage1_qformer
+
+    return stage1_qformer(source).tokenizer
+
+
 def _initialise(model: torch.nn.Module, family: Family, initial: Pretrained) -> None:
     """Copy a pre-trained model's weights into a new one: the same family loads them whole; a family the
     recipe says it starts from goes through the new model's `init_from` (BLIP-VQA from BLIP)."""
@@ -216,7 +241,8 @@ def _initialise(model: torch.nn.Module, family: Family, initial: Pretrained) -> 
     elif initial.family.name in recipe_of(family).starts_from:
         skipped = model.init_from(initial.model)
         if skipped:
-            log.warning("not initialised from %s (shapes differ): %s", initial.path, ", ".join(skipped))
+            log.warning("not initialised from %s (it has none of them, or of another shape): %s", initial.path,
+                        ", ".join(skipped))
     else:
         raise ConfigError(
             f"config key 'train.init_from': a {type(model).__name__} cannot start from a "
@@ -334,25 +360,30 @@ class TrainStep:
         return StepResult(loss, values, grad_norm, skipped)
 
 
-def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
-    text = getattr(model_cfg, "text", None)
-    if text is None:
-        return
+def _check_text_tokenizer(tokenizer: Tokenizer, text: Any, section: str) -> None:
+    """The text side of config section `section` reads what the tokenizer writes."""
     if tokenizer.vocab_size > text.vocab_size:
         raise ConfigError(
-            f"config key 'model.text.vocab_size': {text.vocab_size} is smaller than the tokenizer's "
+            f"config key '{section}.vocab_size': {text.vocab_size} is smaller than the tokenizer's "
             f"vocabulary of {tokenizer.vocab_size}"
         )
     if tokenizer.context_length > text.context_length:
         raise ConfigError(
-            f"config key 'model.text.context_length': {text.context_length} is shorter than the tokenizer's "
+            f"config key '{section}.context_length': {text.context_length} is shorter than the tokenizer's "
             f"context length {tokenizer.context_length}"
         )
     for key, (token, expected) in text.special_tokens().items():
         if tokenizer.token_id(token) != expected:
             raise ConfigError(
-                f"config key 'model.text.{key}': {expected}, but the tokenizer's {token} is {tokenizer.token_id(token)}"
+                f"config key '{section}.{key}': {expected}, but the tokenizer's {token} is {tokenizer.token_id(token)}"
             )
+
+
+def _check_tokenizer_fits(tokenizer: Tokenizer, model_cfg: Any) -> None:
+    text = getattr(model_cfg, "text", None)
+    if text is None:
+        return
+    _check_text_tokenizer(tokenizer, text, "model.text")
     # A model that generates from the start token to the end token (CoCa) must use the tokenizer's own.
     for key, actual in zip(("bos_token_id", "eos_token_id"), tokenizer.framing_ids(), strict=True):
         expected = getattr(model_cfg, key, actual)
@@ -415,7 +446,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
     out = Path(out)
     with process_group():
         family, model_cfg, objective_cfg = cfg.family_configs()
-        check_training_data(cfg.data)
+        cfg.data.check()
         world = world_size()
         if cfg.train.batch_size % (world * cfg.train.accum_steps):
             raise ConfigError(
@@ -469,6 +500,11 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     saved_state: dict[str, Any] = read_json(resume_from / STATE_FILE) if resume_from is not None else {}
     tokenizer = _prepare_tokenizer(cfg, family, out, resume_from, initial)
     _check_tokenizer_fits(tokenizer, model_cfg)
+    recipe = recipe_of(family)
+    qformer_tokenizer = None
+    if recipe.reads_instructions:
+        qformer_tokenizer = _prepare_qformer_tokenizer(cfg, model_cfg, resume_from, initial)
+        _check_text_tokenizer(qformer_tokenizer, model_cfg.qformer, "model.qformer")
     model = build_model(family, model_cfg, bytes_per_parameter=TRAIN_BYTES_PER_PARAMETER, what="config section 'model'")
     start_step = 0
     if resume_from is None:
@@ -482,7 +518,6 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
         start_step = saved_state["step"]
         log.info("resuming from %s at step %d", resume_from, start_step)
     model.to(device).train()
-    recipe = recipe_of(family)
     recipe.objective_cls.prepare(model, objective_cfg)  # before wrapping: DDP registers the trainable parameters
     parallel = ParallelModel(model, tc.strategy, device)
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
@@ -511,7 +546,8 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     batches = recipe.batches(cfg.data, ImageTransform(cfg.image, train=True), tokenizer,
                              batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
                              world_size=world, bad=bad,
-                             position=positions[rank()] if positions and len(positions) == world else None)
+                             position=positions[rank()] if positions and len(positions) == world else None,
+                             **({"qformer_tokenizer": qformer_tokenizer} if recipe.reads_instructions else {}))
     if positions and len(positions) != world:
         log.warning("the data stream restarts its epoch: the checkpoint was written by %d process(es), this run "
                     "has %d", len(positions), world)
@@ -544,7 +580,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
             return folder
         folder = save_checkpoint(
             folder, family=family, model_config=model_cfg, model=weights, image_config=cfg.image,
-            tokenizer=tokenizer, state=state,
+            tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer, state=state,
             optimizer_state={"optimizer": optimizer_state, "schedule": schedule.state_dict()},
         )
         for old in list_checkpoints(out)[:-tc.keep_checkpoints]:

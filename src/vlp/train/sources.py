@@ -19,14 +19,29 @@ log = logging.getLogger("vlp.train")
 
 
 @lru_cache(maxsize=2)
-def _pretrained(path: str) -> Any:
+def _pretrained(path: str, key: str = "image_encoder") -> Any:
     from vlp.checkpoint import CheckpointError
     from vlp.convert import load_pretrained
 
     try:
         return load_pretrained(path)
     except CheckpointError as err:  # ConversionError is a ValueError: its message already names the file
-        raise ConfigError(f"config key 'model.sources.image_encoder': {err}") from err
+        raise ConfigError(f"config key 'model.sources.{key}': {err}") from err
+
+
+def _is_vlp(path: str) -> bool:
+    from vlp.checkpoint import is_checkpoint_folder, list_checkpoints
+
+    return is_checkpoint_folder(path) or bool(list_checkpoints(path))
+
+
+def stage1_qformer(path: str) -> Any:
+    """A vlp BLIP-2 stage-1 checkpoint named as `sources.qformer` (its Q-Former, text side and tokenizer)."""
+    pretrained = _pretrained(path, "qformer")
+    if pretrained.family.name != "blip2_qformer":
+        raise ConfigError(f"config key 'model.sources.qformer': {path} is a {pretrained.family.name} checkpoint; a "
+                          "Q-Former starts from a BLIP-2 stage-1 checkpoint (blip2_qformer) or a BERT folder")
+    return pretrained
 
 
 def _read_lm_config(folder: str) -> dict[str, Any]:
@@ -52,7 +67,10 @@ def resolve_sources(model_cfg: Any) -> Any:
             model_cfg.image = dataclasses.replace(model_cfg.image, vision=vision)
         except ValueError as err:
             raise ConfigError(f"config key 'model.sources.image_encoder': {err}") from err
-    if sources.qformer is not None:
+    if sources.qformer is not None and _is_vlp(sources.qformer):
+        text_input = model_cfg.qformer.text_input
+        model_cfg.qformer = dataclasses.replace(stage1_qformer(sources.qformer).config.qformer, text_input=text_input)
+    elif sources.qformer is not None:
         from vlp.convert.hf_bert import qformer_config_from_bert
 
         model_cfg.qformer = qformer_config_from_bert(sources.qformer, model_cfg.qformer)
@@ -74,7 +92,11 @@ def load_sources(model: nn.Module, model_cfg: Any) -> None:
 
         load_image_tower(model.image_encoder, _pretrained(sources.image_encoder).model)
         log.info("image tower from %s (frozen)", sources.image_encoder)
-    if sources.qformer is not None:
+    if sources.qformer is not None and _is_vlp(sources.qformer):
+        state = stage1_qformer(sources.qformer).model.qformer.state_dict()
+        model.qformer.load_state_dict({k: v for k, v in state.items() if k in model.qformer.state_dict()})
+        log.info("Q-Former from the stage-1 checkpoint %s", sources.qformer)
+    elif sources.qformer is not None:
         from vlp.convert.hf_bert import load_bert_into_qformer
 
         load_bert_into_qformer(model.qformer, sources.qformer)

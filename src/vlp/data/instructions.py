@@ -1,0 +1,525 @@
+"""Instruction data (InstructBLIP): records of image(s), instruction, answer and task, the readers that turn
+the formats vlp already reads into such records, instruction templates, and the balanced mixture sampler.
+
+A record file is JSON Lines (or a JSON list), one record per line:
+
+    {"image": "images/1.png" | ["left.png", "right.png"],
+     "task": "vqa",                      # what it is an example of; the evaluation scores by task
+     "dataset": "shapes-vqa",            # optional (default: the task): the unit the sampler balances
+     "instruction": "What colour is ...?" | "template": "vqa", "fields": {"question": "What colour ...?"},
+     "answer": "red",                    # the training target
+     "answers": ["red", "red", ...],     # optional: every reference (VQA's annotators, captions)
+     "candidates": ["yes", "no"] | [["yes", "true"], ["no", "false"]],  # optional: a closed task's labels
+     "id": "..."}                        # optional
+
+A record with a template gets one of the template's wordings each time it is drawn (seeded by run seed,
+epoch and index); templates are kept in YAML files (`templates/instructions.yaml`, and a user's own over it).
+Records that cannot be used are dropped when read and counted as `bad_record`; images that cannot be read
+are skipped when loaded, as everywhere in vlp.
+
+Datasets are drawn with probability proportional to the square root of their sizes (InstructBLIP §2.4),
+times optional manual weights; the order depends only on (seed, step), so a resumed run draws the same
+batches. Every training record must have the same number of images (a batch stacks them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from vlp.data.batches import InstructionBatch
+from vlp.data.nlvr import read_nlvr
+from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
+from vlp.data.sources import BadSamples, DataError, Skipped, load_image, read_coco_captions
+from vlp.data.tokenizer import Tokenizer, tokenize_trimmed
+from vlp.data.transforms import ImageTransform
+from vlp.data.vqa import read_vqa
+from vlp.data.vqa_answers import normalize_answer
+
+TEMPLATES_FILE = Path(__file__).parent / "templates" / "instructions.yaml"
+Sampling = Literal["sqrt", "proportional", "uniform"]
+
+
+def read_templates(path: str | Path | None = None) -> dict[str, list[str]]:
+    """The shipped templates, with a user's file (name -> list of wordings) over them."""
+    templates = _template_file(TEMPLATES_FILE)
+    if path is not None:
+        templates.update(_template_file(Path(path)))
+    return templates
+
+
+def _template_file(path: Path) -> dict[str, list[str]]:
+    if not path.is_file():
+        raise DataError(f"instruction templates file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"instruction templates file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(t, str) for t in v) for v in data.values()
+    ):
+        raise DataError(f"{path}: expected a mapping of template name -> non-empty list of wordings")
+    return {str(k): list(v) for k, v in data.items()}
+
+
+@dataclass
+class InstructionRecord:
+    images: list[Path]
+    task: str
+    answer: str = ""
+    instruction: str | None = None
+    template: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    dataset: str = ""
+    answers: list[str] = field(default_factory=list)
+    # A closed task's labels, each as its words (a label and its verbalizers); `answer` is one of them.
+    candidates: list[list[str]] | None = None
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.dataset = self.dataset or self.task
+
+    def render(self, templates: dict[str, list[str]], rng: random.Random) -> str:
+        """The instruction: as written, or one wording of its template filled with its fields."""
+        if self.instruction is not None:
+            return self.instruction
+        return fill_template(rng.choice(templates[self.template]), self.fields)
+
+    @property
+    def label(self) -> int | None:
+        """The index of the right candidate (closed tasks)."""
+        if self.candidates is None:
+            return None
+        return next((i for i, words in enumerate(self.candidates) if self.answer in words), None)
+
+    def to_dict(self, root: Path | None = None) -> dict[str, Any]:
+        """The record as a line of a record file; image paths relative to `root` when given."""
+        def name(path: Path) -> str:
+            return os.path.relpath(path.resolve(), root.resolve()) if root is not None else str(path)
+
+        data: dict[str, Any] = {"image": name(self.images[0]) if len(self.images) == 1 else [name(p) for p in self.images],
+                                "task": self.task}
+        if self.dataset != self.task:
+            data["dataset"] = self.dataset
+        if self.instruction is not None:
+            data["instruction"] = self.instruction
+        else:
+            data["template"], data["fields"] = self.template, self.fields
+        data["answer"] = self.answer
+        if self.answers:
+            data["answers"] = self.answers
+        if self.candidates is not None:
+            data["candidates"] = [words[0] if len(words) == 1 else words for words in self.candidates]
+        if self.id:
+            data["id"] = self.id
+        return data
+
+
+def fill_template(template: str, fields: dict[str, str]) -> str:
+    return template.format(**fields)
+
+
+class BadRecord(ValueError):
+    """What is wrong with one record (it is skipped and counted as `bad_record`)."""
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRecord(f"'{what}' must be a string, got {value!r}")
+    return value
+
+
+def parse_record(data: Any, roots: list[Path], templates: dict[str, list[str]]) -> InstructionRecord:
+    """One record of a record file; `BadRecord` says what is wrong with it."""
+    if not isinstance(data, dict):
+        raise BadRecord(f"expected a JSON object, got {data!r}")
+    image = data.get("image")
+    names = image if isinstance(image, list) else [image]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise BadRecord("'image' must be a path or a non-empty list of paths")
+    task = _text(data.get("task"), "task")
+    if ("instruction" in data) == ("template" in data):
+        raise BadRecord("give 'instruction' or 'template' (with 'fields'), one of them")
+    fields = data.get("fields", {})
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        raise BadRecord("'fields' must map field names to strings")
+    template = data.get("template")
+    if template is not None:
+        if template not in templates:
+            raise BadRecord(f"unknown template '{template}' (known: {', '.join(sorted(templates))})")
+        for wording in templates[template]:
+            try:
+                fill_template(wording, fields)
+            except (KeyError, IndexError, ValueError) as err:
+                raise BadRecord(f"template '{template}' wording {wording!r} needs field {err}") from err
+    candidates = data.get("candidates")
+    if candidates is not None:
+        if not isinstance(candidates, list) or len(candidates) < 2:
+            raise BadRecord("'candidates' must list at least two labels")
+        candidates = [[c] if isinstance(c, str) else c for c in candidates]
+        if not all(isinstance(c, list) and c and all(isinstance(w, str) and w for w in c) for c in candidates):
+            raise BadRecord("each candidate must be a word or a non-empty list of words")
+    answer = data.get("answer", "")
+    answer = _text(answer, "answer").strip()
+    answers = data.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise BadRecord("'answers' must be a list of strings")
+    if not answer and not answers and candidates is None:
+        raise BadRecord("no answer")
+    instruction = _text(data["instruction"], "instruction") if "instruction" in data else None
+    record = InstructionRecord(
+        images=[_resolve(n, roots) for n in names], task=task, answer=answer, instruction=instruction,
+        template=template, fields=fields, dataset=_text(data.get("dataset", task), "dataset"), answers=answers,
+        candidates=candidates, id=str(data.get("id", "")),
+    )  # fmt: skip
+    if candidates is not None and answer and record.label is None:
+        raise BadRecord(f"answer {answer!r} is none of the candidates")
+    return record
+
+
+def _resolve(name: str, roots: list[Path]) -> Path:
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    return next((root / path for root in roots if (root / path).exists()), roots[0] / path)
+
+
+def _lines(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of a JSON Lines file or a JSON list; a line that does not parse is kept
+    as a DataError for the caller to count."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not a JSON list of records: {err}") from err
+    out: list[tuple[int, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                out.append((number, DataError(f"not JSON: {err}")))
+    return out
+
+
+def read_instructions(
+    spec: str, *, images_dir: str | Path | None = None, templates: dict[str, list[str]] | None = None,
+    bad: BadSamples | None = None,
+) -> list[InstructionRecord]:
+    """Records of one or more record files ("a.jsonl::b.jsonl"); unusable records are dropped and counted in
+    `bad` as `bad_record`, each named by file and line."""
+    templates = templates if templates is not None else read_templates()
+    bad = bad or BadSamples(max_fraction=1.0)
+    records: list[InstructionRecord] = []
+    for part in spec.split("::"):
+        path = Path(part)
+        if not path.is_file():
+            raise DataError(f"instruction records file not found: {path}")
+        roots = [Path(images_dir)] if images_dir else [path.parent, Path.cwd()]
+        rows = _lines(path)
+        dropped = []
+        for number, data in rows:
+            try:
+                if isinstance(data, DataError):
+                    raise BadRecord(str(data))
+                records.append(parse_record(data, roots, templates))
+            except BadRecord as err:
+                dropped.append(Skipped("bad_record", f"{path} record {number}: {err}"))
+        bad.read(len(rows), dropped)
+    if not records:
+        raise DataError(f"{spec}: no usable instruction record")
+    return records
+
+
+def write_instructions(path: str | Path, records: Sequence[InstructionRecord]) -> Path:
+    """A JSON Lines record file; image paths are written relative to its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r.to_dict(path.parent)) + "\n" for r in records))
+    return path
+
+
+# Readers: the formats vlp already reads, as instruction records.
+
+
+def coco_caption_records(path: str | Path, *, images_dir: str | Path | None = None,
+                         task: str = "caption") -> list[InstructionRecord]:
+    """A COCO captions file: one record per caption (template `caption`), every caption of its image as
+    its references."""
+    out = []
+    for item in read_coco_captions(path, images_dir=images_dir):
+        for caption in item.captions:
+            out.append(InstructionRecord([item.path], task, answer=caption, template="caption",
+                                         answers=list(item.captions), id=item.key))
+    return out
+
+
+def vqa_records(questions: str | Path, annotations: str | Path, *, images_dir: str | Path | None = None,
+                image_pattern: str | None = None, task: str = "vqa") -> list[InstructionRecord]:
+    """VQAv2 questions: template `vqa`, the annotators' most frequent answer the target, all ten the
+    references (VQA accuracy)."""
+    out = []
+    for q in read_vqa(questions, annotations, images_dir=images_dir, image_pattern=image_pattern):
+        counts = Counter(normalize_answer(a) for a in q.answers)
+        counts.pop("", None)
+        if counts:
+            out.append(InstructionRecord([q.image], task, answer=counts.most_common(1)[0][0], template="vqa",
+                                         fields={"question": q.question}, answers=list(q.answers),
+                                         id=str(q.question_id)))
+    return out
+
+
+def vqg_records(questions: str | Path, annotations: str | Path, *, images_dir: str | Path | None = None,
+                image_pattern: str | None = None, task: str = "vqg") -> list[InstructionRecord]:
+    """Visual question generation from VQAv2 questions: the answer in the instruction (template `vqg`),
+    the question the target."""
+    return [InstructionRecord(r.images, task, answer=r.fields["question"], template="vqg",
+                              fields={"answer": r.answer}, id=r.id)
+            for r in vqa_records(questions, annotations, images_dir=images_dir, image_pattern=image_pattern)]
+
+
+def nlvr_records(path: str | Path, *, images_dir: str | Path | None = None,
+                 task: str = "pair_statement") -> list[InstructionRecord]:
+    """NLVR-style statements about image pairs ({images: [left, right], sentence, label}): two images,
+    template `pair_statement`, answer yes or no among the verbalizers yes/true and no/false."""
+    return [InstructionRecord([pair.left, pair.right], task, answer="yes" if pair.label else "no",
+                              template="pair_statement", fields={"statement": pair.sentence},
+                              candidates=[["yes", "true"], ["no", "false"]], id=str(index))
+            for index, pair in enumerate(read_nlvr(path, images_dir=images_dir))]
+
+
+def region_text(box: Sequence[float], width: float, height: float) -> str:
+    """A COCO box [x, y, w, h] in pixels as [x0, y0, x1, y1] in fractions of the image, two decimals."""
+    x, y, w, h = box
+    return "[" + ", ".join(f"{v:.2f}" for v in (x / width, y / height, (x + w) / width, (y + h) / height)) + "]"
+
+
+def detection_records(instances: str | Path, *, images_dir: str | Path | None = None,
+                      task: str = "region") -> list[InstructionRecord]:
+    """COCO instances as region questions (template `region`): the box in the instruction, the object's
+    name the answer (an annotation's own `name` where it has one, else its category's)."""
+    instances = Path(instances)
+    try:
+        data = json.loads(instances.read_text())
+        images = {i["id"]: i for i in data["images"]}
+        categories = {c["id"]: c["name"] for c in data["categories"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{instances} is not a COCO instances file: {err}") from err
+    roots = [Path(images_dir)] if images_dir else [instances.parent, instances.parent / "images"]
+    out = []
+    for ann in data.get("annotations", []):
+        image = images.get(ann.get("image_id"))
+        if image is None or ann.get("iscrowd"):
+            continue
+        name = ann.get("name") or categories.get(ann.get("category_id"), "")
+        region = region_text(ann["bbox"], image["width"], image["height"])
+        out.append(InstructionRecord([_resolve(image["file_name"], roots)], task, answer=name, template="region",
+                                     fields={"region": region}, id=str(ann.get("id", ""))))
+    return out
+
+
+# Balanced sampling.
+
+
+def mixture_probabilities(sizes: dict[str, int], sampling: Sampling = "sqrt",
+                          weights: dict[str, float] | None = None) -> dict[str, float]:
+    """The probability of drawing each dataset: proportional to sqrt(size) (InstructBLIP), to size (plain
+    concatenation) or uniform, times its manual weight (default 1)."""
+    weights = weights or {}
+    unknown = sorted(set(weights) - set(sizes))
+    if unknown:
+        raise DataError(f"data.weights names datasets the data does not have: {', '.join(unknown)} "
+                        f"(datasets: {', '.join(sorted(sizes))})")
+    base = {"sqrt": math.sqrt, "proportional": float, "uniform": lambda n: 1.0}[sampling]
+    raw = {name: base(size) * weights.get(name, 1.0) for name, size in sizes.items()}
+    total = sum(raw.values())
+    if total <= 0:
+        raise DataError("data.weights leaves no dataset to draw from")
+    return {name: value / total for name, value in raw.items()}
+
+
+class MixtureBatchSampler:
+    """Endless global batches drawn from several datasets (consecutive index ranges of one dataset of
+    `sum(sizes)` items): every slot picks a dataset by `probabilities`, then that dataset's next item in a
+    fresh permutation per pass over it. Yields this process's slice as (index, pass) pairs.
+
+    Step s's draws depend only on (seed, s), and each dataset's position on the draws before it, so a run
+    started at `start_step` replays the draws (cheap: no data is read) and continues exactly."""
+
+    def __init__(self, sizes: Sequence[int], probabilities: Sequence[float], batch_size: int, *, seed: int,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0):
+        if any(size < 1 for size in sizes):
+            raise DataError("every dataset of a mixture needs at least one sample")
+        self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
+        self.probabilities = np.asarray(probabilities, dtype=np.float64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.global_batch = batch_size * world_size
+
+    def _choices(self, step: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, step]).choice(len(self.sizes), self.global_batch, p=self.probabilities)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        drawn = np.zeros(len(self.sizes), dtype=np.int64)
+        for step in range(self.start_step):
+            drawn += np.bincount(self._choices(step), minlength=len(self.sizes))
+        orders: dict[tuple[int, int], np.ndarray] = {}
+        step = self.start_step
+        while True:
+            batch = []
+            for dataset in self._choices(step).tolist():
+                count = int(drawn[dataset])
+                drawn[dataset] += 1
+                epoch, position = divmod(count, self.sizes[dataset])
+                if (dataset, epoch) not in orders:
+                    orders = {k: v for k, v in orders.items() if k[0] != dataset}
+                    orders[dataset, epoch] = np.random.default_rng([self.seed, dataset, epoch]).permutation(
+                        self.sizes[dataset])
+                batch.append((int(self.offsets[dataset] + orders[dataset, epoch][position]), epoch))
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            step += 1
+
+
+# Training batches.
+
+
+@dataclass
+class InstructionDataConfig(DataConfig):
+    """The data section of an instruction-tuning run (family instructblip): `train` is one or more record
+    files ("a.jsonl::b.jsonl"); datasets are balanced by `sampling` with manual `weights` on top."""
+
+    templates: str | None = None  # a YAML of more templates (name -> wordings) over the shipped ones
+    sampling: Sampling = "sqrt"
+    weights: dict[str, float] = field(default_factory=dict)  # dataset -> weight multiplied in
+
+    def check(self) -> None:
+        if not self.train:
+            raise DataError("no training data: pass --data or set data.train (instruction record files)")
+        missing = next((part for part in self.train.split("::") if not Path(part).is_file()), None)
+        if missing is not None:
+            raise DataError(f"instruction records file not found: {missing}")
+
+    def __post_init__(self) -> None:
+        for name, weight in self.weights.items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+                raise ValueError(f"weights.{name}: expected a number >= 0, got {weight!r}")
+
+
+class InstructionDataset(Dataset):
+    """(index, pass) -> one record's transformed image(s), its instruction (a template wording drawn by
+    (seed, pass, index)) and its answer, or a `bad` reason."""
+
+    def __init__(self, records: list[InstructionRecord], transform: ImageTransform, templates: dict[str, list[str]],
+                 seed: int):
+        self.records, self.transform, self.templates, self.seed = records, transform, templates, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = item
+        record = self.records[index]
+        rng = random.Random(f"{self.seed}-{epoch}-{index}")
+        try:
+            images = [self.transform(load_image(path), rng) for path in record.images]
+        except DataError as err:
+            return {"bad": Skipped("unreadable_image", f"{record.task} record {record.id or index}: {err}")}
+        return {"images": images, "instruction": record.render(self.templates, rng), "answer": record.answer}
+
+
+class InstructionCollate:
+    """Images stacked ([B, 3, H, W], or [B, F, 3, H, W] for F images a record), the instruction and the answer
+    in the language model's tokens, and the instruction in the Q-Former's tokens when it is given."""
+
+    def __init__(self, tokenizer: Tokenizer, qformer_tokenizer: Tokenizer | None = None):
+        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> InstructionBatch:
+        good = [i for i in items if "bad" not in i]
+        bad = [i["bad"] for i in items if "bad" in i]
+        if not good:
+            return {"bad": bad, "size": 0}
+        frames = [torch.stack(i["images"]) for i in good]
+        image = torch.stack(frames)
+        instructions = [i["instruction"] for i in good]
+        text, text_mask = tokenize_trimmed(self.tokenizer, instructions)
+        answer, answer_mask = tokenize_trimmed(self.tokenizer, [i["answer"] for i in good])
+        batch: dict[str, Any] = {
+            "image": image[:, 0] if image.shape[1] == 1 else image,
+            "text": text, "text_mask": text_mask, "answer": answer, "answer_mask": answer_mask,
+            "bad": bad, "size": len(good),
+        }  # fmt: skip
+        if self.qformer_tokenizer is not None:
+            batch["instruction"], batch["instruction_mask"] = tokenize_trimmed(self.qformer_tokenizer, instructions)
+        return batch
+
+
+def training_records(cfg: InstructionDataConfig, bad: BadSamples | None = None) -> list[InstructionRecord]:
+    """The run's records, refused when they mix image counts or hold no answer to train on."""
+    if not cfg.train:
+        raise DataError("no training data: pass --data or set data.train (instruction record files)")
+    records = read_instructions(cfg.train, images_dir=cfg.images, templates=read_templates(cfg.templates), bad=bad)
+    counts = {}
+    for record in records:
+        counts.setdefault(len(record.images), record.task)
+    if len(counts) > 1:
+        raise DataError(f"{cfg.train}: training records must all have the same number of images; task "
+                        + " and task ".join(f"{task} has {n}" for n, task in sorted(counts.items())))
+    unanswered = next((r for r in records if not r.answer), None)
+    if unanswered is not None:
+        raise DataError(f"{cfg.train}: a {unanswered.task} record ({unanswered.id or 'no id'}) has no 'answer' to "
+                        "train on")
+    return records
+
+
+def instruction_batches(
+    cfg: InstructionDataConfig,
+    transform: ImageTransform,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    bad: BadSamples | None = None,
+    position: dict[str, Any] | None = None,
+    qformer_tokenizer: Tokenizer | None = None,
+) -> GoodBatches:
+    """Endless instruction-tuning batches, datasets mixed by `cfg.sampling` (see the module docstring)."""
+    records = training_records(cfg, bad)
+    by_dataset: dict[str, list[InstructionRecord]] = {}
+    for record in records:
+        by_dataset.setdefault(record.dataset, []).append(record)
+    ordered = [r for name in sorted(by_dataset) for r in by_dataset[name]]
+    sizes = {name: len(by_dataset[name]) for name in sorted(by_dataset)}
+    probabilities = mixture_probabilities(sizes, cfg.sampling, cfg.weights)
+    sampler = MixtureBatchSampler(list(sizes.values()), list(probabilities.values()), batch_size, seed=seed, rank=rank,
+                                  world_size=world_size, start_step=start_step)
+    dataset = InstructionDataset(ordered, transform, read_templates(cfg.templates), seed)
+    return map_style_batches(dataset, InstructionCollate(tokenizer, qformer_tokenizer), cfg, batch_size=batch_size,
+                             seed=seed, bad=bad, sampler=sampler)
+
+
+def instruction_texts(cfg: InstructionDataConfig) -> Iterator[str]:
+    """Every wording of the records' instructions and their answers, for training a tokenizer."""
+    templates = read_templates(cfg.templates)
+    for record in read_instructions(cfg.train, images_dir=cfg.images, templates=templates):
+        if record.instruction is not None:
+            yield record.instruction
+        else:
+            yield from (fill_template(t, record.fields) for t in templates[record.template])
+        yield record.answer
