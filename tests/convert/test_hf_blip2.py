@@ -187,3 +187,83 @@ def test_a_flan_t5_class_model_loads_with_the_same_logits_and_answers(tmp_path):
         again = back(pixel_values=pixels, input_ids=torch.cat([torch.full((2, 8), token), question[:, 1:]], dim=1),
                      attention_mask=encoder_mask, decoder_input_ids=decoder, decoder_attention_mask=decoder_mask).logits
     torch.testing.assert_close(again[real], expected[real], atol=1e-5 * scale, rtol=1e-5)
+
+
+SMALL_LLAMA = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 128, "bos_token_id": 2, "eos_token_id": 50, "pad_token_id": 1,
+               "tie_word_embeddings": False}  # fmt: skip
+
+
+def _word_level_tokenizer(folder, size: int = 999):
+    """A stand-in LM tokenizer over ids t0 .. t{size-1} (the reference folders have none)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        '{"bos_token": "t2", "eos_token": "t50", "pad_token": "t1", "tokenizer_class": "PreTrainedTokenizerFast"}')
+
+
+def test_instructblip_loads_with_the_same_instruction_aware_logits_and_greedy_answers_and_exports_back(tmp_path):
+    """InstructBlipForConditionalGeneration at the real Q-Former shapes (32 x 768, 12 layers, cross-attention
+    every 2nd layer from a 1408-wide tower; 2 tower blocks here, the ViT-g mapping is checked above) and a
+    small Llama (Vicuna's class); the instruction through the Q-Former's BERT tokenizer."""
+    torch.manual_seed(0)
+    vision = {**VIT_G, "num_hidden_layers": 2}
+    config = transformers.InstructBlipConfig(vision_config=vision, qformer_config=QFORMER, text_config=SMALL_LLAMA,
+                                             num_query_tokens=32, image_token_index=IMAGE_TOKEN)
+    reference = transformers.InstructBlipForConditionalGeneration(config).eval()
+    _perturb_norms(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    _word_level_tokenizer(tmp_path / "hf")
+    with pytest.raises(Exception, match="qformer_tokenizer"):
+        load_pretrained(tmp_path / "hf")
+    bert = transformers.BertTokenizerFast.from_pretrained(minilm.get_model_path(), bos_token="[DEC]")
+    bert.save_pretrained(tmp_path / "hf" / "qformer_tokenizer")
+
+    pretrained = load_pretrained(tmp_path / "hf")
+    model = pretrained.model
+    assert pretrained.family.name == "instructblip" and model.cfg.qformer.text_input
+    instructions = ["what colour is the square? short answer:", "describe the picture in a few words."]
+    qids, qmask = pretrained.qformer_tokenizer(instructions)
+    length = int(qmask.sum(dim=1).max())
+    qids, qmask = qids[:, :length], qmask[:, :length]
+    expected_ids = bert(instructions, padding=True, return_tensors="pt")
+    assert qids.tolist() == expected_ids["input_ids"].tolist()
+    pixels = _pixels()
+    question = torch.tensor([[2, 11, 12, 13, 50], [2, 21, 22, 23, 50]])  # start, instruction, end (not read)
+    answer = torch.tensor([[2, 31, 32, 50], [2, 41, 42, 50]])
+    placeholders = torch.full((2, 32), IMAGE_TOKEN)
+    sequence = torch.cat([placeholders, question[:, :-1], answer[:, 1:-1]], dim=1)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                             input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
+        states = model.encode_question(pixels, question, torch.ones_like(question), qids, qmask)
+        logits = model.answer_logits(answer, torch.ones_like(answer), states, torch.ones_like(question))
+    expected = expected[:, 32 + 3 :]  # from the instruction's last token on
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(logits[:, :3], expected, atol=1e-4 * scale, rtol=1e-4)
+
+    with torch.no_grad():
+        decoder = model.answer_decoder_for(states, torch.ones_like(question))
+        ours = generate(decoder, question[:, :0], GenerationConfig(method="greedy", max_new_tokens=8, min_new_tokens=0))
+        prompt = torch.cat([placeholders, question[:, :-1]], dim=1)
+        theirs = reference.generate(pixel_values=pixels, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                                    input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                    do_sample=False, num_beams=1)
+    theirs = [row[prompt.shape[1]:] for row in theirs.tolist()]
+    theirs = [row[: row.index(50)] if 50 in row else row for row in theirs]
+    assert ours == theirs
+
+    export_pretrained(pretrained, "hf", tmp_path / "back")
+    back = transformers.InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    image_token = back.config.image_token_index
+    with torch.no_grad():
+        again = back(pixel_values=pixels, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                     input_ids=torch.cat([torch.full((2, 32), image_token), sequence[:, 32:]], dim=1)).logits
+    torch.testing.assert_close(again[:, 32 + 3 :], expected, atol=1e-5 * scale, rtol=1e-5)
+    processor_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "back" / "qformer_tokenizer")
+    assert processor_tokenizer(instructions, padding=True)["input_ids"] == qids.tolist()

@@ -42,6 +42,7 @@ LOADERS: dict[tuple[Format, str], Loader] = {
     ("hf", "siglip"): load_hf,
     ("hf", "blip"): load_hf_blip,
     ("hf", "blip-2"): load_hf_blip2,
+    ("hf", "instructblip"): load_hf_blip2,
     ("open_clip", "clip"): open_clip.load_open_clip,
     ("open_clip", "coca"): open_clip.load_open_clip,
 }
@@ -51,6 +52,7 @@ EXPORTERS: dict[tuple[Format, str], Exporter] = {
     ("hf", "blip_vqa"): export_hf_blip,
     ("hf", "blip2"): export_hf_blip2,
     ("hf", "blip2_qformer"): export_hf_blip2,
+    ("hf", "instructblip"): export_hf_blip2,
     ("open_clip", "clip"): open_clip.export_open_clip,
     ("open_clip", "coca"): open_clip.export_open_clip,
 }

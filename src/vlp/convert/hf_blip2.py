@@ -1,5 +1,6 @@
-"""Hugging Face BLIP-2 folders: `Blip2ForConditionalGeneration` (family `blip2`) and
-`Blip2ForImageTextRetrieval` (family `blip2_qformer`), both directions (spec `blip2-family.md` §8).
+"""Hugging Face BLIP-2 folders: `Blip2ForConditionalGeneration` (family `blip2`),
+`Blip2ForImageTextRetrieval` (family `blip2_qformer`) and `InstructBlipForConditionalGeneration` (family
+`instructblip`), both directions (spec `blip2-family.md` §8).
 
 Facts the mapping rests on (transformers 5.x, checked against 4.55's and 4.45's layouts in the spec):
 - The vision tower is EVA's ViT without a pre-norm or a final norm inside the tower; HF's
@@ -10,6 +11,9 @@ Facts the mapping rests on (transformers 5.x, checked against 4.55's and 4.45's 
 - The language model is `AutoModelForCausalLM` (OPT, Llama, ...) or `AutoModelForSeq2SeqLM` (Flan-T5) under
   `language_model.`, the same keys as vlp's; its output layer may be tied to its input embeddings and
   missing from the file. A T5's soft prompt and question go to its encoder, the caption to its decoder.
+- InstructBLIP keeps the Q-Former's word and position embeddings and their LayerNorm under
+  `qformer.embeddings.*`, and its instruction tokenizer in the folder's `qformer_tokenizer/`; its Q-Former
+  reads [queries; instruction] with one bidirectional mask, text positions from 0, as vlp's does.
 - No ITG head and no ITC temperature in HF: a retrieval folder loads with them at initialisation, and
   they are not exported.
 - Image placeholders (spec §8.6): from transformers 4.55 on, `input_ids` must hold `num_query_tokens`
@@ -42,6 +46,7 @@ from vlp.convert.hf_blip import vit_rules
 from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig, FrozenImageConfig
+from vlp.models.instructblip import InstructBlip, InstructBlipConfig
 from vlp.registry import FAMILIES
 from vlp.towers import VisionConfig
 from vlp.towers.qformer import QFormerConfig
@@ -49,18 +54,25 @@ from vlp.towers.qformer import QFormerConfig
 log = logging.getLogger("vlp.convert")
 
 GENERATION, RETRIEVAL = "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval"
-ARCHITECTURES = (GENERATION, RETRIEVAL)
+INSTRUCT = "InstructBlipForConditionalGeneration"
+ARCHITECTURES = (GENERATION, RETRIEVAL, INSTRUCT)
+QFORMER_TOKENIZER = "qformer_tokenizer"
 IMAGE_TOKEN = "<image>"
 # The Q-Former tokenizer's lengths: LAVIS trains with 32 tokens (retrieval evaluates with 35).
 QFORMER_CONTEXT = 32
 # A decoder-only LM's prompt and caption together.
 LM_CONTEXT = 64
+# InstructBLIP's instructions, in either tokenizer (LAVIS's max_txt_len).
+INSTRUCTION_CONTEXT = 128
 
 
 def _hf_config(config: dict[str, Any]) -> Any:
-    from transformers import Blip2Config as HfBlip2Config  # the defaults of every sub-config, as HF fills them
+    """The config as transformers fills it (the defaults of every sub-config)."""
+    from transformers import Blip2Config as HfBlip2Config
+    from transformers import InstructBlipConfig as HfInstructBlipConfig
 
-    return HfBlip2Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cls = HfInstructBlipConfig if config.get("model_type") == "instructblip" else HfBlip2Config
+    return cls(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
 
 
 def architecture_of(config: dict[str, Any], where: str) -> str:
@@ -108,11 +120,14 @@ def _vision_rules(layers: int) -> list[Rule]:
     return prefixed(rules, "image_encoder.", "vision_model.")
 
 
-def _qformer_rules(cfg: QFormerConfig) -> list[Rule]:
-    rules = [rule("qformer.query_tokens", "query_tokens"), *weight_and_bias("qformer.embed_norm", "qformer.layernorm")]
+def _qformer_rules(cfg: QFormerConfig, instruct: bool = False) -> list[Rule]:
+    """Retrieval keeps the text embeddings at the top level, InstructBLIP inside the Q-Former with its norm."""
+    embeddings, norm = ("qformer.embeddings", "qformer.embeddings.layernorm") if instruct else ("embeddings",
+                                                                                                "qformer.layernorm")
+    rules = [rule("qformer.query_tokens", "query_tokens"), *weight_and_bias("qformer.embed_norm", norm)]
     if cfg.text_input:
-        rules += [rule("qformer.word_embeddings.weight", "embeddings.word_embeddings.weight"),
-                  rule("qformer.position_embeddings.weight", "embeddings.position_embeddings.weight")]
+        rules += [rule("qformer.word_embeddings.weight", f"{embeddings}.word_embeddings.weight"),
+                  rule("qformer.position_embeddings.weight", f"{embeddings}.position_embeddings.weight")]
     for i in range(cfg.layers):
         pairs: list[tuple[str | tuple[str, ...], str | tuple[str, ...]]] = [
             ("attn.qkv_proj", tuple(f"attention.attention.{n}" for n in ("query", "key", "value"))),
@@ -137,7 +152,8 @@ def _qformer_rules(cfg: QFormerConfig) -> list[Rule]:
 
 def blip2_rules(model: Blip2 | Blip2Qformer) -> list[Rule]:
     """The key map of a vlp BLIP-2 model to its HF architecture (the language model aside)."""
-    rules = _vision_rules(len(model.image_encoder.visual.blocks)) + _qformer_rules(model.cfg.qformer)
+    rules = _vision_rules(len(model.image_encoder.visual.blocks)) + _qformer_rules(model.cfg.qformer,
+                                                                                    isinstance(model, InstructBlip))
     if isinstance(model, Blip2Qformer):
         return rules + [*weight_and_bias("vision_proj", "vision_projection"),
                         *weight_and_bias("text_proj", "text_projection"), *weight_and_bias("itm_head", "itm_head")]
@@ -155,6 +171,17 @@ def load_hf_blip2(folder: Path, *, tokenizer: str | Path | None = None, **_: Any
         model_cfg: Any = Blip2QformerConfig(image=image, qformer=qformer_config_from_hf(hf, True, text_tokenizer),
                                             embed_dim=hf.image_text_hidden_size)
         model: Blip2 | Blip2Qformer = Blip2Qformer(model_cfg)
+    elif architecture == INSTRUCT:
+        kind = "causal_lm" if hf.use_decoder_only_language_model else "seq2seq_lm"
+        text_tokenizer = tokenizer_from_path(tokenizer or folder, context_length=INSTRUCTION_CONTEXT, model_type=kind)
+        if not (folder / QFORMER_TOKENIZER).is_dir():
+            raise ConversionError(f"{folder}: an InstructBLIP folder needs its Q-Former's tokenizer in "
+                                  f"{QFORMER_TOKENIZER}/ (InstructBlipProcessor.save_pretrained writes it)")
+        qformer_tokenizer = tokenizer_from_path(folder / QFORMER_TOKENIZER, context_length=INSTRUCTION_CONTEXT,
+                                                model_type="blip2")
+        model_cfg = InstructBlipConfig(image=image, qformer=qformer_config_from_hf(hf, True, qformer_tokenizer),
+                                       language_model=hf.text_config.to_dict(), lm_precision="fp32")
+        model = InstructBlip(model_cfg)
     else:
         kind = "causal_lm" if hf.use_decoder_only_language_model else "seq2seq_lm"
         text_tokenizer = tokenizer_from_path(tokenizer or folder, context_length=LM_CONTEXT, model_type=kind)
@@ -176,8 +203,9 @@ def load_hf_blip2(folder: Path, *, tokenizer: str | Path | None = None, **_: Any
     model.eval()
     # BLIP-2's processor (BlipImageProcessor) resizes to a square, bicubic, with CLIP's mean and std.
     image_config = image_config_from_hf(folder, image.vision.image_size, crop=False)
-    family = FAMILIES["blip2_qformer" if architecture == RETRIEVAL else "blip2"]
-    return Pretrained(family, model_cfg, model, image_config, text_tokenizer, folder)
+    family = FAMILIES[{RETRIEVAL: "blip2_qformer", INSTRUCT: "instructblip"}.get(architecture, "blip2")]
+    return Pretrained(family, model_cfg, model, image_config, text_tokenizer, folder,
+                      qformer_tokenizer if architecture == INSTRUCT else None)
 
 
 @torch.no_grad()
@@ -192,10 +220,15 @@ def _load_language_model(model: Blip2, state: dict[str, torch.Tensor], source: P
 
 
 def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None = None) -> Path:
-    """Write a folder `transformers.Blip2ForConditionalGeneration` (a stage-2 model) or
-    `Blip2ForImageTextRetrieval` (a stage-1 model) loads, placeholders and all (see the module docstring)."""
+    """Write a folder `transformers.Blip2ForConditionalGeneration` (a stage-2 model),
+    `Blip2ForImageTextRetrieval` (a stage-1 model) or `InstructBlipForConditionalGeneration` loads,
+    placeholders and all (see the module docstring)."""
     model = pretrained.model
-    expected = RETRIEVAL if isinstance(model, Blip2Qformer) else GENERATION
+    instruct = isinstance(model, InstructBlip)
+    expected = RETRIEVAL if isinstance(model, Blip2Qformer) else INSTRUCT if instruct else GENERATION
+    if instruct and not model.cfg.qformer.text_input:
+        raise ConversionError("Hugging Face's InstructBLIP always reads the instruction in its Q-Former; this model "
+                              "was trained without (qformer.text_input: false)")
     if architecture not in (None, expected):
         raise ConversionError(f"a {pretrained.family.name} model exports as {expected}, not {architecture}")
     vision = model.cfg.image.vision
@@ -206,7 +239,8 @@ def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None 
     state = from_vlp(model.state_dict(), blip2_rules(model))
     q = model.cfg.qformer
     config: dict[str, Any] = {
-        "architectures": [expected], "model_type": "blip-2", "num_query_tokens": q.num_queries,
+        "architectures": [expected], "model_type": "instructblip" if instruct else "blip-2",
+        "num_query_tokens": q.num_queries,
         "vision_config": {
             "hidden_size": vision.width, "intermediate_size": round(vision.width * vision.mlp_ratio),
             "num_hidden_layers": vision.layers, "num_attention_heads": vision.heads, "image_size": vision.image_size,
@@ -251,7 +285,11 @@ def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None 
     image = pretrained.image_config
     (out / "preprocessor_config.json").write_text(json.dumps(blip_image_processor(image), indent=1))
     save_hf_tokenizer(tokenizer, out)
+    if instruct:
+        (out / QFORMER_TOKENIZER).mkdir(exist_ok=True)
+        save_hf_tokenizer(pretrained.qformer_tokenizer, out / QFORMER_TOKENIZER)
     if not isinstance(model, Blip2Qformer):
-        (out / "processor_config.json").write_text(json.dumps({"processor_class": "Blip2Processor",
+        processor = "InstructBlipProcessor" if instruct else "Blip2Processor"
+        (out / "processor_config.json").write_text(json.dumps({"processor_class": processor,
                                                                "num_query_tokens": q.num_queries}, indent=1))
     return out
