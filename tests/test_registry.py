@@ -13,6 +13,7 @@ from PIL import Image
 from vlp.abilities import ABILITIES
 from vlp.checkpoint import Pretrained, load_checkpoint, save_checkpoint
 from vlp.config import ConfigError, from_dict, read_mapping
+from vlp.data.instructions import InstructionCollate, instruction_batches
 from vlp.data.nlvr import NlvrCollate, nlvr_batches
 from vlp.data.pipeline import Collate, train_batches
 from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
@@ -49,8 +50,15 @@ def _pair_items(rng, tensor):
     return [{"left": tensor(), "right": tensor(), "sentence": _caption(rng), "label": i % 2} for i in range(8)]
 
 
+def _instruction_items(rng, tensor):
+    return [{"images": [tensor()], "instruction": _caption(rng) + "?", "answer": rng.choice(WORDS)} for _ in range(8)]
+
+
 TASKS = {train_batches: (Collate, _caption_items), vqa_batches: (VqaCollate, _vqa_items),
-         nlvr_batches: (NlvrCollate, _pair_items)}  # fmt: skip
+         nlvr_batches: (NlvrCollate, _pair_items), instruction_batches: (InstructionCollate, _instruction_items)}  # fmt: skip
+# The Q-Former's own tokenizer, for families that read instructions there (the tiny presets' special ids).
+QFORMER_TOKENIZER = TokenizerConfig(kind="wordpiece", vocab_size=256, context_length=32, pad_token="[PAD]",
+                                    unk_token="[UNK]", bos_token="[CLS]", eos_token="[SEP]", extra_tokens=("[DEC]",))
 
 
 def test_every_family_is_swept_and_every_preset_parses():
@@ -84,10 +92,11 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
     transform = ImageTransform(image_cfg, train=False)
     collate, items = TASKS[recipe.batches]
     samples = items(rng, lambda: transform(_image(rng, 64)))
-    texts = [s.get("caption") or s.get("sentence") or s.get("question") for s in samples] + WORDS
+    texts = [s.get("caption") or s.get("sentence") or s.get("question") or s["instruction"] for s in samples] + WORDS
     texts += [a for s in samples for a, _ in s.get("answers", [])]
     tokenizer = train_tokenizer(texts * 4, from_dict(TokenizerConfig, run.get("tokenizer", {})))
-    batch = collate(tokenizer)(samples)
+    qformer_tokenizer = train_tokenizer(texts * 4, QFORMER_TOKENIZER) if recipe.reads_instructions else None
+    batch = (collate(tokenizer, qformer_tokenizer) if qformer_tokenizer else collate(tokenizer))(samples)
     batch.pop("bad")
 
     torch.manual_seed(0)
@@ -112,9 +121,9 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
         assert loss() < first
 
     model.eval()
-    pretrained = Pretrained(family, model_cfg, model, image_cfg, tokenizer, tmp_path)
+    pretrained = Pretrained(family, model_cfg, model, image_cfg, tokenizer, tmp_path, qformer_tokenizer)
     saved = save_checkpoint(tmp_path / "checkpoint", family=family, model_config=model_cfg, model=model,
-                            image_config=image_cfg, tokenizer=tokenizer)
+                            image_config=image_cfg, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer)
     loaded = load_checkpoint(saved)
     assert type(loaded.model) is type(model) and loaded.config == model_cfg
 
@@ -159,6 +168,11 @@ def _run(functions, name: str, images: list) -> object:
         return functions.matcher(images, texts)(torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0]))
     if name == "answer":
         return functions.answer(images, ["what color?", "how many?", "is it red?"])
+    if name == "score_answers":
+        return functions.score_answers(images, ["what color?", "how many?", "is it red?"],
+                                       [["red", "blue"], ["one", "two", "three"], [["yes", "true"], ["no", "false"]]])
+    if name == "follow_instructions":
+        return functions.follow_instructions(images, ["describe it.", "count the shapes.", "is it red?"])
     if name == "true_probability":
         return functions.true_probability(images, images[::-1], texts)
     raise AssertionError(f"the sweep does not know predict function {name}")

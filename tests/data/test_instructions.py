@@ -174,3 +174,28 @@ def test_a_batch_stacks_image_pairs_and_tokenises_the_instruction_for_both_sides
     assert batch["answer"].shape[0] == 2 and batch["size"] == 2
     single = InstructionCollate(lm)([{"images": [torch.zeros(3, 8, 8)], "instruction": "x", "answer": "y"}])
     assert single["image"].shape == (1, 3, 8, 8) and "instruction" not in single
+
+
+def test_the_suite_and_its_evaluation_refuse_bad_input_in_one_line(shapes_world, tmp_path, capsys):
+    from vlp.cli import main
+
+    assert main(["data", "instructions", "--world", str(tmp_path), "--out", str(tmp_path / "s")]) == 2
+    assert "is not a shapes world" in capsys.readouterr().err
+    assert main(["data", "instructions", "--world", str(shapes_world), "--out", str(tmp_path / "s"),
+                 "--per-task", "0"]) == 2
+    assert "--per-task 0" in capsys.readouterr().err
+    assert main(["data", "instructions", "--world", str(shapes_world), "--out", str(tmp_path / "s"),
+                 "--per-task", "4"]) == 0
+    assert "10 test tasks (6 held out)" in capsys.readouterr().out
+    from vlp.evals.instructions import evaluate_instructions
+
+    def never(*_):
+        raise AssertionError("not reached")
+
+    with pytest.raises(DataError, match="has no task nope"):
+        evaluate_instructions(never, never, tmp_path / "s" / "tasks.json", tasks=["nope"])
+    suite = json.loads((tmp_path / "s" / "tasks.json").read_text())
+    suite["tasks"]["vqa"]["metric"] = "bleu"
+    (tmp_path / "s" / "bad.json").write_text(json.dumps(suite))
+    with pytest.raises(DataError, match="task 'vqa' has metric 'bleu'"):
+        evaluate_instructions(never, never, tmp_path / "s" / "bad.json")

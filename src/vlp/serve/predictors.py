@@ -322,14 +322,15 @@ class VqaPredictor(Predictor):
         return torch.stack([torch.stack([pixels(image) for image in item]) for item in items]).to(self.device)
 
     def _question_batches(
-        self, images: Sequence[Any], questions: Sequence[str], what: str
+        self, images: Sequence[Any], questions: Sequence[str], what: str, template: str | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
         """(pixels, question ids, mask, the instruction in the Q-Former's tokens when the model reads it) a batch
-        at a time."""
+        at a time, each question put through `template` (the predictor's question template by default)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(questions)} questions for {len(images)} images")
+        template = template or self.question_template
         for start in batch_starts(len(images), self.batch_size, what if self.progress else None):
-            texts = [self.question_template.replace("{}", q) for q in questions[start : start + self.batch_size]]
+            texts = [template.replace("{}", q) for q in questions[start : start + self.batch_size]]
             ids, mask = tokenize_trimmed(self.tokenizer, texts)
             instruction = {}
             if self.qformer_tokenizer is not None:
@@ -338,10 +339,18 @@ class VqaPredictor(Predictor):
             yield (self._pixels(images[start : start + self.batch_size]), ids.to(self.device), mask.to(self.device),
                    instruction)
 
-    @torch.inference_mode()
     def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
+        return self._answer(images, questions)
+
+    def follow_instructions(self, images: Sequence[Any], instructions: Sequence[str]) -> list[str]:
+        """InstructBLIP: each instruction given as written (no question template), the answer generated or
+        ranked as `method` says."""
+        return self._answer(images, instructions, "{}")
+
+    @torch.inference_mode()
+    def _answer(self, images: Sequence[Any], questions: Sequence[str], template: str | None = None) -> list[str]:
         answers = []
-        for pixels, ids, mask, instruction in self._question_batches(images, questions, "answering"):
+        for pixels, ids, mask, instruction in self._question_batches(images, questions, "answering", template):
             with self.autocast:
                 states = self.model.encode_question(pixels, ids, mask, **instruction)
                 if self.method == "rank":
@@ -440,6 +449,7 @@ class PredictFunctions:
     matcher: Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None
     answer: Callable[[Sequence[ImageInput], Sequence[str]], list[str]] | None = None
     score_answers: Callable[..., list[list[float]]] | None = None
+    follow_instructions: Callable[[Sequence[ImageInput], Sequence[str]], list[str]] | None = None
     true_probability: Callable[..., torch.Tensor] | None = None
 
     def require(self, name: str) -> Callable[..., Any]:
@@ -467,6 +477,7 @@ FUNCTIONS: dict[str, tuple[type[Predictor], tuple[type[Ability], ...]]] = {
     "matcher": (MatchingPredictor, ()),
     "answer": (VqaPredictor, ()),
     "score_answers": (VqaPredictor, ()),
+    "follow_instructions": (VqaPredictor, (FollowsInstructions,)),
     "true_probability": (NlvrPredictor, ()),
 }
 
