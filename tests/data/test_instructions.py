@@ -199,3 +199,18 @@ def test_the_suite_and_its_evaluation_refuse_bad_input_in_one_line(shapes_world,
     (tmp_path / "s" / "bad.json").write_text(json.dumps(suite))
     with pytest.raises(DataError, match="task 'vqa' has metric 'bleu'"):
         evaluate_instructions(never, never, tmp_path / "s" / "bad.json")
+
+
+def test_a_long_instruction_loses_its_start_not_the_question_at_its_end():
+    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+
+    words = "dialog history q what shape is the red one a circle question how many shapes are there answer"
+    tokenizer = train_tokenizer([words] * 20, TokenizerConfig(kind="wordpiece", vocab_size=120, context_length=8,
+                                                              pad_token="[PAD]", unk_token="[UNK]", bos_token="[CLS]",
+                                                              eos_token="[SEP]"))
+    batch = InstructionCollate(tokenizer, tokenizer)([{"images": [torch.zeros(3, 4, 4)], "instruction": words,
+                                                       "answer": "two"}])
+    for key in ("text", "instruction"):
+        ids = batch[key][0].tolist()
+        assert (ids[0], ids[-1]) == tokenizer.framing_ids() and tokenizer.decode(ids).endswith("answer"), ids
+    assert not tokenizer.decode(tokenizer([words])[0][0].tolist()).endswith("answer")  # the tokenizer cuts the end

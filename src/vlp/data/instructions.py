@@ -455,7 +455,8 @@ class InstructionCollate:
         frames = [torch.stack(i["images"]) for i in good]
         image = torch.stack(frames)
         instructions = [i["instruction"] for i in good]
-        text, text_mask = tokenize_trimmed(self.tokenizer, instructions)
+        # A long instruction loses its start, not the question at its end (LAVIS truncates on the left).
+        text, text_mask = tokenize_trimmed(self.tokenizer.truncating_left(), instructions)
         answer, answer_mask = tokenize_trimmed(self.tokenizer, [i["answer"] for i in good])
         batch: dict[str, Any] = {
             "image": image[:, 0] if image.shape[1] == 1 else image,
@@ -463,7 +464,8 @@ class InstructionCollate:
             "bad": bad, "size": len(good),
         }  # fmt: skip
         if self.qformer_tokenizer is not None:
-            batch["instruction"], batch["instruction_mask"] = tokenize_trimmed(self.qformer_tokenizer, instructions)
+            batch["instruction"], batch["instruction_mask"] = tokenize_trimmed(self.qformer_tokenizer.truncating_left(),
+                                                                               instructions)
         return batch
 
 

@@ -84,6 +84,7 @@ class Tokenizer:
         self.clean = clean
         self.context_length: int = backend.padding["length"]
         self.pad_id: int = backend.padding["pad_id"]
+        self._left: Tokenizer | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -126,6 +127,16 @@ class Tokenizer:
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
+
+    def truncating_left(self) -> Tokenizer:
+        """The same tokenizer cutting long texts at their start (InstructBLIP's instructions: the question
+        comes last), the start and end tokens kept."""
+        if self._left is None:
+            backend = BackendTokenizer.from_str(self.backend.to_str())
+            backend.enable_truncation(max_length=self.context_length, direction="left")
+            self._left = Tokenizer(backend, self.clean)
+            self._left._left = self._left
+        return self._left
 
     def decode(self, ids: list[int]) -> str:
         ids = list(ids)

@@ -331,10 +331,11 @@ class VqaPredictor(Predictor):
         template = template or self.question_template
         for start in batch_starts(len(images), self.batch_size, what if self.progress else None):
             texts = [template.replace("{}", q) for q in questions[start : start + self.batch_size]]
-            ids, mask = tokenize_trimmed(self.tokenizer, texts)
+            # A long question or instruction loses its start, not its end (LAVIS truncates on the left).
+            ids, mask = tokenize_trimmed(self.tokenizer.truncating_left(), texts)
             instruction = {}
             if self.qformer_tokenizer is not None:
-                qids, qmask = tokenize_trimmed(self.qformer_tokenizer, texts)
+                qids, qmask = tokenize_trimmed(self.qformer_tokenizer.truncating_left(), texts)
                 instruction = {"instruction": qids.to(self.device), "instruction_mask": qmask.to(self.device)}
             yield (self._pixels(images[start : start + self.batch_size]), ids.to(self.device), mask.to(self.device),
                    instruction)
