@@ -96,11 +96,11 @@ def main() -> None:
     args.result.write_text(json.dumps(result, indent=1) + "\n")
     for name in args.arms.split(","):
         slug = name.lower().replace(" ", "-").replace("-the-q-former", "")
-        rows = {}
+        rows = dict(result["arms"].get(name, {}).get("seeds", {}))  # seeds of earlier invocations stay
         for seed in args.seeds:
             run = _train(args.out / f"{slug}-{seed}", [*common, *ARMS[name], f"train.seed={seed}"])
-            rows[seed] = _evaluate(run, args.suite, args.out / f"{slug}-{seed}.json", args.limit)
-            log.info("%s seed %d: %s", name, seed, rows[seed])
+            rows[str(seed)] = _evaluate(run, args.suite, args.out / f"{slug}-{seed}.json", args.limit)
+            log.info("%s seed %d: %s", name, seed, rows[str(seed)])
         result["arms"][name] = {"overrides": ARMS[name], "seeds": rows, "summary": _summary(list(rows.values()))}
         args.result.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({name: {k: round(v["mean"], 3) for k, v in arm["summary"].items()}

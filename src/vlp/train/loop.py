@@ -209,8 +209,7 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
     return Tokenizer.from_file(out)
 
 
-def _prepare_qformer_tokenizer(cfg: RunConfig, model_cfg: Any, resume_from: Path | None,
-                               initial: Pretrained | None) -> Tokenizer:
+def _prepare_qformer_tokenizer(model_cfg: Any, resume_from: Path | None, initial: Pretrained | None) -> Tokenizer:
     """The tokenizer of the Q-Former's instructions (InstructBLIP): the resumed checkpoint's, the InstructBLIP
     checkpoint's it starts from, or the one of the Q-Former's source (a stage-1 checkpoint, a BERT folder)."""
     if resume_from is not None:
@@ -503,7 +502,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     recipe = recipe_of(family)
     qformer_tokenizer = None
     if recipe.reads_instructions:
-        qformer_tokenizer = _prepare_qformer_tokenizer(cfg, model_cfg, resume_from, initial)
+        qformer_tokenizer = _prepare_qformer_tokenizer(model_cfg, resume_from, initial)
         _check_text_tokenizer(qformer_tokenizer, model_cfg.qformer, "model.qformer")
     model = build_model(family, model_cfg, bytes_per_parameter=TRAIN_BYTES_PER_PARAMETER, what="config section 'model'")
     start_step = 0
