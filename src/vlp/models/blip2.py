@@ -353,14 +353,13 @@ class Blip2(nn.Module):
     def question_template(self) -> str:
         return self.cfg.question_template
 
-    def _left_aligned(
-        self, ids: torch.Tensor, mask: torch.Tensor, width: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _left_aligned(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts as the tokenizer gives them (start token, text, end token, right padding) -> the start token
-        and text, end token dropped, padded on the left to `width` (default: the longest), so that every row's
-        last column is its last token."""
+        and text, end token dropped, padded on the left to the texts' width less one, so that every row's last
+        column is its last token. The width depends on the mask's shape alone: rows taken from a batch (one
+        question's states for its candidate answers) keep their layout."""
         lengths = mask.long().sum(dim=1) - 1
-        width = int(lengths.max()) if width is None else width
+        width = mask.shape[1] - 1
         columns = torch.arange(width, device=ids.device)[None]
         first = (width - lengths)[:, None]
         real = columns >= first
