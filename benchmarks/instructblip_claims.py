@@ -12,11 +12,20 @@ zero-shot, held-in ones on their test records.
 - Plain concatenation: the InstructBLIP run with datasets drawn by size (the paper's sampling ablation,
   judged on the held-in tasks).
 
-    .venv/bin/python benchmarks/instructblip_claims.py --base runs/blip2-claims --suite data/shapes/instruct \
+    vlp data instructions --world data/shapes --out data/shapes/instruct
+    vlp train --config configs/clip-tiny.yaml --data data/shapes/train.csv --out runs/ib-base/clip
+    vlp train --config configs/blip2-qformer-tiny.yaml --data data/shapes/train.csv --out runs/ib-base/stage1 \
+        --set model.sources.image_encoder=runs/ib-base/clip
+    vlp train --config configs/blip2-tiny.yaml --data data/shapes/train.csv --out runs/ib-base/stage2 \
+        --set train.init_from=runs/ib-base/stage1 --set model.sources.language_model=models/smollm2 \
+        --set tokenizer.path=models/smollm2 --set model.lm_precision=bf16 --set train.batch_size=32 \
+        --set train.steps=200 --set tokenizer.context_length=64
+    .venv/bin/python benchmarks/instructblip_claims.py --base runs/ib-base --suite data/shapes/instruct \
         --lm models/smollm2 --out runs/instructblip-claims --seeds 0 1 2
 
-`--base` holds BLIP-2's `stage1` and `stage2` runs (benchmarks/blip2_claims.py writes them; or train them as
-configs/blip2-*.yaml say). Runs and evaluations already on disk are reused, so a stopped run continues.
+`--base` holds BLIP-2's `stage1` and `stage2` runs (as above: stage 2's tokenizer keeps 64 tokens, so the
+baseline reads the instructions whole). Runs and evaluations already on disk are reused, so a stopped run
+continues; seeds of earlier invocations stay in the results file.
 """
 
 from __future__ import annotations
