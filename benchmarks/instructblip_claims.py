@@ -37,11 +37,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vlp.checkpoint import list_checkpoints
+from blip2_claims import _train  # a run trained once, reused (or resumed) when the script runs again
+
 from vlp.evals.instructions import evaluate_instructions
 from vlp.generation import GenerationConfig
 from vlp.serve.predictors import VqaPredictor
-from vlp.train.loop import load_run_config, train
 
 log = logging.getLogger("instructblip_claims")
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "instructblip-tiny.yaml"
@@ -50,16 +50,6 @@ ARMS = {
     "without instructions in the Q-Former": ["model.qformer.text_input=false"],
     "plain concatenation": ["data.sampling=proportional"],
 }
-
-
-def _train(out: Path, overrides: list[str]) -> Path:
-    cfg = load_run_config(CONFIG, [*overrides, "train.progress=false"])
-    done = list_checkpoints(out)
-    if done and int(done[-1].name.split("_")[1]) >= cfg.train.steps:
-        log.info("reusing %s", out)
-        return out
-    train(cfg, out, resume="latest" if done else None)
-    return out
 
 
 def _evaluate(checkpoint: Path, suite: Path, result: Path, limit: int) -> dict[str, float]:
@@ -107,7 +97,7 @@ def main() -> None:
         slug = name.lower().replace(" ", "-").replace("-the-q-former", "")
         rows = dict(result["arms"].get(name, {}).get("seeds", {}))  # seeds of earlier invocations stay
         for seed in args.seeds:
-            run = _train(args.out / f"{slug}-{seed}", [*common, *ARMS[name], f"train.seed={seed}"])
+            run = _train(CONFIG.name, args.out / f"{slug}-{seed}", [*common, *ARMS[name], f"train.seed={seed}"])
             rows[str(seed)] = _evaluate(run, args.suite, args.out / f"{slug}-{seed}.json", args.limit)
             log.info("%s seed %d: %s", name, seed, rows[str(seed)])
         result["arms"][name] = {"overrides": ARMS[name], "seeds": rows, "summary": _summary(list(rows.values()))}
