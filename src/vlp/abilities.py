@@ -112,10 +112,15 @@ class JudgesImagePairs(Ability, Protocol):
 class DetectsBoxes(Ability, Protocol):
     """Open-vocabulary detection (OWL-ViT): boxes for text or image queries."""
 
-    def detect(
-        self, images: torch.Tensor, query_embeddings: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(boxes [B, N, 4] as (cx, cy, w, h) in [0, 1], logits [B, N, Q] of each box against each query)."""
+    def embed_queries(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokenised queries [..., L] -> query embeddings [..., E]."""
+
+    def embed_image_query(self, images: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Example images [B, 3, S, S] with one normalised xyxy box each -> (query embeddings [B, E], token [B])."""
+
+    def detect(self, images: torch.Tensor, query_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [Q, E] (or [T, Q, E], logits averaged over T) -> (boxes [B, N, 4] as (cx, cy, w, h) in
+        [0, 1] of the input, logits [B, N, Q] of each box against each query)."""
 
 
 ABILITIES: tuple[type[Ability], ...] = (

@@ -191,6 +191,76 @@ def _eval_instructions(args: argparse.Namespace) -> None:
     _report(result, args)
 
 
+def _read_templates(path: str | None, default: list[str]) -> list[str]:
+    from vlp.evals.zeroshot import check_templates, read_lines
+
+    return check_templates(read_lines(path), path) if path else default
+
+
+def _eval_detection(args: argparse.Namespace) -> None:
+    from vlp.evals.detection import category_names, evaluate_detection, one_shot_queries
+
+    if args.max_detections < 1:
+        raise ConfigError(f"--max-detections {args.max_detections}: keep at least one box per image")
+    if args.shots < 1:
+        raise ConfigError(f"--shots {args.shots}: take at least one example box per class")
+    functions = _functions(args)
+    box_scores = functions.require("box_scores")
+    names = category_names(args.data)
+    if args.one_shot:
+        queries = one_shot_queries(functions.require("embed_image_queries"), args.one_shot, names,
+                                   images_dir=args.one_shot_images, shots=args.shots)
+    else:
+        queries = functions.require("embed_queries")(names, _read_templates(args.templates, ["{}"]))
+    result = evaluate_detection(box_scores, queries, args.data, images_dir=args.images, novel=args.novel or (),
+                                max_detections=args.max_detections, limit=args.limit)
+    if args.one_shot:
+        result["protocol"] += f"; one-shot image queries, {args.shots} example box(es) per class from {args.one_shot}"
+    _report(result, args)
+
+
+def _parse_box(text: str) -> list[float]:
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise ConfigError(f"--query-box {text!r}: expected x0,y0,x1,y1 in the query image's pixels")
+    return box
+
+
+def _cmd_detect(args: argparse.Namespace) -> None:
+    import json
+
+    from vlp.serve.draw import draw_detections
+
+    queries = [q.strip() for q in (args.queries or "").split(",") if q.strip()]
+    if bool(queries) == bool(args.query_image):
+        raise ConfigError('vlp detect needs --queries "a red kite,a box" or --query-image with --query-box, not both')
+    if args.query_image and not args.query_box:
+        raise ConfigError("--query-image needs --query-box x0,y0,x1,y1: the object the example shows")
+    functions = _functions(args)
+    detect = functions.require("detect")
+    if args.query_image:
+        embeddings = functions.require("embed_image_queries")([args.query_image], [_parse_box(args.query_box)])
+        results = detect(args.image, query_embeddings=embeddings, threshold=args.threshold, top_k=args.top_k,
+                         nms=args.nms)
+    else:
+        results = detect(args.image, queries, templates=_read_templates(args.templates, ["{}"]),
+                         threshold=args.threshold, top_k=args.top_k, nms=args.nms)
+    records = [{"image": str(path), "detections": [vars(d) for d in found]}
+               for path, found in zip(args.image, results, strict=True)]
+    for record in records:
+        best = ", ".join(f"{d['query']} {d['score']:.2f} at {d['box']}" for d in record["detections"][:3])
+        print(f"{record['image']}: {len(record['detections'])} boxes" + (f" ({best}...)" if best else ""))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(records, indent=1))
+    if args.draw:
+        for path in draw_detections(args.image, results, args.draw):
+            print(f"drawn: {path}")
+
+
 def _eval_nlvr(args: argparse.Namespace) -> None:
     from vlp.evals.nlvr import evaluate_nlvr
 
@@ -386,6 +456,17 @@ def _add_eval(sub: Subparsers) -> None:
     ins.add_argument("--max-new-tokens", type=int, default=20)
     ins.add_argument("--question-template", default="{}",
                      help='how an instruction is put to the model, {} the instruction (default: as written)')
+    det = _model_command(ev, "detection", _eval_detection, "open-vocabulary detection: COCO AP (pycocotools)")
+    det.add_argument("--data", required=True, help="COCO instances JSON: every category name is a query")
+    det.add_argument("--images", help="folder the image file names resolve against (default: beside --data)")
+    det.add_argument("--novel", nargs="+", help="classes without boxes in training: their AP is reported apart")
+    det.add_argument("--templates", help="prompt templates file, one per line with {} (their logits are averaged)")
+    det.add_argument("--max-detections", type=int, default=100, help="(box, class) pairs kept per image")
+    det.add_argument("--limit", type=int, help="evaluate the first N images only")
+    det.add_argument("--one-shot", metavar="INSTANCES", help="query each class by example boxes from this COCO "
+                     "instances file instead of by its name")
+    det.add_argument("--one-shot-images", help="folder the example images resolve against")
+    det.add_argument("--shots", type=int, default=1, help="example boxes per class (their embeddings averaged)")
     nl = _model_command(ev, "nlvr", _eval_nlvr, "statements about image pairs (NLVR2): accuracy")
     nl.add_argument("--data", required=True, help="JSON list of {images: [left, right], sentence, label}")
     nl.add_argument("--images", help="folder the image paths resolve against (default: beside the file)")
@@ -405,6 +486,18 @@ def _add_predict(sub: Subparsers) -> None:
     em.add_argument("--texts", nargs="+")
     em.add_argument("--texts-file")
     em.add_argument("--out", required=True)
+    dt = _model_command(sub, "detect", _cmd_detect, "detect objects named by text or shown by an example (OWL-ViT)",
+                        out=False)
+    dt.add_argument("image", nargs="+")
+    dt.add_argument("--queries", help='comma-separated texts, e.g. "a red kite,a box"')
+    dt.add_argument("--query-image", help="an example image of the object to find (one-shot detection)")
+    dt.add_argument("--query-box", help="x0,y0,x1,y1: the object in --query-image, in its pixels")
+    dt.add_argument("--templates", help="prompt templates file, one per line with {} (their logits are averaged)")
+    dt.add_argument("--threshold", type=float, default=0.1, help="keep boxes scoring at least this")
+    dt.add_argument("--top-k", type=int, help="keep at most this many boxes per image")
+    dt.add_argument("--nms", type=float, metavar="IOU", help="drop boxes overlapping a better one above this IoU")
+    dt.add_argument("--out", help="write the detections JSON here (boxes in each image's pixels)")
+    dt.add_argument("--draw", metavar="DIR", help="write each image with its boxes drawn into this folder")
     cl = _model_command(sub, "classify", _cmd_classify, "zero-shot classify images", out=False)
     cl.add_argument("image", nargs="+")
     cl.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog"')

@@ -120,7 +120,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return dict(value)
+        args = get_args(tp)
+        return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -280,3 +280,151 @@ def weighted_answer_loss(
     annotators who gave it (weights [A]), summed, divided by the number of questions."""
     losses = sequence_losses(logits, answers, answer_mask, label_smoothing=label_smoothing)
     return (weights * losses).sum() / questions
+
+
+# Detection (OWL-ViT): boxes are (cx, cy, w, h) or (x0, y0, x1, y1) in the same normalised units.
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def _area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise IoU [N, M] of xyxy boxes a [N, 4] and b [M, 4], and their union [N, M]."""
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = _area(a)[:, None] + _area(b)[None, :] - inter
+    return inter / union.clamp(min=1e-12), union
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU [N, M] of xyxy boxes: IoU - (enclosing area - union) / enclosing area."""
+    iou, union = box_iou(a, b)
+    top_left = torch.minimum(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.maximum(a[:, None, 2:], b[None, :, 2:])
+    enclosing = (bottom_right - top_left).clamp(min=0).prod(-1)
+    return iou - (enclosing - union) / enclosing.clamp(min=1e-12)
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float, gamma: float) -> torch.Tensor:
+    """Elementwise focal sigmoid cross-entropy (Lin et al.):
+    CE(p, y) * (1 - p_t)^gamma * (alpha y + (1 - alpha)(1 - y)), p_t the probability of the true label."""
+    logits, targets = logits.float(), targets.float()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p = logits.sigmoid()
+    p_t = p * targets + (1 - p) * (1 - targets)
+    return ce * (1 - p_t) ** gamma * (alpha * targets + (1 - alpha) * (1 - targets))
+
+
+def focal_matching_cost(logits: torch.Tensor, *, alpha: float, gamma: float) -> torch.Tensor:
+    """Per prediction and query [P, Q], the focal cost of calling it positive minus that of negative
+    (Deformable DETR's matching cost): low where the prediction scores the query high."""
+    p = logits.float().sigmoid()
+    positive = alpha * (1 - p) ** gamma * -torch.log(p + 1e-8)
+    negative = (1 - alpha) * p**gamma * -torch.log(1 - p + 1e-8)
+    return positive - negative
+
+
+def detection_matching_cost(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    target_labels: torch.Tensor,
+    target_boxes: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """OWL-ViT's matching cost [P, M] of one image: predictions (logits [P, Q], cxcywh boxes [P, 4]) against
+    targets (multi-hot labels [M, Q], cxcywh boxes [M, 4]). The class cost sums the focal cost over a
+    target's labels; the L1 cost is on cxcywh (the loss's is on corners); the GIoU cost is -GIoU."""
+    class_cost = focal_matching_cost(logits, alpha=alpha, gamma=gamma) @ target_labels.float().T
+    l1_cost = torch.cdist(pred_boxes.float(), target_boxes.float(), p=1)
+    giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes.float()), box_cxcywh_to_xyxy(target_boxes.float()))
+    cost = weights[0] * class_cost + weights[1] * l1_cost + weights[2] * giou_cost
+    # A non-finite cost (a degenerate box) must not break the solver: it becomes the worst cost there is.
+    finite = torch.isfinite(cost)
+    worst = cost[finite].max() if finite.any() else cost.new_tensor(0.0)
+    return torch.where(finite, cost, worst + 1)
+
+
+def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The assignment of least total cost of a [P, M] cost matrix (P >= M): (prediction indices, target
+    indices), both [min(P, M)], by scipy's exact solver."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+
+
+def detection_losses(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    target_labels: torch.Tensor,
+    target_boxes: torch.Tensor,
+    box_mask: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    gamma: float = 2.0,
+    cost_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> dict[str, torch.Tensor]:
+    """OWL-ViT's set losses, averaged over the batch of per-image losses.
+
+    logits [B, P, Q] of every prediction against the image's queries (query_mask [B, Q] marks the real
+    ones); pred_boxes [B, P, 4] cxcywh; targets: multi-hot labels [B, M, Q], cxcywh boxes [B, M, 4],
+    box_mask [B, M] the real instances. Each image is matched on its own (Hungarian, no gradient); the
+    focal loss runs over all predictions x real queries, unmatched predictions being negatives for every
+    query, and is divided by the image's count of positive (instance, label) pairs; L1 (on corners) and
+    1 - GIoU over matched pairs are divided by the image's count of boxes (scenic's per-example
+    normalisation, which its per-example gradient clipping goes with)."""
+    logits, pred_boxes = logits.float(), pred_boxes.float()
+    batch = logits.shape[0]
+    class_terms, l1_terms, giou_terms = [], [], []
+    for b in range(batch):
+        real = box_mask[b].nonzero().squeeze(1)
+        labels = target_labels[b, real].float() * query_mask[b].float()  # [M, Q]
+        boxes = target_boxes[b, real].float()
+        targets = torch.zeros_like(logits[b])  # [P, Q]: unmatched predictions are negatives for every query
+        if len(real):
+            with torch.no_grad():
+                cost = detection_matching_cost(logits[b], pred_boxes[b], labels, boxes, alpha=alpha, gamma=gamma,
+                                               weights=cost_weights)
+            rows, cols = hungarian_match(cost)
+            rows, cols = rows.to(logits.device), cols.to(logits.device)
+            targets[rows] = labels[cols]
+            matched_pred = box_cxcywh_to_xyxy(pred_boxes[b, rows])
+            matched_true = box_cxcywh_to_xyxy(boxes[cols])
+            l1_terms.append((matched_pred - matched_true).abs().sum() / len(real))
+            giou_terms.append((1 - generalized_box_iou(matched_pred, matched_true).diagonal()).sum() / len(real))
+        else:
+            l1_terms.append(pred_boxes.new_zeros(()))
+            giou_terms.append(pred_boxes.new_zeros(()))
+        focal = sigmoid_focal_loss(logits[b], targets, alpha=alpha, gamma=gamma) * query_mask[b].float()
+        class_terms.append(focal.sum() / labels.sum().clamp(min=1))
+    return {
+        "class_loss": torch.stack(class_terms).mean(),
+        "box_l1_loss": torch.stack(l1_terms).mean(),
+        "giou_loss": torch.stack(giou_terms).mean(),
+    }
+
+
+def objectness_loss(objectness_logits: torch.Tensor, class_logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """OWLv2's objectness target [unpublished; the paper's sentence read literally]: each token learns the
+    classification score it ends up with, max over the image's real queries of sigmoid(logit), taken
+    without gradient; a sigmoid cross-entropy with that soft target, averaged over tokens and images."""
+    with torch.no_grad():
+        masked = class_logits.float().masked_fill(~query_mask[:, None, :].bool(), float("-inf"))
+        target = masked.amax(dim=-1).sigmoid().nan_to_num(0.0)  # [B, P]; an image without queries: 0
+    return F.binary_cross_entropy_with_logits(objectness_logits.float(), target)

@@ -20,6 +20,7 @@ from vlp.abilities import (
     Ability,
     AnswersQuestions,
     CaptionsImages,
+    DetectsBoxes,
     EmbedsImages,
     EmbedsTexts,
     FollowsInstructions,
@@ -33,6 +34,7 @@ from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfi
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
 from vlp.models.instructblip import InstructBlip, InstructBlipConfig
+from vlp.models.owlvit import OwlVit, OwlVitConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 # Architecture keys renamed since checkpoints were first written: (section, old) -> new. Older model.json
@@ -70,6 +72,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "blip2": Family("blip2", Blip2Config, Blip2, (CaptionsImages, AnswersQuestions)),
     "instructblip": Family("instructblip", InstructBlipConfig, InstructBlip, (AnswersQuestions, FollowsInstructions)),
+    "owlvit": Family("owlvit", OwlVitConfig, OwlVit, (DetectsBoxes,)),
 }
 
 

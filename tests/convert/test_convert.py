@@ -12,15 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as BackendTokenizer
 
 import vlp
 from text_samples import train_siglip_spm, varied_strings
 from vlp.checkpoint import CheckpointError, save_checkpoint
 from vlp.cli import main
 from vlp.convert import ConversionError, export_pretrained
-from vlp.convert.tokenizers import CLIP_SPLIT, hf_tokenizer, tokenizer_from_path
+from vlp.convert.tokenizers import hf_tokenizer, tokenizer_from_path
 from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.data.transforms import ImageConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
@@ -31,31 +29,6 @@ transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 CLASSES = ["a photo of a dog.", "a red circle", "two cats on a sofa", "an x-ray of a hand", "the city at night"]
-
-
-@pytest.fixture(scope="module")
-def clip_vocab(tmp_path_factory):
-    """vocab.json + merges.txt of a CLIP-style BPE ("</w>" word ends), specials at CLIP's ids 49406/49407."""
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    backend = BackendTokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=800,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator([s.lower() for s in varied_strings(400, seed=1)] + CLASSES * 5, trainer)
-    backend.model.save(str(folder))
-    vocab = json.loads((folder / "vocab.json").read_text())
-    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from vlp.convert.common import ConversionError, is_hf_folder, read_hf_config
 from vlp.convert.hf import export_hf, load_hf
 from vlp.convert.hf_blip import export_hf_blip, load_hf_blip
 from vlp.convert.hf_blip2 import export_hf_blip2, load_hf_blip2
+from vlp.convert.hf_owlvit import export_hf_owlvit, load_hf_owlvit
 from vlp.convert.tokenizers import tokenizer_from_path
 
 Format = Literal["vlp", "hf", "open_clip"]
@@ -43,6 +44,8 @@ LOADERS: dict[tuple[Format, str], Loader] = {
     ("hf", "blip"): load_hf_blip,
     ("hf", "blip-2"): load_hf_blip2,
     ("hf", "instructblip"): load_hf_blip2,
+    ("hf", "owlvit"): load_hf_owlvit,
+    ("hf", "owlv2"): load_hf_owlvit,
     ("open_clip", "clip"): open_clip.load_open_clip,
     ("open_clip", "coca"): open_clip.load_open_clip,
 }
@@ -53,6 +56,7 @@ EXPORTERS: dict[tuple[Format, str], Exporter] = {
     ("hf", "blip2"): export_hf_blip2,
     ("hf", "blip2_qformer"): export_hf_blip2,
     ("hf", "instructblip"): export_hf_blip2,
+    ("hf", "owlvit"): export_hf_owlvit,
     ("open_clip", "clip"): open_clip.export_open_clip,
     ("open_clip", "coca"): open_clip.export_open_clip,
 }

@@ -192,7 +192,8 @@ def hf_tokenizer(folder: Path, *, context_length: int, model_type: str) -> Token
             merges,
             bos_token=_special(settings, "bos_token", "<|startoftext|>"),
             eos_token=_special(settings, "eos_token", "<|endoftext|>"),
-            pad_token=_special(settings, "pad_token", "<|endoftext|>"),
+            # OWL-ViT's processors pad queries with "!" (id 0), CLIP's with end-of-text.
+            pad_token=_special(settings, "pad_token", "!" if model_type in ("owlvit", "owlv2") else "<|endoftext|>"),
             context_length=context_length,
             clean="none",
         )

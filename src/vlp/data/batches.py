@@ -4,7 +4,7 @@
     text        [B, L]        token ids (captions, questions, statements)
     text_mask   [B, L]        1 at real tokens
     labels      [B]           class indices (NLVR2's true / false)
-    boxes       [B, N, 4]     reserved for detection: (cx, cy, w, h) in [0, 1]
+    boxes       [B, N, 4]     detection targets: (cx, cy, w, h) in [0, 1] of the (padded, square) image
     size                      samples kept; `bad` lists the skipped ones (`GoodBatches` counts and removes it)
 """
 
@@ -61,3 +61,16 @@ class ImagePairBatch(Batch):
     text: torch.Tensor
     text_mask: torch.Tensor
     labels: torch.Tensor
+
+
+class DetectionBatch(Batch):
+    """Images with their own query lists (`text` [B, Q, L], real ones in `query_mask` [B, Q]) and boxes
+    (`box_mask` [B, M] the real ones), each box's multi-hot labels over its image's queries [B, M, Q]."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    query_mask: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    box_mask: torch.Tensor

@@ -33,6 +33,7 @@ CAUSES = (
     "no_answers",  # a VQA question whose annotators gave no usable answer
     "truncated_shard",  # a WebDataset shard that ends in the middle (its remaining samples are lost)
     "bad_record",  # an instruction record without an image or an answer, or with a template it cannot fill
+    "bad_annotation",  # a detection box that is empty, outside its image, or names an unknown image or class
 )
 
 

@@ -138,6 +138,16 @@ class Tokenizer:
             self._left._left = self._left
         return self._left
 
+    def with_context_length(self, context_length: int) -> Tokenizer:
+        """The same tokenizer padding and truncating to another length (a detector's 16-token queries read by
+        its CLIP's tokenizer); the end token survives truncation."""
+        if context_length == self.context_length:
+            return self
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.enable_truncation(max_length=context_length)
+        backend.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=backend.padding["pad_token"])
+        return Tokenizer(backend, self.clean)
+
     def decode(self, ids: list[int]) -> str:
         ids = list(ids)
         while ids and ids[-1] == self.pad_id:  # the pad token may be an ordinary one (open_clip pads with "!")

@@ -24,8 +24,11 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
-    """Bicubically resize a learned [N_prefix + g*g, D] position table to a new patch grid.
+def resize_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int, *, mode: str = "bicubic"
+) -> torch.Tensor:
+    """Resize a learned [N_prefix + g*g, D] position table to a new patch grid, bicubically, or linearly
+    with the corners kept (`mode="bilinear"`: scipy's `zoom(order=1)`, how OWL-ViT enlarges CLIP's table).
 
     Prefix rows (the class token) are kept as they are; the patch rows are treated as a square image.
     """
@@ -37,6 +40,9 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix:
         return pos_embed
     dim = patches.shape[-1]
     image = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
-    image = F.interpolate(image, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    if mode == "bilinear":
+        image = F.interpolate(image, size=grid, mode="bilinear", align_corners=True)
+    else:
+        image = F.interpolate(image, size=grid, mode="bicubic", align_corners=False, antialias=True)
     patches = image.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], dim).to(pos_embed.dtype)
     return torch.cat([prefix, patches], dim=0)

@@ -20,6 +20,7 @@ from vlp.abilities import (
     Ability,
     AnswersQuestions,
     CaptionsImages,
+    DetectsBoxes,
     EmbedsImages,
     EmbedsTexts,
     FollowsInstructions,
@@ -31,9 +32,10 @@ from vlp.checkpoint import Pretrained
 from vlp.config import ConfigError
 from vlp.data.sources import load_image
 from vlp.data.tokenizer import tokenize_trimmed
+from vlp.data.transforms import boxes_to_image, boxes_to_input
 from vlp.evals.zeroshot import zeroshot_classifier
 from vlp.generation import GenerationConfig, generate
-from vlp.losses import sequence_losses
+from vlp.losses import box_cxcywh_to_xyxy, box_iou, sequence_losses
 
 ImageInput = Image.Image | str | Path
 Precision = Literal["fp32", "bf16"]
@@ -436,6 +438,125 @@ class NlvrPredictor(Predictor):
 
 
 @dataclass
+class Detection:
+    box: list[float]  # x0, y0, x1, y1 in the original image's pixels
+    score: float  # sigmoid of the box's logit for its query
+    label: int  # index of the query
+    query: str  # the query's text, or "image query N"
+
+
+def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices of the boxes greedy NMS keeps, best first."""
+    order = scores.argsort(descending=True)
+    keep: list[int] = []
+    overlaps = box_iou(boxes, boxes)[0]
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    for index in order.tolist():
+        if suppressed[index]:
+            continue
+        keep.append(index)
+        suppressed |= overlaps[index] > iou
+    return torch.tensor(keep, dtype=torch.long)
+
+
+class DetectionPredictor(Predictor):
+    """Open-vocabulary detection (OWL-ViT): text queries (prompt ensembles average the logits over
+    templates, as scenic's evaluator) or image queries (an example image and a box). Boxes come back in
+    the original images' pixels, whatever the resize (padding, squashing) the weights were trained with."""
+
+    abilities = (DetectsBoxes,)
+    task = "detect objects"
+
+    def __init__(self, pretrained: Pretrained, *, batch_size: int = 8, **kwargs):
+        super().__init__(pretrained, batch_size=batch_size, **kwargs)
+
+    @torch.inference_mode()
+    def embed_queries(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
+        """Texts -> query embeddings [T, Q, E], one row per template."""
+        if not texts:
+            raise ValueError("no queries: give at least one text (or an image query)")
+        prompts = [template.format(text) for template in templates for text in texts]
+        ids, mask = self.tokenizer(prompts)
+        with self.autocast:
+            embeddings = self.model.embed_queries(ids.to(self.device), mask.to(self.device)).float()
+        return embeddings.view(len(templates), len(texts), -1)
+
+    def _pixels(self, image: ImageInput) -> tuple[torch.Tensor, int, int]:
+        picture = image if isinstance(image, Image.Image) else load_image(Path(image))
+        return self.transform(picture), picture.size[0], picture.size[1]
+
+    @torch.inference_mode()
+    def embed_image_queries(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+        """Example images, each with the pixel box (x0, y0, x1, y1) of the object it shows -> [N, E]: the
+        class embedding of the token that predicts that object (OWL-ViT's one-shot queries)."""
+        out = []
+        for image, box in zip(images, boxes, strict=True):
+            pixels, width, height = self._pixels(image)
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                raise ValueError(f"query box {list(box)} is not a box inside the {width}x{height} query image")
+            normalised = boxes_to_input(torch.tensor([[x0, y0, x1, y1]]), width, height, self.pretrained.image_config)
+            with self.autocast:
+                embedding, _ = self.model.embed_image_query(pixels[None].to(self.device), normalised.to(self.device))
+            out.append(embedding.float().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def box_scores(
+        self, images: Sequence[ImageInput], query_embeddings: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every token's box and its scores: per image (pixel xyxy boxes [P, 4], sigmoid scores [P, Q]);
+        query_embeddings [Q, E] or [T, Q, E] (logits averaged over T)."""
+        queries = query_embeddings if query_embeddings.dim() == 3 else query_embeddings[None]
+        out = []
+        for start in batch_starts(len(images), self.batch_size, "detecting" if self.progress else None):
+            loaded = [self._pixels(image) for image in images[start : start + self.batch_size]]
+            pixels = torch.stack([p for p, _, _ in loaded]).to(self.device)
+            with self.autocast:
+                boxes, logits = self.model.detect(pixels, queries.to(self.device))
+            if not (torch.isfinite(boxes).all() and torch.isfinite(logits).all()):
+                raise NonFiniteOutput(f"{self.pretrained.path}: the model's boxes or scores are NaN or infinite "
+                                      "(did its training diverge?)")
+            for b, (_, width, height) in enumerate(loaded):
+                xyxy = box_cxcywh_to_xyxy(boxes[b].float().cpu())
+                out.append((boxes_to_image(xyxy, width, height, self.pretrained.image_config),
+                            logits[b].float().sigmoid().cpu()))
+        return out
+
+    def detect(
+        self,
+        images: Sequence[ImageInput],
+        queries: Sequence[str] = (),
+        *,
+        query_embeddings: torch.Tensor | None = None,
+        templates: Sequence[str] = ("{}",),
+        threshold: float = 0.1,
+        top_k: int | None = None,
+        nms: float | None = None,
+    ) -> list[list[Detection]]:
+        """Boxes for text `queries` (or `query_embeddings` [Q, E] from image queries): per image, every token
+        whose best query scores at least `threshold`, labelled with that query, best first; `nms` an IoU
+        above which lower-scoring boxes are dropped (off by default: OWL-ViT predicts a set)."""
+        if query_embeddings is None:
+            query_embeddings = self.embed_queries(queries, templates)
+            names = list(queries)
+        else:
+            names = [f"image query {i}" for i in range(query_embeddings.shape[-2])]
+        results = []
+        for boxes, scores in self.box_scores(images, query_embeddings):
+            best, label = scores.max(dim=1)
+            keep = (best >= threshold).nonzero().squeeze(1)
+            keep = keep[best[keep].argsort(descending=True)]
+            if nms is not None and len(keep):
+                keep = keep[non_maximum_suppression(boxes[keep], best[keep], nms)]
+            if top_k is not None:
+                keep = keep[:top_k]
+            results.append([Detection([round(v, 2) for v in boxes[i].tolist()], round(float(best[i]), 4),
+                                      int(label[i]), names[int(label[i])]) for i in keep.tolist()])
+        return results
+
+
+@dataclass
 class PredictFunctions:
     """Every predict function a checkpoint's abilities allow, the others None: what the CLI, the evaluators,
     CapFilt and the HTTP service call. `require(name)` gives one or says why the model cannot."""
@@ -452,6 +573,10 @@ class PredictFunctions:
     score_answers: Callable[..., list[list[float]]] | None = None
     follow_instructions: Callable[[Sequence[ImageInput], Sequence[str]], list[str]] | None = None
     true_probability: Callable[..., torch.Tensor] | None = None
+    detect: Callable[..., list[list[Detection]]] | None = None
+    embed_queries: Callable[..., torch.Tensor] | None = None
+    embed_image_queries: Callable[..., torch.Tensor] | None = None
+    box_scores: Callable[..., list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def require(self, name: str) -> Callable[..., Any]:
         function = getattr(self, name)
@@ -480,6 +605,10 @@ FUNCTIONS: dict[str, tuple[type[Predictor], tuple[type[Ability], ...]]] = {
     "score_answers": (VqaPredictor, ()),
     "follow_instructions": (VqaPredictor, (FollowsInstructions,)),
     "true_probability": (NlvrPredictor, ()),
+    "detect": (DetectionPredictor, ()),
+    "embed_queries": (DetectionPredictor, ()),
+    "embed_image_queries": (DetectionPredictor, ()),
+    "box_scores": (DetectionPredictor, ()),
 }
 
 

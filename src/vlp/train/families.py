@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlp.config import ConfigError, from_dict
+from vlp.data.detection import DetectionDataConfig, detection_batches, detection_texts
 from vlp.data.instructions import InstructionDataConfig, instruction_batches, instruction_texts
 from vlp.data.nlvr import nlvr_batches, nlvr_texts
 from vlp.data.pipeline import DataConfig, GoodBatches, train_batches, training_captions
@@ -32,6 +33,7 @@ from vlp.objectives.blip2 import (
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 from vlp.objectives.instructblip import InstructBlipObjective, InstructBlipObjectiveConfig
+from vlp.objectives.owlvit import OwlVitObjective, OwlVitObjectiveConfig
 from vlp.registry import Family
 
 
@@ -64,6 +66,8 @@ RECIPES: dict[str, Recipe] = {
     "blip2": Recipe(Blip2ObjectiveConfig, Blip2Objective, starts_from=("blip2_qformer", "clip", "blip", "coca")),
     "instructblip": Recipe(InstructBlipObjectiveConfig, InstructBlipObjective, instruction_batches, instruction_texts,
                            InstructionDataConfig, starts_from=("blip2", "blip2_qformer"), reads_instructions=True),
+    "owlvit": Recipe(OwlVitObjectiveConfig, OwlVitObjective, detection_batches, detection_texts, DetectionDataConfig,
+                     starts_from=("clip",)),
 }
 
 

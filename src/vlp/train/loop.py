@@ -88,6 +88,8 @@ class TrainConfig:
     # >1: the contrastive loss still sees the whole batch; micro-batch features are cached and recomputed.
     accum_steps: PositiveInt = 1
     lr: NonNegativeFloat = 5e-4
+    # Parameter-name prefix -> multiple of `lr` ({text: 0.01}: OWL-ViT's text tower and projection; 0 freezes).
+    lr_scales: dict[str, NonNegativeFloat] = field(default_factory=dict)
     weight_decay: NonNegativeFloat = 0.2
     betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.98)
     eps: PositiveFloat = 1e-6
@@ -185,7 +187,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: Path | None,
+def _prepare_tokenizer(cfg: RunConfig, family: Family, model_cfg: Any, out: Path, resume_from: Path | None,
                        initial: Pretrained | None) -> Tokenizer:
     if resume_from is not None:
         return Tokenizer.from_file(resume_from)
@@ -200,8 +202,13 @@ def _prepare_tokenizer(cfg: RunConfig, family: Family, out: Path, resume_from: P
             return tokenizer
         return Tokenizer.from_file(path)
     if initial is not None:
-        initial.tokenizer.save(out)
-        return initial.tokenizer
+        tokenizer = initial.tokenizer
+        context = getattr(getattr(model_cfg, "text", None), "context_length", None)
+        if context is not None and context < tokenizer.context_length:
+            # A model with a shorter text context than its source's (OWL-ViT's 16-token queries from CLIP's 77).
+            tokenizer = tokenizer.with_context_length(context)
+        tokenizer.save(out)
+        return tokenizer
     if rank() == 0:  # one process trains it; the others read what it wrote
         log.info("training a %s tokenizer on the training texts", cfg.tokenizer.kind)
         train_tokenizer(recipe_of(family).texts(cfg.data), cfg.tokenizer).save(out)
@@ -428,10 +435,10 @@ def _report_changes(saved: dict[str, Any], cfg: RunConfig, step: int) -> None:
 def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
                               tc: TrainConfig) -> None:
     """The run's learning rate, weight decay, betas and eps over the values a resumed optimizer restored."""
-    schedule.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    schedule.base_lrs = [tc.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     factor = schedule.lr_lambdas[0](schedule.last_epoch)
-    for group in optimizer.param_groups:
-        group.update(initial_lr=tc.lr, lr=tc.lr * factor, betas=tc.betas, eps=tc.eps)
+    for group, base in zip(optimizer.param_groups, schedule.base_lrs, strict=True):
+        group.update(initial_lr=base, lr=base * factor, betas=tc.betas, eps=tc.eps)
         if group["weight_decay"]:  # the group of weight matrices; the other never decays
             group["weight_decay"] = tc.weight_decay
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
@@ -497,7 +504,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
 
         initial = load_pretrained(tc.init_from)
     saved_state: dict[str, Any] = read_json(resume_from / STATE_FILE) if resume_from is not None else {}
-    tokenizer = _prepare_tokenizer(cfg, family, out, resume_from, initial)
+    tokenizer = _prepare_tokenizer(cfg, family, model_cfg, out, resume_from, initial)
     _check_tokenizer_fits(tokenizer, model_cfg)
     recipe = recipe_of(family)
     qformer_tokenizer = None
@@ -521,7 +528,8 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     parallel = ParallelModel(model, tc.strategy, device)
     forward_model = torch.compile(parallel.module) if tc.compile else parallel.module
     objective = recipe.objective_cls(forward_model, objective_cfg)
-    optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps)
+    optimizer = make_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas, eps=tc.eps,
+                               lr_scales=tc.lr_scales)
     schedule = warmup_cosine(optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                              min_lr_ratio=tc.min_lr_ratio)
     if resume_from is not None:

@@ -11,21 +11,34 @@ from torch import nn
 NO_DECAY_NAMES = ("bias", "norm", "ln_", "embedding", "pos_embed", "logit_scale", "logit_bias", "probe")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _scale_of(name: str, lr_scales: dict[str, float]) -> float:
+    """The multiplier of the longest prefix of `name` in `lr_scales` (1 when none matches)."""
+    matches = [prefix for prefix in lr_scales if name.startswith(prefix)]
+    return lr_scales[max(matches, key=len)] if matches else 1.0
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Weight matrices decay, the rest not; parameters whose names start with a prefix of `lr_scales` get
+    that multiple of the learning rate (OWL-ViT's text tower at 1/100 of the image side's), kept in
+    each group's `lr_scale`."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES))
+        groups.setdefault((decays, _scale_of(name, lr_scales or {})), []).append(param)
+    if not lr_scales:
+        groups.setdefault((True, 1.0), [])
+        groups.setdefault((False, 1.0), [])
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float) -> torch.optim.AdamW:
-    groups = parameter_groups(model, weight_decay)
+                   eps: float, lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    groups = parameter_groups(model, weight_decay, lr_scales)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     # The fused kernel updates all parameters in one pass; it exists on CPU and CUDA in current torch.
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
