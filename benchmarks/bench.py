@@ -1,6 +1,6 @@
 """vlp against its peers on this machine, side by side in one run: `make bench`.
 
-    .venv-interop/bin/python benchmarks/bench.py [--sections train,embed,memory,coca] [--quick]
+    .venv-interop/bin/python benchmarks/bench.py [--sections train,embed,memory,coca,blip2,detection] [--quick]
 
 Runs in the environment `make interop` builds, where open_clip and transformers import beside vlp, so
 every contender uses the same torch. Prints ratios and writes benchmarks/results.json. Never part of
@@ -104,6 +104,12 @@ def blip2_section(data: Path, quick: bool) -> dict[str, Any]:
     return blip2.measure(data, quick)
 
 
+def detection_section(quick: bool, device: torch.device) -> dict[str, Any]:
+    import detection
+
+    return detection.measure(quick, device)
+
+
 def report(results: dict[str, Any]) -> list[str]:
     lines = []
     if "train" in results:
@@ -169,12 +175,20 @@ def report(results: dict[str, Any]) -> list[str]:
             f"blip2 stage-1 train step (batch {step['batch_size']}): pairs/s "
             + ", ".join(f"{k} {v:.1f} ({step['speedup_over_end_to_end'][k]:.2f}x)" for k, v in step["pairs_per_s"].items())
         )
+    if "detection" in results:
+        d = results["detection"]
+        lines.append(
+            f"detection OWL-ViT B/32 at {d['image_size']} px ({d['batch']} images x {d['queries']} queries): images/s "
+            + ", ".join(f"{k} {v:.2f}" for k, v in d["images_per_s"].items())
+            + "; vlp / transformers " + ", ".join(f"{k} {v:.2f}x" for k, v in d["vlp_over_transformers"].items())
+            + f"; max logit gap fp32 {d['max_gap_fp32']['logits']:.1e}"
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="train,embed,memory,coca,blip2")
+    parser.add_argument("--sections", default="train,embed,memory,coca,blip2,detection")
     parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks the harness runs")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -210,6 +224,8 @@ def main() -> None:
         results["coca"] = coca_section(args.data, args.quick)
     if "blip2" in sections and device.type == "cpu":
         results["blip2"] = blip2_section(args.data, args.quick)
+    if "detection" in sections:
+        results["detection"] = detection_section(args.quick, device)
     for line in report(results):
         print(line)
     if args.out:

@@ -13,6 +13,7 @@ from PIL import Image
 from vlp.abilities import ABILITIES
 from vlp.checkpoint import Pretrained, load_checkpoint, save_checkpoint
 from vlp.config import ConfigError, from_dict, read_mapping
+from vlp.data.detection import DetectionCollate, detection_batches
 from vlp.data.instructions import InstructionCollate, instruction_batches
 from vlp.data.nlvr import NlvrCollate, nlvr_batches
 from vlp.data.pipeline import Collate, train_batches
@@ -54,8 +55,14 @@ def _instruction_items(rng, tensor):
     return [{"images": [tensor()], "instruction": _caption(rng) + "?", "answer": rng.choice(WORDS)} for _ in range(8)]
 
 
+def _detection_items(rng, tensor):
+    return [{"image": tensor(), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]]),
+             "labels": [[0], [1]], "queries": [_caption(rng), _caption(rng), _caption(rng)]} for _ in range(8)]
+
+
 TASKS = {train_batches: (Collate, _caption_items), vqa_batches: (VqaCollate, _vqa_items),
-         nlvr_batches: (NlvrCollate, _pair_items), instruction_batches: (InstructionCollate, _instruction_items)}  # fmt: skip
+         nlvr_batches: (NlvrCollate, _pair_items), instruction_batches: (InstructionCollate, _instruction_items),
+         detection_batches: (DetectionCollate, _detection_items)}  # fmt: skip
 # The Q-Former's own tokenizer, for families that read instructions there (the tiny presets' special ids).
 QFORMER_TOKENIZER = TokenizerConfig(kind="wordpiece", vocab_size=256, context_length=32, pad_token="[PAD]",
                                     unk_token="[UNK]", bos_token="[CLS]", eos_token="[SEP]", extra_tokens=("[DEC]",))
@@ -92,7 +99,8 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
     transform = ImageTransform(image_cfg, train=False)
     collate, items = TASKS[recipe.batches]
     samples = items(rng, lambda: transform(_image(rng, 64)))
-    texts = [s.get("caption") or s.get("sentence") or s.get("question") or s["instruction"] for s in samples] + WORDS
+    texts = [s.get("caption") or s.get("sentence") or s.get("question") or s.get("instruction") or " ".join(s["queries"])
+             for s in samples] + WORDS
     texts += [a for s in samples for a, _ in s.get("answers", [])]
     tokenizer = train_tokenizer(texts * 4, from_dict(TokenizerConfig, run.get("tokenizer", {})))
     qformer_tokenizer = train_tokenizer(texts * 4, QFORMER_TOKENIZER) if recipe.reads_instructions else None
@@ -175,12 +183,21 @@ def _run(functions, name: str, images: list) -> object:
         return functions.follow_instructions(images, ["describe it.", "count the shapes.", "is it red?"])
     if name == "true_probability":
         return functions.true_probability(images, images[::-1], texts)
+    if name == "embed_queries":
+        return functions.embed_queries(texts, ["{}", "a {}."])
+    if name == "embed_image_queries":
+        return functions.embed_image_queries(images[:2], [(4, 4, 30, 30), (10, 20, 60, 50)])
+    if name == "box_scores":
+        return torch.cat([torch.cat(pair, dim=1) for pair in functions.box_scores(images, functions.embed_queries(texts))])
+    if name == "detect":
+        found = functions.detect(images, texts, threshold=0.0, top_k=5)
+        return [[(d.box, d.score, d.label) for d in image] for image in found]
     raise AssertionError(f"the sweep does not know predict function {name}")
 
 
 def test_the_reference_presets_are_what_the_converters_make_of_the_reference_configs():
-    """clip-vit-b-32, clip-vit-l-14, siglip-vit-b-16 and blip-base are the shapes of the Hugging Face
-    configs the parity tests build; coca-vit-b-32 that of open_clip's coca_ViT-B-32.json."""
+    """clip-vit-b-32, clip-vit-l-14, siglip-vit-b-16, blip-base, owlvit-b-32 and owlv2-b-16 are the shapes of
+    the Hugging Face configs the parity tests build; coca-vit-b-32 that of open_clip's coca_ViT-B-32.json."""
     transformers = pytest.importorskip("transformers")
     from vlp.convert.hf import config_from_hf
     from vlp.convert.hf_blip import configs_from_hf
@@ -213,6 +230,11 @@ def test_the_reference_presets_are_what_the_converters_make_of_the_reference_con
         "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
     }  # fmt: skip
     assert coca_config_from_open_clip(coca) == preset("coca-vit-b-32")
+    from vlp.convert.hf_owlvit import config_from_hf as owl_config_from_hf
+
+    assert owl_config_from_hf(transformers.OwlViTConfig().to_dict()) == preset("owlvit-b-32")
+    owlv2 = transformers.Owlv2Config(vision_config={"image_size": 960}).to_dict()
+    assert owl_config_from_hf(owlv2) == preset("owlv2-b-16")
 
 
 def test_a_checkpoint_written_before_the_text_towers_shared_their_key_names_still_loads(tmp_path, caplog):

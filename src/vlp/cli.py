@@ -219,6 +219,25 @@ def _eval_detection(args: argparse.Namespace) -> None:
     _report(result, args)
 
 
+def _eval_grounding(args: argparse.Namespace) -> None:
+    from vlp.data.grounding import read_referring_expressions
+    from vlp.evals.grounding import detector_grounding, evaluate_grounding, region_scoring_grounding
+
+    expressions = read_referring_expressions(args.refs, args.instances, images_dir=args.images, split=args.split)
+    expressions = expressions[: args.limit] if args.limit else expressions
+    functions = _functions(args)
+    if functions.box_scores is not None:
+        ground = detector_grounding(functions.box_scores, functions.embed_queries)
+        method = "the detector's top-scoring box for the expression"
+    elif functions.match_probabilities is not None:
+        ground = region_scoring_grounding(functions.match_probabilities)
+        method = "the image-text matching head's best-scoring annotated region (cropped)"
+    else:
+        functions.require("box_scores")
+    result = evaluate_grounding(ground, expressions, method=method, dataset=f"{args.refs} ({args.split or 'all'})")
+    _report(result, args)
+
+
 def _parse_box(text: str) -> list[float]:
     try:
         box = [float(v) for v in text.split(",")]
@@ -467,6 +486,13 @@ def _add_eval(sub: Subparsers) -> None:
                      "instances file instead of by its name")
     det.add_argument("--one-shot-images", help="folder the example images resolve against")
     det.add_argument("--shots", type=int, default=1, help="example boxes per class (their embeddings averaged)")
+    gr = _model_command(ev, "grounding", _eval_grounding, "referring expressions: precision@1 (IoU >= 0.5) of a "
+                        "detector, or of an image-text matching model over the annotated regions")
+    gr.add_argument("--refs", required=True, help="RefCOCO-layout refs pickle, e.g. refcoco/refs(unc).p")
+    gr.add_argument("--instances", help="its COCO instances JSON (default: instances.json beside --refs)")
+    gr.add_argument("--images", help="folder the image file names resolve against")
+    gr.add_argument("--split", help="the refs' split to evaluate (val, testA, ...; default: all)")
+    gr.add_argument("--limit", type=int, help="the first N expressions only")
     nl = _model_command(ev, "nlvr", _eval_nlvr, "statements about image pairs (NLVR2): accuracy")
     nl.add_argument("--data", required=True, help="JSON list of {images: [left, right], sentence, label}")
     nl.add_argument("--images", help="folder the image paths resolve against (default: beside the file)")
@@ -591,10 +617,10 @@ def _library_errors() -> tuple[type[BaseException], ...]:
     from vlp.checkpoint import CheckpointError
     from vlp.convert import ConversionError
     from vlp.data.sources import DataError
-    from vlp.serve.predictors import NonFiniteOutput, UnsupportedTask
+    from vlp.serve.predictors import BadQuery, NonFiniteOutput, UnsupportedTask
     from vlp.train.loop import TrainingError
 
-    return CheckpointError, ConversionError, DataError, NonFiniteOutput, UnsupportedTask, TrainingError
+    return BadQuery, CheckpointError, ConversionError, DataError, NonFiniteOutput, UnsupportedTask, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,3 +173,14 @@ def test_boxes_round_trip_between_image_pixels_and_the_model_input(mode):
         assert torch.allclose(normalised[0], torch.tensor([0.3, 0.1, 0.7, 0.35]))
     if mode == "shortest":  # the centre crop: x shifted by (100 - 40) / 2
         assert torch.allclose(normalised[0], torch.tensor([0.0, 0.25, 1.0, 0.875]))
+
+
+def test_excluded_classes_can_take_their_images_with_them(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 80, "height": 40},
+              {"id": 2, "file_name": "b.png", "width": 80, "height": 40}]
+    path = _write(tmp_path, [_ann(1, [10, 5, 20, 20]), _ann(2, [40, 5, 10, 10], category=2),
+                             _ann(3, [10, 5, 20, 20], image=2)], images=images)
+    unboxed = read_coco_instances(path, exclude=("star",))
+    assert [len(i.boxes) for i in unboxed.images] == [1, 1]  # the star's image stays, without its box
+    unseen = read_coco_instances(path, exclude=("star",), exclude_images=True)
+    assert [i.image_id for i in unseen.images] == [2]

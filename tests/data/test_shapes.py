@@ -61,6 +61,11 @@ def test_boxes_questions_refs_and_web_truth(shapes_world):
     assert {a["answer_type"] for a in answers} <= {"number", "yes/no", "other"}
     refs = json.loads((shapes_world / "refs_test.json").read_text())
     assert all(r["sentences"] and len(r["bbox"]) == 4 for r in refs)
+    pairs = json.loads((shapes_world / "instances_pairs_test.json").read_text())
+    assert len(pairs["categories"]) == 30
+    names = {c["id"]: c["name"] for c in pairs["categories"]}
+    assert [names[a["category_id"]] for a in pairs["annotations"]] == [a["name"] for a in instances["annotations"]]
+    assert [a["bbox"] for a in pairs["annotations"]] == [a["bbox"] for a in instances["annotations"]]
     truth = json.loads((shapes_world / "web_truth.json").read_text())
     kinds = {t["kind"] for t in truth}
     assert kinds == {"clean", "junk", "swapped"}

@@ -221,7 +221,9 @@ def test_starts_from_a_dual_encoders_towers():
     left = model.init_from(source)
     assert set(left) == {k for k in model.state_dict() if k.split(".")[0] in ("merge_norm", "class_head", "box_head")}
     text = torch.randint(1, 60, (3, 8))
+    text = torch.cat([text, text[:1]])  # a repeated query is read once and given to both rows
     assert torch.allclose(model.embed_queries(text), source.encode_text(text, normalize=False), atol=1e-5)
+    assert torch.allclose(model.embed_queries(text.view(2, 2, 8)), model.embed_queries(text).view(2, 2, -1))
     # The 2x2 position grid is enlarged linearly to 4x4, corners kept, the class row as it was.
     assert torch.equal(model.visual.pos_embed[0], source.visual.pos_embed[0])
     assert torch.allclose(model.visual.pos_embed[1], source.visual.pos_embed[1])

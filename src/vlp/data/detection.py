@@ -62,11 +62,12 @@ class DetectionSet:
 
 def read_coco_instances(
     path: str | Path, *, images_dir: str | Path | None = None, exclude: tuple[str, ...] = (),
-    bad: BadSamples | None = None, keep_empty: bool = True,
+    exclude_images: bool = False, bad: BadSamples | None = None,
 ) -> DetectionSet:
     """A COCO instances file: `images` (id, file_name, width, height), `annotations` (image_id, category_id,
     bbox [x, y, w, h] in pixels, iscrowd), `categories` (id, name). Crowd boxes are dropped; a box that is
-    not a box inside its image, or names an unknown image or category, is dropped and counted."""
+    not a box inside its image, or names an unknown image or category, is dropped and counted. Boxes of the
+    `exclude`d classes are dropped, and with `exclude_images` the images that hold one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"COCO instances file not found: {path}")
@@ -95,7 +96,7 @@ def read_coco_instances(
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{path} image {image_id}: needs file_name, width and height ({err})") from err
     dropped: list[Skipped] = []
-    frequency: Counter = Counter()
+    holding_excluded: set[int] = set()
     for number, ann in enumerate(annotations):
         where = f"{path} annotation {ann.get('id', number) if isinstance(ann, dict) else number}"
         reason = _annotation_problem(ann, images, categories)
@@ -106,16 +107,17 @@ def read_coco_instances(
             continue
         label = categories[int(ann["category_id"])]
         if label in excluded:
+            holding_excluded.add(int(ann["image_id"]))
             continue
         x, y, w, h = (float(v) for v in ann["bbox"])
         image = images[int(ann["image_id"])]
         image.boxes.append((x, y, x + w, y + h))
         image.labels.append(label)
-        frequency[label] += 1
     bad.read(len(annotations), dropped)
-    kept = [i for i in images.values() if keep_empty or i.boxes]
-    if not kept:
+    kept = [i for i in images.values() if not (exclude_images and i.image_id in holding_excluded)]
+    if not any(i.boxes for i in kept):
         raise DataError(f"{path}: no image with a usable box")
+    frequency = Counter(label for image in kept for label in image.labels)
     return DetectionSet(kept, categories, frequency)
 
 
@@ -142,6 +144,8 @@ class DetectionDataConfig(DataConfig):
     """`train` is a COCO instances JSON; images resolve against `images`, else the file's folder."""
 
     exclude_classes: tuple[str, ...] = ()  # their boxes are dropped and their names never become queries
+    # ... and the images that hold them too (unseen altogether), rather than only unboxed (LVIS's rare classes)
+    exclude_images: bool = False
     num_negatives: PositiveInt = 50  # negatives per example, topped up with pseudo-negatives
     max_queries: PositiveInt = 100  # positives first, then negatives, cut at this
     max_instances: PositiveInt = 100
@@ -234,7 +238,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.resample = transform.resample
         # Pseudo-negatives are drawn in proportion to how often each class is boxed (OWL-ViT's queue).
         self.classes = sorted(data.frequency)
-        self.weights = [data.frequency[c] for c in self.classes]
 
     def __len__(self) -> int:
         return len(self.data.images)
@@ -353,7 +356,8 @@ def detection_batches(
 ) -> GoodBatches:
     """Endless detection batches from the COCO instances file `cfg.train`."""
     cfg.check()
-    data = read_coco_instances(cfg.train, images_dir=cfg.images, exclude=cfg.exclude_classes, bad=bad)
+    data = read_coco_instances(cfg.train, images_dir=cfg.images, exclude=cfg.exclude_classes,
+                               exclude_images=cfg.exclude_images, bad=bad)
     return map_style_batches(DetectionDataset(data, cfg, transform, seed), DetectionCollate(tokenizer), cfg,
                              batch_size=batch_size, seed=seed, start_step=start_step, rank=rank,
                              world_size=world_size, bad=bad)

@@ -2,7 +2,8 @@
 
 Each scene holds 1-3 coloured shapes of two sizes on a varied background. One generator writes every
 format the library reads (CSV, COCO captions, WebDataset) and the files later tasks need: COCO
-instances (boxes), VQAv2-style questions with 10 answers, referring expressions with boxes, a noisy
+instances (boxes), VQAv2-style questions with 10 answers, referring expressions with boxes (also in
+RefCOCO's layout, `refcoco/`), a noisy
 `web` split with its truth file, and zero-shot classification sets. Some colour-shape pairs never
 appear in `train` or `web`, so generalisation to new compositions can be measured on `test`.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
+import pickle
 import random
 import tarfile
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ COLORS = {
 }
 SIZES = {"small": 0.14, "large": 0.22}  # radius as a share of the image side
 # Never in train or web captions: one pair per shape, so each shape and colour is still seen otherwise.
+PAIR_NAMES = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 HELDOUT_PAIRS = (("blue", "circle"), ("yellow", "square"), ("red", "triangle"), ("green", "star"),
                  ("purple", "cross"))
 JUNK_ALT_TEXT = (
@@ -215,17 +219,55 @@ def _annotator_answers(answer: str, kind: str, rng: random.Random) -> list[str]:
 
 
 def _referring(obj: ShapeObject, scene: Scene) -> list[str]:
+    """Expressions that each denote `obj` alone in its scene, RefCOCO-style: by attributes ("the red
+    circle"), by position ("the circle on the left") and by relation to another object ("the circle to the
+    left of the blue square"). A scene never holds two objects of one colour and shape."""
     others = [o for o in scene.objects if o is not obj]
+    same_shape = [o for o in others if o.shape == obj.shape]
     sentences = [f"the {obj.color} {obj.shape}", f"the {obj.size} {obj.color} {obj.shape}"]
-    if all(o.shape != obj.shape for o in others):
+    if not same_shape:
         sentences.append(f"the {obj.shape}")
+    if not any(o.color == obj.color for o in others):
+        sentences.append(f"the {obj.color} shape")
     if others:
         xs = sorted(o.cx for o in scene.objects)
         if obj.cx == xs[0]:
             sentences.append(f"the {obj.shape} on the left")
         elif obj.cx == xs[-1]:
             sentences.append(f"the {obj.shape} on the right")
-    return sentences
+    for other in others:
+        relation = relation_between(obj, other)
+        sentences.append(f"the {obj.color} {obj.shape} {relation} the {other.color} {other.shape}")
+        # The shape alone with a relation, where no other object of that shape stands in the same relation.
+        if all(relation_between(o, other) != relation for o in same_shape if o is not other):
+            sentences.append(f"the {obj.shape} {relation} the {other.color} {other.shape}")
+    return list(dict.fromkeys(sentences))
+
+
+def _write_refcoco(folder: Path, splits: dict[str, tuple[list[dict], list[dict], list[dict]]]) -> None:
+    """The referring expressions in lichengunc/refer's layout: `refs(unc).p` (a pickled list of refs with
+    their sentences and split) and `instances.json` (COCO images, annotations, categories), image and
+    annotation ids made unique over the splits (test images get ids after the training ones)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations, refs = [], [], []
+    sent_ids = itertools.count()
+    for split, (split_images, split_annotations, split_refs) in splits.items():
+        image_offset, ann_offset = len(images), len(annotations)
+        images += [{**i, "id": i["id"] + image_offset} for i in split_images]
+        annotations += [{**a, "id": a["id"] + ann_offset, "image_id": a["image_id"] + image_offset}
+                        for a in split_annotations]
+        for ref in split_refs:
+            sentences = [{"sent_id": next(sent_ids), "raw": sentence, "sent": sentence, "tokens": sentence.split()}
+                         for sentence in ref["sentences"]]
+            refs.append({"ref_id": len(refs), "ann_id": ref["ann_id"] + ann_offset,
+                         "image_id": ref["image_id"] + image_offset, "category_id": ref["category_id"],
+                         "split": split, "file_name": ref["file_name"], "sentences": sentences,
+                         "sent_ids": [s["sent_id"] for s in sentences]})
+    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
+    (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                       "categories": categories}))
+    with (folder / "refs(unc).p").open("wb") as f:
+        pickle.dump(refs, f, protocol=2)
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
@@ -272,6 +314,8 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
                       "colors": list(COLORS), "sizes": list(SIZES),
                       "heldout_pairs": [f"{c} {s}" for c, s in HELDOUT_PAIRS], "files": {}}
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    pair_categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(PAIR_NAMES)]
+    referring: dict[str, tuple[list[dict], list[dict], list[dict]]] = {}
     for split in ("train", "test", "web"):
         count = getattr(cfg, split)
         folder = out / "images" / split
@@ -319,7 +363,14 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
                    [(images[c["image_id"] - 1]["file_name"], c["caption"]) for c in captions])
         (out / f"instances_{split}.json").write_text(json.dumps(
             {"info": info, "images": images, "annotations": instances, "categories": categories}))
+        # The same boxes with colour-shape pairs as classes: 30 classes, for open-vocabulary detection of a
+        # pair that training never boxed, from colours and shapes it did.
+        (out / f"instances_pairs_{split}.json").write_text(json.dumps(
+            {"info": info, "images": images, "categories": pair_categories,
+             "annotations": [{**a, "category_id": PAIR_NAMES.index(a["name"]) + 1} for a in instances]}))
         (out / f"refs_{split}.json").write_text(json.dumps(refs))
+        if split != "web":
+            referring[split] = (images, instances, refs)
         vqa = out / "vqa"
         vqa.mkdir(exist_ok=True)
         (vqa / f"questions_{split}.json").write_text(json.dumps({"info": info, "questions": questions}))
@@ -340,6 +391,7 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
             _write_nlvr(out / f"nlvr_{split}.json", scenes, images, random.Random(f"{cfg.seed}-nlvr-{split}"))
         manifest[split] = {"images": count, "captions": len(captions), "objects": len(instances),
                            "questions": len(questions)}
+    _write_refcoco(out / "refcoco", referring)
     _write_zeroshot(out, cfg, rng)
     manifest["classify"] = {"images": cfg.classify}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

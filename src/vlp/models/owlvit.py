@@ -42,6 +42,9 @@ class OwlVitConfig:
     normalize: bool = True  # L2-normalise class and query embeddings before their dot product
     objectness: bool = False  # OWLv2's objectness head
     prior_prob: Fraction = 0.01  # initial score of every token: the shift bias is its logit
+    # random: scenic's (a near-zero projection learned from the boxes' classes); image_projection: the dual
+    # encoder's image projection (`init_from`), so each token starts in the space its text queries live in.
+    class_head_init: Literal["random", "image_projection"] = "random"
 
 
 @dataclass
@@ -183,8 +186,13 @@ class OwlVit(nn.Module):
         """Tokenised queries [..., L] -> un-normalised query embeddings [..., E]."""
         shape = text.shape[:-1]
         flat = text.reshape(-1, text.shape[-1])
-        flat_mask = text_mask.reshape(-1, text.shape[-1]) if text_mask is not None else None
-        return self.text_projection(self.text.encode(flat, flat_mask)).reshape(*shape, -1)
+        # Each image's list repeats the others' class names: the tower reads every distinct query once.
+        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        first = torch.empty(len(unique), dtype=torch.long, device=flat.device)
+        first[inverse] = torch.arange(len(flat), device=flat.device)
+        unique_mask = text_mask.reshape(-1, text.shape[-1])[first] if text_mask is not None else None
+        embeddings = self.text_projection(self.text.encode(unique, unique_mask))
+        return embeddings[inverse].reshape(*shape, -1)
 
     def embed_image_query(
         self, images: torch.Tensor, boxes: torch.Tensor
@@ -291,4 +299,14 @@ class OwlVit(nn.Module):
         self.text_projection.load_state_dict(source.text_projection.state_dict())
         taken = {f"visual.{k}" for k in self.visual.state_dict()} | {f"text.{k}" for k in self.text.state_dict()}
         taken.add("text_projection.weight")
+        if self.cfg.class_head_init == "image_projection":
+            projection = source.visual_projection
+            weight = projection.weight if isinstance(projection, nn.Linear) else torch.eye(self.cfg.embed_dim)
+            if weight.shape != self.class_head.dense0.weight.shape:
+                raise ConfigError(f"config key 'model.class_head_init': the source's image projection is "
+                                  f"{tuple(weight.shape)}, the class head's {tuple(self.class_head.dense0.weight.shape)}")
+            with torch.no_grad():
+                self.class_head.dense0.weight.copy_(weight)
+                self.class_head.dense0.bias.zero_()
+            taken.add("class_head.dense0.weight")
         return [k for k in self.state_dict() if k not in taken]

@@ -45,6 +45,10 @@ class UnsupportedTask(ValueError):
     """A checkpoint's model cannot do what was asked (captioning with a CLIP, say); the message names both."""
 
 
+class BadQuery(ValueError):
+    """A query a detector cannot use (an example box outside its image, no query at all); the message says which."""
+
+
 class NonFiniteOutput(ValueError):
     """A model computed NaN or infinite values (its weights diverged in training, say)."""
 
@@ -474,7 +478,7 @@ class DetectionPredictor(Predictor):
     def embed_queries(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
         """Texts -> query embeddings [T, Q, E], one row per template."""
         if not texts:
-            raise ValueError("no queries: give at least one text (or an image query)")
+            raise BadQuery("no queries: give at least one text (or an image query)")
         prompts = [template.format(text) for template in templates for text in texts]
         ids, mask = self.tokenizer(prompts)
         with self.autocast:
@@ -494,7 +498,7 @@ class DetectionPredictor(Predictor):
             pixels, width, height = self._pixels(image)
             x0, y0, x1, y1 = (float(v) for v in box)
             if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-                raise ValueError(f"query box {list(box)} is not a box inside the {width}x{height} query image")
+                raise BadQuery(f"query box {list(box)} is not a box inside the {width}x{height} query image")
             normalised = boxes_to_input(torch.tensor([[x0, y0, x1, y1]]), width, height, self.pretrained.image_config)
             with self.autocast:
                 embedding, _ = self.model.embed_image_query(pixels[None].to(self.device), normalised.to(self.device))

@@ -1,0 +1,108 @@
+"""Referring-expression grounding: precision@1, the share of expressions whose one chosen box overlaps
+the referred object's at IoU >= 0.5 (plain continuous IoU on xyxy boxes; MDETR counts GIoU >= 0.5 and
+ALBEF adds a pixel to widths, both slightly stricter). The unit is the expression, as in RefCOCO.
+
+Two ways to choose a box: a detector (OWL-ViT) takes the expression as its query and answers with the box
+of the token that scores it highest, no proposals needed; an image-text matching model (BLIP's ITM) scores
+each of the image's annotated regions, cropped, against the expression and answers with the best
+(ground-truth proposals, as MAttNet-style evaluations use). Two baselines use the same proposals: a random
+one, and the largest.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlp.data.grounding import ReferringExpression
+from vlp.data.sources import load_image
+from vlp.losses import box_iou
+
+Box = tuple[float, float, float, float]
+
+
+def precision_at_1(predicted: Sequence[Box], truth: Sequence[Box], threshold: float = 0.5) -> float:
+    if not truth:
+        return 0.0
+    iou = box_iou(torch.tensor(predicted, dtype=torch.float64), torch.tensor(truth, dtype=torch.float64))[0]
+    return float((iou.diagonal() >= threshold).double().mean())
+
+
+def detector_grounding(box_scores: Callable[..., list[tuple[torch.Tensor, torch.Tensor]]],
+                       embed_queries: Callable[..., torch.Tensor], *, images_per_call: int = 16,
+                       ) -> Callable[[Sequence[ReferringExpression]], list[Box]]:
+    """A detector's answer to each expression: the box of its highest-scoring token for that query."""
+
+    def ground(expressions: Sequence[ReferringExpression]) -> list[Box]:
+        by_image: dict[Any, list[int]] = {}
+        for index, expression in enumerate(expressions):
+            by_image.setdefault(expression.image, []).append(index)
+        images = list(by_image)
+        answers: list[Box] = [(0.0, 0.0, 0.0, 0.0)] * len(expressions)
+        for start in range(0, len(images), images_per_call):
+            chunk = images[start : start + images_per_call]
+            sentences = sorted({expressions[i].sentence for image in chunk for i in by_image[image]})
+            column = {s: c for c, s in enumerate(sentences)}
+            for image, (boxes, scores) in zip(chunk, box_scores(chunk, embed_queries(sentences)), strict=True):
+                for index in by_image[image]:
+                    token = int(scores[:, column[expressions[index].sentence]].argmax())
+                    answers[index] = tuple(boxes[token].tolist())
+        return answers
+
+    return ground
+
+
+def _crop(image: Image.Image, box: Box, margin: float) -> Image.Image:
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
+    return image.crop((max(0, x0 - dx), max(0, y0 - dy), min(image.size[0], x1 + dx), min(image.size[1], y1 + dy)))
+
+
+def region_scoring_grounding(match_probabilities: Callable[[Sequence[Any], Sequence[str]], torch.Tensor],
+                             *, margin: float = 0.1) -> Callable[[Sequence[ReferringExpression]], list[Box]]:
+    """An image-text matching model's answer: of the image's annotated regions (each cropped with `margin`
+    of its size around it), the one it matches best with the expression."""
+
+    def ground(expressions: Sequence[ReferringExpression]) -> list[Box]:
+        crops, texts, owners = [], [], []
+        loaded: dict[Any, Image.Image] = {}
+        for index, expression in enumerate(expressions):
+            image = loaded.setdefault(expression.image, load_image(expression.image))
+            for box in expression.candidates:
+                crops.append(_crop(image, box, margin))
+                texts.append(expression.sentence)
+                owners.append(index)
+        scores = match_probabilities(crops, texts)
+        answers: list[Box] = []
+        position = 0
+        for expression in expressions:
+            count = len(expression.candidates)
+            answers.append(expression.candidates[int(scores[position : position + count].argmax())])
+            position += count
+        return answers
+
+    return ground
+
+
+def evaluate_grounding(
+    ground: Callable[[Sequence[ReferringExpression]], list[Box]], expressions: Sequence[ReferringExpression],
+    *, method: str, dataset: str, seed: int = 0,
+) -> dict[str, Any]:
+    """Precision@1 of `ground` and of the random-proposal and largest-proposal baselines."""
+    truth = [e.box for e in expressions]
+    rng = random.Random(seed)
+    random_boxes = [rng.choice(e.candidates) for e in expressions]
+    largest = [max(e.candidates, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])) for e in expressions]
+    return {
+        "task": "grounding", "dataset": dataset, "expressions": len(expressions),
+        "protocol": f"precision@1 at IoU >= 0.5 (continuous IoU, xyxy); {method}",
+        "metrics": {
+            "precision@1": precision_at_1(ground(expressions), truth),
+            "random_proposal_precision@1": precision_at_1(random_boxes, truth),
+            "largest_proposal_precision@1": precision_at_1(largest, truth),
+        },
+    }
