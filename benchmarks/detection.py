@@ -19,6 +19,7 @@ from vlp.convert.keymap import to_vlp
 from vlp.models.owlvit import OwlVit
 
 QUERIES = 3
+CPU = torch.device("cpu")
 
 
 def models() -> tuple[OwlViTForObjectDetection, OwlVit]:
@@ -33,7 +34,7 @@ def models() -> tuple[OwlViTForObjectDetection, OwlVit]:
     return reference, model
 
 
-def measure(quick: bool, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+def measure(quick: bool, device: torch.device = CPU) -> dict[str, Any]:
     reference, model = models()
     reference, model = reference.to(device), model.to(device)
     batch = 2 if quick else 4

@@ -133,7 +133,7 @@ def test_two_processes_follow_one_process(shapes_world, tmp_path):
     config.write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vlp",
                "train", "--config", str(config), "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     train(load_run_config(config), tmp_path / "one")
