@@ -7,9 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # open_clip's parity tests run in the environment `make interop` builds, where open_clip imports.
 collect_ignore = [] if importlib.util.find_spec("open_clip") else ["convert/test_open_clip.py", "convert/test_open_clip_coca.py"]
 
+import json
+
 import pytest
 import torch
+from tokenizers import Regex, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer
 
+from text_samples import varied_strings
+from vlp.convert.tokenizers import CLIP_SPLIT
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -78,3 +84,31 @@ def trained_blip(shapes_world, tmp_path_factory):
     )
     train(load_run_config(None, overrides), run)
     return run
+
+
+CLIP_VOCAB_TEXTS = ["a photo of a dog.", "a red circle", "two cats on a sofa", "an x-ray of a hand", "the city at night"]
+
+
+@pytest.fixture(scope="session")
+def clip_vocab(tmp_path_factory):
+    """vocab.json + merges.txt of a CLIP-style BPE ("</w>" word ends), specials at CLIP's ids 49406/49407."""
+    folder = tmp_path_factory.mktemp("clip_vocab")
+    backend = BackendTokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([s.lower() for s in varied_strings(400, seed=1)] + CLIP_VOCAB_TEXTS * 5, trainer)
+    backend.model.save(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return folder
