@@ -30,7 +30,7 @@ from vlp.convert.common import (
     read_hf_weights,
     save_hf_tokenizer,
 )
-from vlp.convert.hf import _block_rules, _hf_tower
+from vlp.convert.hf import _DEFAULTS, _block_rules, _hf_tower
 from vlp.convert.keymap import from_vlp, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
@@ -40,11 +40,8 @@ from vlp.towers import TextConfig, VisionConfig
 
 MODEL_TYPES = ("owlvit", "owlv2")
 ARCHITECTURES = {"owlvit": "OwlViTForObjectDetection", "owlv2": "Owlv2ForObjectDetection"}
-_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-                  "num_attention_heads": 8, "max_position_embeddings": 16, "hidden_act": "quick_gelu",
-                  "layer_norm_eps": 1e-5, "pad_token_id": 0, "bos_token_id": 49406, "eos_token_id": 49407}
-_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                    "image_size": 768, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+# CLIP's towers, with OWL-ViT's 16 query positions and "!" (id 0) padding.
+_TEXT_DEFAULTS = {**_DEFAULTS["clip"]["text_config"], "max_position_embeddings": 16, "pad_token_id": 0}
 IGNORED_KEYS = ("position_ids", "visual_projection.weight", "logit_scale")
 
 
@@ -52,7 +49,7 @@ def config_from_hf(config: dict[str, Any]) -> OwlVitConfig:
     """An OwlViT / Owlv2 config.json -> vlp's OwlVitConfig."""
     model_type = config["model_type"]
     text = {**_TEXT_DEFAULTS, **(config.get("text_config") or {})}
-    vision = {**_VISION_DEFAULTS, "image_size": 960 if model_type == "owlv2" else 768,
+    vision = {**_DEFAULTS["clip"]["vision_config"], "image_size": 960 if model_type == "owlv2" else 768,
               "patch_size": 16 if model_type == "owlv2" else 32, **(config.get("vision_config") or {})}
     projection = config.get("projection_dim", 512)
     if text["hidden_size"] != projection:

@@ -68,14 +68,14 @@ def region_scoring_grounding(match_probabilities: Callable[[Sequence[Any], Seque
     of its size around it), the one it matches best with the expression."""
 
     def ground(expressions: Sequence[ReferringExpression]) -> list[Box]:
-        crops, texts, owners = [], [], []
+        crops, texts = [], []
         loaded: dict[Any, Image.Image] = {}
-        for index, expression in enumerate(expressions):
-            image = loaded.setdefault(expression.image, load_image(expression.image))
+        for expression in expressions:
+            if expression.image not in loaded:
+                loaded[expression.image] = load_image(expression.image)
             for box in expression.candidates:
-                crops.append(_crop(image, box, margin))
+                crops.append(_crop(loaded[expression.image], box, margin))
                 texts.append(expression.sentence)
-                owners.append(index)
         scores = match_probabilities(crops, texts)
         answers: list[Box] = []
         position = 0
