@@ -18,8 +18,10 @@ from vlp.config import ConfigError, from_dict
 def _cmd_data_shapes(args: argparse.Namespace) -> None:
     from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 
-    fields = {k: getattr(args, k) for k in ("seed", "image_size", "train", "test", "web", "classify",
-                                            "web_noise", "shards") if getattr(args, k) is not None}
+    fields = {k: getattr(args, k) for k in ("seed", "image_size", "train", "test", "web", "classify", "web_noise",
+                                            "web_near_miss", "shards", "shapes", "min_objects", "max_objects",
+                                            "object_scale", "backgrounds", "zeroshot_templates")
+              if getattr(args, k) is not None}
     manifest = make_shapes_world(args.out, from_dict(ShapesWorldConfig, fields))
     print(f"shapes world written to {args.out}: "
           + ", ".join(f"{s} {manifest[s]['images']} images" for s in ("train", "test", "web", "classify")))
@@ -364,6 +366,18 @@ def _add_data(sub: Subparsers) -> None:
         shapes.add_argument(f"--{split}", type=int, help=f"number of {split} images")
     shapes.add_argument("--web-noise", type=float, help="share of noisy web captions")
     shapes.add_argument("--shards", type=int, help="WebDataset shards per split")
+    shapes.add_argument("--web-near-miss", type=float,
+                        help="share of web captions with one colour or shape word changed (default 0)")
+    shapes.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                        help="shapes drawn (default: circle square triangle star cross; also pentagon hexagon "
+                             "diamond ring)")
+    shapes.add_argument("--min-objects", type=int, help="fewest objects per scene (default 1)")
+    shapes.add_argument("--max-objects", type=int, help="most objects per scene (default 3, at most 9)")
+    shapes.add_argument("--object-scale", type=float, help="object size as a multiple of the default (1.0)")
+    shapes.add_argument("--backgrounds", choices=("light", "varied"),
+                        help="varied: half the backgrounds dark, tinted, striped or checked (default light)")
+    shapes.add_argument("--zeroshot-templates", choices=("seen", "unseen"),
+                        help="unseen: zero-shot prompts in wording no training caption uses (default seen)")
     shapes.set_defaults(func=_cmd_data_shapes)
     suite = data.add_parser("instructions", help="the shapes world as an instruction task suite (InstructBLIP)")
     suite.add_argument("--world", required=True, help="a shapes world folder (vlp data shapes)")

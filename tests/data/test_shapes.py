@@ -1,7 +1,11 @@
 import csv
 import hashlib
 import json
+import re
 
+import pytest
+
+from vlp.config import ConfigError, from_dict
 from vlp.data.shapes import HELDOUT_PAIRS, ShapesWorldConfig, make_shapes_world
 from vlp.data.sources import read_coco_captions, read_csv
 
@@ -84,3 +88,55 @@ def test_zeroshot_sets(shapes_world):
     with (shapes_world / "zeroshot" / "color_shape_heldout.csv").open() as f:
         heldout = list(csv.DictReader(f))
     assert heldout and all(r["label"] in classes for r in heldout)
+
+
+def test_options_make_a_differently_rendered_world(tmp_path):
+    cfg = ShapesWorldConfig(seed=2, image_size=96, train=60, test=30, web=60, classify=45, shards=2,
+                            shapes=["circle", "pentagon", "hexagon", "diamond", "ring"], min_objects=2,
+                            max_objects=5, object_scale=0.7, backgrounds="varied", zeroshot_templates="unseen",
+                            web_near_miss=0.3)
+    manifest = make_shapes_world(tmp_path, cfg)
+    assert manifest["shapes"] == cfg.shapes and manifest["heldout_pairs"][1] == "orange pentagon"
+    instances = json.loads((tmp_path / "instances_train.json").read_text())
+    assert [c["name"] for c in instances["categories"]] == cfg.shapes
+    per_image = {}
+    for ann in instances["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+        assert ann["name"].split()[1] in cfg.shapes
+    assert set(per_image.values()) <= {2, 3, 4, 5} and max(per_image.values()) == 5
+    captions = " ".join(c["caption"] for c in json.loads((tmp_path / "captions_train.json").read_text())["annotations"])
+    assert "orange pentagon" not in captions and "four shapes" in captions
+    assert any(f"{kind} background" in captions for kind in ("dark", "tinted", "striped", "checked"))
+    templates = (tmp_path / "zeroshot" / "templates.txt").read_text()
+    for word in ("illustration", "drawing", "shows", "canvas", "rendering"):
+        assert word in templates and word not in captions
+    assert (tmp_path / "zeroshot" / "shape_classnames.txt").read_text().split() == cfg.shapes
+    assert len(json.loads((tmp_path / "instances_pairs_test.json").read_text())["categories"]) == 30
+
+
+def test_near_miss_web_captions_name_a_colour_or_shape_the_image_lacks(tmp_path):
+    make_shapes_world(tmp_path, ShapesWorldConfig(seed=4, image_size=48, train=5, test=5, web=300, classify=30,
+                                                  shards=1, web_noise=0.2, web_near_miss=0.3))
+    truth = json.loads((tmp_path / "web_truth.json").read_text())
+    objects = json.loads((tmp_path / "instances_web.json").read_text())["annotations"]
+    near = [t for t in truth if t["kind"] == "near_miss"]
+    assert 0.2 < len(near) / len(truth) < 0.4 and all(t["noisy"] for t in near)
+    for t in near:
+        before, after = t["clean_caption"].split(" "), t["caption"].split(" ")
+        changed = [(a, b) for a, b in zip(before, after) if a != b]
+        assert len(before) == len(after) and len(changed) == 1
+        new_word = changed[0][1].strip(",.:")
+        present = {w for o in objects if o["image_id"] == t["image_id"] for w in o["name"].split()}
+        assert new_word not in present
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"shapes": ["circle", "blob"]}, "shapes"),
+    ({"shapes": ["circle"]}, "two or more"),
+    ({"min_objects": 4, "max_objects": 2}, "min_objects (4) > max_objects (2)"),
+    ({"max_objects": 12}, "max_objects"),
+    ({"web_noise": 0.8, "web_near_miss": 0.5}, "web_noise + web_near_miss"),
+])
+def test_bad_world_options_are_refused(fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(ShapesWorldConfig, fields)

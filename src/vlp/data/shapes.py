@@ -1,11 +1,16 @@
 """The shapes world: vlp's bundled dataset of 2-D scenes, deterministic by seed.
 
-Each scene holds 1-3 coloured shapes of two sizes on a varied background. One generator writes every
+Each scene holds 1-3 coloured shapes of two sizes on a light background. One generator writes every
 format the library reads (CSV, COCO captions, WebDataset) and the files later tasks need: COCO
 instances (boxes), VQAv2-style questions with 10 answers, referring expressions with boxes (also in
 RefCOCO's layout, `refcoco/`), a noisy
 `web` split with its truth file, and zero-shot classification sets. Some colour-shape pairs never
 appear in `train` or `web`, so generalisation to new compositions can be measured on `test`.
+
+Options render differently made worlds, to try a config on data it was not tuned on: more objects per
+scene, other image and object sizes, dark, tinted and patterned backgrounds, shapes beyond the five
+(`SHAPE_CATALOG`), zero-shot prompts in wording no training caption uses, and near-miss web captions (one
+colour or shape word changed), the noise only a fine-grained matcher can flag.
 """
 
 from __future__ import annotations
@@ -18,16 +23,17 @@ import math
 import pickle
 import random
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlp.config import Fraction, NonNegativeInt, PositiveInt, Range
+from vlp.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
+SHAPE_CATALOG = SHAPES + ("pentagon", "hexagon", "diamond", "ring")
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -39,15 +45,20 @@ COLORS = {
 SIZES = {"small": 0.14, "large": 0.22}  # radius as a share of the image side
 # Never in train or web captions: one pair per shape, so each shape and colour is still seen otherwise.
 PAIR_NAMES = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
-HELDOUT_PAIRS = (("blue", "circle"), ("yellow", "square"), ("red", "triangle"), ("green", "star"),
-                 ("purple", "cross"))
+HELDOUT_COLOR = {"circle": "blue", "square": "yellow", "triangle": "red", "star": "green", "cross": "purple",
+                 "pentagon": "orange", "hexagon": "red", "diamond": "yellow", "ring": "green"}
+HELDOUT_PAIRS = tuple((HELDOUT_COLOR[shape], shape) for shape in SHAPES)
 JUNK_ALT_TEXT = (
     "IMG_{n:04d}.JPG", "DSC{n:05d}", "click here to enlarge", "free shipping on all orders over $50",
     "stock photo {n}", "untitled", "image", "best price guaranteed", "view full size", "product photo {n}",
     "screenshot {n}", "thumbnail", "photo by user{n}", "logo", "banner ad",
 )
 TEMPLATES = ("a {}.", "a large {}.", "a small {}.", "a picture of a {}.", "there is a {} in the picture")
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+# Zero-shot prompts in words no training caption uses ("zeroshot_templates: unseen").
+UNSEEN_TEMPLATES = ("an illustration of a {}.", "a drawing showing one {}.", "this image shows a {}.",
+                    "a {} drawn on a canvas.", "a rendering of a {}, seen from above.")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                9: "nine"}
 
 
 @dataclass
@@ -85,6 +96,12 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     if shape == "star":
         return [(cx + (r if i % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
                  cy + (r if i % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+    if shape in ("pentagon", "hexagon"):
+        sides = 5 if shape == "pentagon" else 6
+        return [(cx + r * math.cos(-math.pi / 2 + i * 2 * math.pi / sides),
+                 cy + r * math.sin(-math.pi / 2 + i * 2 * math.pi / sides)) for i in range(sides)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
     if shape == "cross":
         t = r * 0.35
         return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
@@ -93,9 +110,12 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
-def _background(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+def _background(rng: random.Random, size: int, backgrounds: str = "light") -> tuple[Image.Image, str]:
     """Light backgrounds of varied tint and texture. Small ViTs trained from scratch learn shape far
-    more slowly when backgrounds also vary in brightness, so the shapes stay the salient thing."""
+    more slowly when backgrounds also vary in brightness, so the shapes stay the salient thing;
+    `backgrounds: varied` adds dark, tinted, striped and checked ones."""
+    if backgrounds == "varied" and rng.random() < 0.5:
+        return _varied_background(rng, size)
     kind = rng.choice(("plain", "pastel", "gradient", "grainy"))
     grey = rng.randint(190, 240)
     if kind == "plain":
@@ -113,16 +133,42 @@ def _background(rng: random.Random, size: int) -> tuple[Image.Image, str]:
     return Image.fromarray(noise.astype(np.uint8)).convert("RGB"), kind
 
 
-def sample_scene(rng: random.Random, image_size: int, *, allow_heldout: bool, num_objects: int | None = None) -> Scene:
-    count = num_objects or rng.choice((1, 2, 2, 3, 3))
+def _varied_background(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    """Dark, muted-colour and two-tone patterned backgrounds; muted, so no shape colour disappears."""
+    kind = rng.choice(("dark", "tinted", "striped", "checked"))
+    if kind == "dark":
+        grey = rng.randint(25, 80)
+        return Image.new("RGB", (size, size), tuple(grey + rng.randint(-8, 8) for _ in range(3))), kind
+    base = rng.randint(90, 170)
+    tint = tuple(base + rng.randint(-35, 35) for _ in range(3))
+    if kind == "tinted":
+        return Image.new("RGB", (size, size), tint), kind
+    other = tuple(min(255, max(0, t + rng.choice((-1, 1)) * rng.randint(25, 45))) for t in tint)
+    period = max(2, size // rng.randint(4, 10))
+    y, x = np.mgrid[:size, :size] // period
+    mask = (y % 2 == 0) if kind == "striped" else ((x + y) % 2 == 0)
+    pixels = np.where(mask[..., None], np.array(tint, np.uint8), np.array(other, np.uint8))
+    return Image.fromarray(pixels.astype(np.uint8)), kind
+
+
+def object_counts(min_objects: int, max_objects: int) -> list[int]:
+    """The counts a scene draws from: each count twice, a single object once (more scenes with relations)."""
+    return [n for n in range(min_objects, max_objects + 1) for _ in range(1 if n == 1 else 2)]
+
+
+def sample_scene(rng: random.Random, image_size: int, *, allow_heldout: bool, num_objects: int | None = None,
+                 shapes: tuple[str, ...] = SHAPES, counts: list[int] | None = None,
+                 object_scale: float = 1.0) -> Scene:
+    count = num_objects or rng.choice(counts or (1, 2, 2, 3, 3))
+    heldout = {(HELDOUT_COLOR[shape], shape) for shape in shapes}
     objects: list[ShapeObject] = []
     used: set[tuple[str, str]] = set()
     while len(objects) < count:
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        if (color, shape) in used or (not allow_heldout and (color, shape) in HELDOUT_PAIRS):
+        shape, color = rng.choice(shapes), rng.choice(list(COLORS))
+        if (color, shape) in used or (not allow_heldout and (color, shape) in heldout):
             continue
         size = rng.choice(list(SIZES))
-        radius = SIZES[size] * image_size
+        radius = SIZES[size] * image_size * object_scale
         for _ in range(50):
             cx = rng.uniform(radius + 1, image_size - radius - 1)
             cy = rng.uniform(radius + 1, image_size - radius - 1)
@@ -135,15 +181,17 @@ def sample_scene(rng: random.Random, image_size: int, *, allow_heldout: bool, nu
     return Scene(objects, background="")
 
 
-def render(scene: Scene, rng: random.Random, image_size: int) -> Image.Image:
+def render(scene: Scene, rng: random.Random, image_size: int, backgrounds: str = "light") -> Image.Image:
     """Draw at twice the size and downsample, for smooth edges."""
     scale = 2
-    image, scene.background = _background(rng, image_size * scale)
+    image, scene.background = _background(rng, image_size * scale, backgrounds)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         cx, cy, r = obj.cx * scale, obj.cy * scale, obj.radius * scale
         if obj.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[obj.color])
+        elif obj.shape == "ring":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=COLORS[obj.color], width=max(1, round(r * 0.4)))
         else:
             draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=COLORS[obj.color])
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
@@ -188,7 +236,7 @@ def describe(scene: Scene, rng: random.Random, count: int) -> list[str]:
     return captions
 
 
-def _questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+def _questions(scene: Scene, rng: random.Random, world_shapes: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """(question, answer, answer_type) triples about a scene."""
     objs = scene.objects
     out = [("how many shapes are there?", str(len(objs)), "number")]
@@ -204,17 +252,17 @@ def _questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     if rng.random() < 0.5:
         color, shape = rng.choice(sorted(present))
     else:
-        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        color, shape = rng.choice(list(COLORS)), rng.choice(world_shapes)
     out.append((f"is there a {color} {shape}?", "yes" if (color, shape) in present else "no", "yes/no"))
     rng.shuffle(out)
     return out[:4]
 
 
-def _annotator_answers(answer: str, kind: str, rng: random.Random) -> list[str]:
+def _annotator_answers(answer: str, kind: str, rng: random.Random, shapes: tuple[str, ...]) -> list[str]:
     """Ten answers, most of them right, as VQAv2's annotators give."""
     pool = {"number": ["1", "2", "3", "4"], "yes/no": ["yes", "no"]}.get(kind)
     if pool is None:
-        pool = list(COLORS) if answer in COLORS else list(SHAPES) if answer in SHAPES else list(SIZES)
+        pool = list(COLORS) if answer in COLORS else list(shapes) if answer in shapes else list(SIZES)
     return [answer if rng.random() < 0.85 else rng.choice(pool) for _ in range(10)]
 
 
@@ -244,7 +292,8 @@ def _referring(obj: ShapeObject, scene: Scene) -> list[str]:
     return list(dict.fromkeys(sentences))
 
 
-def _write_refcoco(folder: Path, splits: dict[str, tuple[list[dict], list[dict], list[dict]]]) -> None:
+def _write_refcoco(folder: Path, splits: dict[str, tuple[list[dict], list[dict], list[dict]]],
+                   categories: list[dict]) -> None:
     """The referring expressions in lichengunc/refer's layout: `refs(unc).p` (a pickled list of refs with
     their sentences and split) and `instances.json` (COCO images, annotations, categories), image and
     annotation ids made unique over the splits (test images get ids after the training ones)."""
@@ -263,7 +312,6 @@ def _write_refcoco(folder: Path, splits: dict[str, tuple[list[dict], list[dict],
                          "image_id": ref["image_id"] + image_offset, "category_id": ref["category_id"],
                          "split": split, "file_name": ref["file_name"], "sentences": sentences,
                          "sent_ids": [s["sent_id"] for s in sentences]})
-    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
     (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                        "categories": categories}))
     with (folder / "refs(unc).p").open("wb") as f:
@@ -303,18 +351,47 @@ class ShapesWorldConfig:
     train_captions: PositiveInt = 3
     test_captions: PositiveInt = 5
     web_noise: Fraction = 0.4  # share of web captions replaced by alt-text junk or another image's caption
+    # Share of web captions (taken from the clean ones) with one colour or shape word changed to one the
+    # image does not hold: near misses, which only matching colours and shapes to objects can flag.
+    web_near_miss: Fraction = 0.0
     shards: PositiveInt = 8
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))  # any of SHAPE_CATALOG
+    min_objects: Annotated[int, Range(min=1, max=9)] = 1
+    max_objects: Annotated[int, Range(min=1, max=9)] = 3
+    object_scale: PositiveFloat = 1.0  # object radii as a multiple of 0.14 / 0.22 of the image side
+    backgrounds: Literal["light", "varied"] = "light"  # varied: half of them dark, tinted, striped or checked
+    zeroshot_templates: Literal["seen", "unseen"] = "seen"  # unseen: prompts in words no caption uses
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.shapes) - set(SHAPE_CATALOG))
+        if unknown or len(set(self.shapes)) != len(self.shapes) or len(self.shapes) < 2:
+            raise ValueError(f"shapes: need two or more distinct names of {', '.join(SHAPE_CATALOG)}; "
+                             f"got {', '.join(self.shapes)}")
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
+        if self.web_noise + self.web_near_miss > 1:
+            raise ValueError(f"web_noise + web_near_miss = {self.web_noise + self.web_near_miss} > 1")
+
+    @property
+    def pair_names(self) -> tuple[str, ...]:
+        return tuple(f"{color} {shape}" for shape in self.shapes for color in COLORS)
+
+    @property
+    def heldout_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((HELDOUT_COLOR[shape], shape) for shape in self.shapes)
 
 
 def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
     """Write the shapes world under `out`; returns the manifest (also written as manifest.json)."""
     out = Path(out)
     rng = random.Random(cfg.seed)
-    manifest: dict = {"seed": cfg.seed, "image_size": cfg.image_size, "shapes": list(SHAPES),
+    shapes, pair_names = tuple(cfg.shapes), cfg.pair_names
+    manifest: dict = {"seed": cfg.seed, "image_size": cfg.image_size, "shapes": list(shapes),
                       "colors": list(COLORS), "sizes": list(SIZES),
-                      "heldout_pairs": [f"{c} {s}" for c, s in HELDOUT_PAIRS], "files": {}}
-    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
-    pair_categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(PAIR_NAMES)]
+                      "heldout_pairs": [f"{c} {s}" for c, s in cfg.heldout_pairs], "files": {}}
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(shapes)]
+    pair_categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(pair_names)]
+    counts = object_counts(cfg.min_objects, cfg.max_objects)
     referring: dict[str, tuple[list[dict], list[dict], list[dict]]] = {}
     for split in ("train", "test", "web"):
         count = getattr(cfg, split)
@@ -325,8 +402,9 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
         pngs: list[bytes] = []
         for index in range(count):
             image_id = index + 1
-            scene = sample_scene(rng, cfg.image_size, allow_heldout=split == "test")
-            picture = render(scene, rng, cfg.image_size)
+            scene = sample_scene(rng, cfg.image_size, allow_heldout=split == "test", shapes=shapes, counts=counts,
+                                 object_scale=cfg.object_scale)
+            picture = render(scene, rng, cfg.image_size, cfg.backgrounds)
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
@@ -340,21 +418,21 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
                 captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption})
             for obj in scene.objects:
                 ann_id = len(instances) + 1
-                instances.append({"id": ann_id, "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
+                instances.append({"id": ann_id, "image_id": image_id, "category_id": shapes.index(obj.shape) + 1,
                                   "bbox": obj.bbox, "area": round(obj.bbox[2] * obj.bbox[3], 2), "iscrowd": 0,
                                   "color": obj.color, "size": obj.size, "name": obj.name})
                 refs.append({"ref_id": len(refs) + 1, "ann_id": ann_id, "image_id": image_id,
-                             "file_name": file_name, "bbox": obj.bbox, "category_id": SHAPES.index(obj.shape) + 1,
+                             "file_name": file_name, "bbox": obj.bbox, "category_id": shapes.index(obj.shape) + 1,
                              "sentences": _referring(obj, scene)})
-            for q_index, (question, answer, kind) in enumerate(_questions(scene, rng)):
+            for q_index, (question, answer, kind) in enumerate(_questions(scene, rng, shapes)):
                 qid = image_id * 10 + q_index
                 questions.append({"question_id": qid, "image_id": image_id, "question": question})
                 answers.append({"question_id": qid, "image_id": image_id, "answer_type": kind,
                                 "question_type": " ".join(question.split()[:2]), "multiple_choice_answer": answer,
                                 "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                            for i, a in enumerate(_annotator_answers(answer, kind, rng))]})
+                                            for i, a in enumerate(_annotator_answers(answer, kind, rng, shapes))]})
         if split == "web":
-            captions, truth = _corrupt_web(captions, images, cfg.web_noise, rng)
+            captions, truth = _corrupt_web(captions, images, scenes, cfg, rng)
             (out / "web_truth.json").write_text(json.dumps(truth, indent=1))
         info = {"description": f"vlp shapes world, {split} split", "seed": cfg.seed}
         (out / f"captions_{split}.json").write_text(json.dumps(
@@ -367,7 +445,7 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
         # pair that training never boxed, from colours and shapes it did.
         (out / f"instances_pairs_{split}.json").write_text(json.dumps(
             {"info": info, "images": images, "categories": pair_categories,
-             "annotations": [{**a, "category_id": PAIR_NAMES.index(a["name"]) + 1} for a in instances]}))
+             "annotations": [{**a, "category_id": pair_names.index(a["name"]) + 1} for a in instances]}))
         (out / f"refs_{split}.json").write_text(json.dumps(refs))
         if split != "web":
             referring[split] = (images, instances, refs)
@@ -381,17 +459,18 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
                  {"image_id": c["image_id"], "caption": c["caption"]}) for c in captions]
             manifest["files"][f"shards_{split}"] = _write_shards(out / "shards", split, shard_samples, cfg.shards)
         if split == "test":
-            heldout = {f"{c} {s}" for c, s in HELDOUT_PAIRS}
+            heldout = {f"{c} {s}" for c, s in cfg.heldout_pairs}
             keep = {i + 1 for i, s in enumerate(scenes) if any(o.name in heldout for o in s.objects)}
             (out / "captions_test_heldout.json").write_text(json.dumps({
                 "info": info, "images": [i for i in images if i["id"] in keep],
                 "annotations": [c for c in captions if c["image_id"] in keep]}))
         if split != "web":
             # Its own random stream, so that adding it left every other file of a seed as it was.
-            _write_nlvr(out / f"nlvr_{split}.json", scenes, images, random.Random(f"{cfg.seed}-nlvr-{split}"))
+            _write_nlvr(out / f"nlvr_{split}.json", scenes, images, random.Random(f"{cfg.seed}-nlvr-{split}"),
+                        shapes)
         manifest[split] = {"images": count, "captions": len(captions), "objects": len(instances),
                            "questions": len(questions)}
-    _write_refcoco(out / "refcoco", referring)
+    _write_refcoco(out / "refcoco", referring, categories)
     _write_zeroshot(out, cfg, rng)
     manifest["classify"] = {"images": cfg.classify}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -402,13 +481,13 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-def _pair_statements(left: Scene, right: Scene) -> list[tuple[str, bool]]:
+def _pair_statements(left: Scene, right: Scene, shapes: tuple[str, ...]) -> list[tuple[str, bool]]:
     """(statement, truth) about a pair of scenes, NLVR2-style."""
     def count(scene: Scene, shape: str) -> int:
         return sum(o.shape == shape for o in scene.objects)
 
     out = []
-    for shape in SHAPES:
+    for shape in shapes:
         a, b = count(left, shape), count(right, shape)
         out.append((f"the left image has more {_plural(shape)} than the right image", a > b))
         out.append((f"the right image has more {_plural(shape)} than the left image", b > a))
@@ -420,28 +499,50 @@ def _pair_statements(left: Scene, right: Scene) -> list[tuple[str, bool]]:
     return out
 
 
-def _write_nlvr(path: Path, scenes: list[Scene], images: list[dict], rng: random.Random) -> None:
+def _write_nlvr(path: Path, scenes: list[Scene], images: list[dict], rng: random.Random,
+                shapes: tuple[str, ...]) -> None:
     """Statements about pairs of images with true / false labels, half of each, in BLIP's NLVR2 layout:
     a JSON list of {images: [left, right], sentence, label}."""
     pairs = []
     for index in range(len(scenes)):
         left, right = rng.randrange(len(scenes)), rng.randrange(len(scenes))
         want = index % 2 == 0
-        options = [s for s, truth in _pair_statements(scenes[left], scenes[right]) if truth == want]
+        options = [s for s, truth in _pair_statements(scenes[left], scenes[right], shapes) if truth == want]
         if options:
             pairs.append({"images": [images[left]["file_name"], images[right]["file_name"]],
                           "sentence": rng.choice(options), "label": want})
     path.write_text(json.dumps(pairs))
 
 
-def _corrupt_web(captions: list[dict], images: list[dict], noise: float,
+def near_miss(caption: str, scene: Scene, shapes: tuple[str, ...], rng: random.Random) -> str | None:
+    """The caption with one colour or shape word changed to a colour or shape no object of the scene has,
+    so that it is false of the image while reading like its true captions; None if it names neither."""
+    words = caption.split(" ")
+    present_colors = {o.color for o in scene.objects}
+    present_shapes = {o.shape for o in scene.objects}
+    spots = [(i, w.strip(",.:")) for i, w in enumerate(words) if w.strip(",.:") in COLORS or w.strip(",.:") in shapes]
+    if not spots:
+        return None
+    index, word = rng.choice(spots)
+    choices = ([c for c in COLORS if c not in present_colors] if word in COLORS
+               else [s for s in shapes if s not in present_shapes])
+    if not choices:
+        return None
+    words[index] = words[index].replace(word, rng.choice(choices))
+    return " ".join(words)
+
+
+def _corrupt_web(captions: list[dict], images: list[dict], scenes: list[Scene], cfg: ShapesWorldConfig,
                  rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """Replace a share of web captions by junk alt-text or another image's caption; keep the truth."""
+    """Replace a share of web captions by junk alt-text or another image's caption, and a share of the
+    others by near misses; keep the truth."""
     clean = [c["caption"] for c in captions]
+    # Near misses are drawn from the captions left clean, at the rate that makes them `web_near_miss` of all.
+    near_miss_rate = cfg.web_near_miss / (1 - cfg.web_noise) if cfg.web_noise < 1 else 0.0
     truth = []
     for c in captions:
         kind = "clean"
-        if rng.random() < noise:
+        if rng.random() < cfg.web_noise:
             if rng.random() < 0.5:
                 kind = "junk"
                 c["caption"] = rng.choice(JUNK_ALT_TEXT).format(n=rng.randint(1, 99999))
@@ -450,6 +551,10 @@ def _corrupt_web(captions: list[dict], images: list[dict], noise: float,
                 other = rng.randrange(len(captions) - 1)
                 other += other >= c["image_id"] - 1
                 c["caption"] = clean[other]
+        elif near_miss_rate and rng.random() < near_miss_rate:
+            changed = near_miss(c["caption"], scenes[c["image_id"] - 1], tuple(cfg.shapes), rng)
+            if changed is not None:
+                kind, c["caption"] = "near_miss", changed
         truth.append({"image_id": c["image_id"], "file_name": images[c["image_id"] - 1]["file_name"],
                       "caption": c["caption"], "clean_caption": clean[c["image_id"] - 1],
                       "noisy": kind != "clean", "kind": kind})
@@ -460,24 +565,25 @@ def _write_zeroshot(out: Path, cfg: ShapesWorldConfig, rng: random.Random) -> No
     """Single-shape images labelled by shape and by colour + shape, for `vlp eval zeroshot`."""
     folder = out / "zeroshot"
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    pairs = [(c, s) for s in SHAPES for c in COLORS]
+    pairs = [(c, s) for s in cfg.shapes for c in COLORS]
     rows_shape, rows_pair, rows_heldout = [], [], []
     for index in range(cfg.classify):
         color, shape = pairs[index % len(pairs)]
         size = rng.choice(list(SIZES))
-        radius = SIZES[size] * cfg.image_size
+        radius = SIZES[size] * cfg.image_size * cfg.object_scale
         cx = rng.uniform(radius + 1, cfg.image_size - radius - 1)
         cy = rng.uniform(radius + 1, cfg.image_size - radius - 1)
         scene = Scene([ShapeObject(shape, color, size, cx, cy, radius)], background="")
         name = f"images/{index + 1:06d}.png"
-        render(scene, rng, cfg.image_size).save(folder / name)
+        render(scene, rng, cfg.image_size, cfg.backgrounds).save(folder / name)
         rows_shape.append((name, shape))
         rows_pair.append((name, f"{color} {shape}"))
-        if (color, shape) in HELDOUT_PAIRS:
+        if (color, shape) in cfg.heldout_pairs:
             rows_heldout.append((name, f"{color} {shape}"))
     _write_csv(folder / "shape.csv", ("filepath", "label"), rows_shape)
     _write_csv(folder / "color_shape.csv", ("filepath", "label"), rows_pair)
     _write_csv(folder / "color_shape_heldout.csv", ("filepath", "label"), rows_heldout)
-    (folder / "shape_classnames.txt").write_text("\n".join(SHAPES) + "\n")
+    (folder / "shape_classnames.txt").write_text("\n".join(cfg.shapes) + "\n")
     (folder / "color_shape_classnames.txt").write_text("\n".join(f"{c} {s}" for c, s in pairs) + "\n")
-    (folder / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    templates = TEMPLATES if cfg.zeroshot_templates == "seen" else UNSEEN_TEMPLATES
+    (folder / "templates.txt").write_text("\n".join(templates) + "\n")
