@@ -385,6 +385,12 @@ def test_models_without_a_foreign_layout_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="only ViT towers"):
         export_pretrained(vlp.load(folder), "hf", tmp_path / "hf")
     assert main(["convert", str(folder), "--to", "open_clip", "--out", str(tmp_path / "oc")]) == 2
+    cfg.vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, stem_channels=[8, 8, 8])
+    folder = save_checkpoint(tmp_path / "vlp-stem", family=FAMILIES["clip"], model_config=cfg, model=DualEncoder(cfg),
+                             image_config=ImageConfig(size=32), tokenizer=tokenizer)
+    for to in ("hf", "open_clip"):
+        with pytest.raises(ConversionError, match="convolutional stem"):
+            export_pretrained(vlp.load(folder), to, tmp_path / to)
 
 
 def test_convert_never_deletes_what_it_did_not_write(tmp_path, capsys):

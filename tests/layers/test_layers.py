@@ -151,6 +151,24 @@ def test_vision_tower_runs_at_another_resolution_by_resizing_positions():
         tower(torch.randn(1, 3, 30, 30))
 
 
+def test_convolutional_stem_makes_the_patch_grid_and_each_token_sees_only_its_neighbourhood():
+    torch.manual_seed(0)
+    cfg = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=4, stem_channels=[8, 16, 16])
+    tower = VisionTransformer(cfg).eval()
+    images = torch.randn(2, 3, 32, 32)
+    stem = tower.patch_embed(images)
+    assert stem.shape == (2, 16, 32)
+    changed = images.clone()
+    changed[:, :, 24:, 24:] += 1.0  # the last patch's pixels
+    moved = (tower.patch_embed(changed) - stem).abs().amax(dim=(0, 2)).view(4, 4)
+    # 3x3 kernels of stride 2 reach a few pixels past a patch: the corner and its neighbours move, the rest not.
+    assert moved[3, 3] > 0 and moved[:2].abs().max() == 0 and moved[:, :2].abs().max() == 0
+    pooled, tokens = tower(images)
+    assert tokens.shape == (2, 17, 32) and pooled.shape == (2, 32)
+    with pytest.raises(ValueError, match="makes patches of 4, not patch_size 8"):
+        VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=4, stem_channels=[8, 16])
+
+
 def test_attention_pool_returns_one_row_per_query_and_respects_mask():
     torch.manual_seed(0)
     pool = AttentionPool(32, 4, num_queries=3)

@@ -327,3 +327,19 @@ def test_init_from_refuses_a_family_the_recipe_does_not_start_from(tmp_path):
     clip = Pretrained(get_family("clip"), None, create_model("clip-tiny"), ImageConfig(), None, tmp_path / "clip")
     with pytest.raises(ConfigError, match=r"a BlipVqa cannot start from a DualEncoder checkpoint \(.*clip\)"):
         _initialise(create_model("blip-vqa-tiny"), get_family("blip_vqa"), clip)
+
+
+def test_a_fixed_thread_count_repeats_a_run_bit_for_bit(shapes_world, tmp_path):
+    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=12, **{"train.threads": 1,
+                                                                                 "train.log_every": 4})
+    threads = torch.get_num_threads()
+    try:
+        train(load_run_config(None, overrides), tmp_path / "a")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # the next run starts from another machine's default
+        train(load_run_config(None, overrides), tmp_path / "b")
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_checkpoint(tmp_path / "a").model.state_dict(), load_checkpoint(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 3

@@ -249,6 +249,9 @@ def model_type_of(cfg: DualEncoderConfig) -> str:
     vision = cfg.vision
     if not isinstance(vision, VisionConfig):
         raise ConversionError(f"the image tower is a {vision.kind}; only ViT towers have a Hugging Face equivalent")
+    if vision.stem_channels:
+        raise ConversionError("the ViT has a convolutional stem (vision.stem_channels); Hugging Face's have a "
+                              "patch projection")
     clip_like = {
         "class_token": True,
         "patch_bias": False,

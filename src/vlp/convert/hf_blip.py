@@ -230,9 +230,10 @@ def export_hf_blip(pretrained: Pretrained, out: Path, architecture: str | None =
     if architecture not in ARCHITECTURES:
         raise ConversionError(f"unknown BLIP architecture '{architecture}'; expected one of {', '.join(ARCHITECTURES)}")
     vision = model.cfg.vision
-    if not isinstance(vision, VisionConfig) or vision.ln_pre or not vision.patch_bias or not vision.class_token:
+    if (not isinstance(vision, VisionConfig) or vision.ln_pre or not vision.patch_bias or not vision.class_token
+            or vision.stem_channels):
         raise ConversionError(
-            "only BLIP's own ViT (class token, patch bias, no pre-norm) has a Hugging Face equivalent"
+            "only BLIP's own ViT (patch projection with bias, class token, no pre-norm) has a Hugging Face equivalent"
         )
     state = from_vlp(model.state_dict(), blip_rules(model, architecture))
     tied = False

@@ -233,8 +233,8 @@ def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None 
         raise ConversionError(f"a {pretrained.family.name} model exports as {expected}, not {architecture}")
     vision = model.cfg.image.vision
     if (not isinstance(vision, VisionConfig) or vision.ln_pre or not vision.patch_bias or not vision.class_token
-            or model.cfg.image.vision_feature_layer != -1 or vision.ln_post):
-        raise ConversionError("only BLIP-2's own ViT (class token, patch bias, no pre- or post-norm, every block "
+            or model.cfg.image.vision_feature_layer != -1 or vision.ln_post or vision.stem_channels):
+        raise ConversionError("only BLIP-2's own ViT (class token, patch projection with bias, no pre- or post-norm, every block "
                               "used) has a Hugging Face equivalent")
     state = from_vlp(model.state_dict(), blip2_rules(model))
     q = model.cfg.qformer

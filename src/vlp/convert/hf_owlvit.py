@@ -132,8 +132,9 @@ def load_hf_owlvit(folder: Path, *, tokenizer: str | Path | None = None, **_: An
 def _check_exportable(cfg: OwlVitConfig, tokenizer: Any) -> None:
     vision = cfg.vision
     if not isinstance(vision, VisionConfig) or not (vision.class_token and vision.ln_pre and not vision.patch_bias
-                                                    and vision.pool == "cls"):
-        raise ConversionError("Hugging Face OWL-ViT has a CLIP ViT image tower (class token, pre-norm, no patch bias)")
+                                                    and vision.pool == "cls" and not vision.stem_channels):
+        raise ConversionError("Hugging Face OWL-ViT has a CLIP ViT image tower (patch projection without bias, "
+                              "class token, pre-norm)")
     fixed = {"merge_class_token": "mul-ln", "box_bias": "both", "head_act": "gelu", "normalize": True}
     wrong = [f"{k}={getattr(cfg, k)} (needs {v})" for k, v in fixed.items() if getattr(cfg, k) != v]
     if cfg.merge_norm_eps != vision.norm_eps:

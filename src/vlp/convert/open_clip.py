@@ -525,10 +525,17 @@ def _text_config(t: TextConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     )
 
 
-def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    v, t = cfg.vision, cfg.text
+def _require_patch_vit(v: Any) -> None:
     if not isinstance(v, VisionConfig):
         raise ConversionError(f"the image tower is a {v.kind}; only ViT towers have an open_clip equivalent")
+    if v.stem_channels:
+        raise ConversionError("the ViT has a convolutional stem (vision.stem_channels); open_clip's have a "
+                              "patch projection")
+
+
+def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    v, t = cfg.vision, cfg.text
+    _require_patch_vit(v)
     if v.pool == "map":
         vision = _timm_siglip_config(cfg)
     else:
@@ -567,8 +574,7 @@ def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> d
 def coca_config_to_open_clip(cfg: CocaConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """A vlp CoCa as open_clip builds it, when it has open_clip's layout."""
     v, t = cfg.vision, cfg.text
-    if not isinstance(v, VisionConfig):
-        raise ConversionError(f"the image tower is a {v.kind}; only ViT towers have an open_clip equivalent")
+    _require_patch_vit(v)
     needs = {
         "pooler": (cfg.pooler, "shared"),
         # open_clip 3.3's configs cannot ask for the corrected mask: its towers always use the legacy one.

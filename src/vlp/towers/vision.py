@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vlp.config import PositiveFloat, PositiveInt
-from vlp.layers import Activation, AttentionPool, PatchEmbed, TransformerBlock, resize_pos_embed
+from vlp.layers import Activation, AttentionPool, ConvStem, PatchEmbed, TransformerBlock, resize_pos_embed
 
 
 @dataclass
@@ -26,6 +26,9 @@ class VisionConfig:
     norm_eps: PositiveFloat = 1e-5
     class_token: bool = True
     patch_bias: bool = False  # CLIP's patch conv has no bias, SigLIP's has one
+    # A convolutional stem (ViTC) instead of the patch projection: one stride-2 3x3 convolution per width
+    # listed, 2 ** len(stem_channels) == patch_size. Small ViTs trained from scratch learn shape with it.
+    stem_channels: list[PositiveInt] | None = None
     ln_pre: bool = True  # CLIP normalises tokens before the blocks, SigLIP does not
     ln_post: bool = True  # open_clip's CoCa normalises after its attentional pooler instead
     pool: Literal["cls", "mean", "map"] = "cls"
@@ -36,6 +39,9 @@ class VisionConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        if self.stem_channels is not None and 2 ** len(self.stem_channels) != self.patch_size:
+            raise ValueError(f"a stem of {len(self.stem_channels)} stride-2 convolutions makes patches of "
+                             f"{2 ** len(self.stem_channels)}, not patch_size {self.patch_size}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool 'cls' needs class_token: true")
 
@@ -47,7 +53,8 @@ class VisionTransformer(nn.Module):
         width = cfg.width
         self.grid = cfg.image_size // cfg.patch_size
         self.num_prefix = 1 if cfg.class_token else 0
-        self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias)
+        self.patch_embed = (ConvStem(cfg.stem_channels, width) if cfg.stem_channels
+                            else PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias))
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(self.num_prefix + self.grid**2, width) * width**-0.5)
         self.ln_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.ln_pre else nn.Identity()

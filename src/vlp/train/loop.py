@@ -102,6 +102,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward pass
     device: str = "auto"  # auto = cuda when present, else cpu; or cpu, cuda, cuda:N, mps
     seed: NonNegativeInt = 0
+    # CPU threads per process for intra-op work (None: torch's default, one per core). CPU reductions split
+    # by thread count, so a fixed count is what makes a CPU run repeat bit for bit on another machine.
+    threads: PositiveInt | None = None
     # A checkpoint (vlp, Hugging Face or open_clip folder) to start from: its weights, and its tokenizer
     # unless tokenizer.path is set. Another family starts through the model's `init_from` (BLIP -> VQA).
     init_from: str | None = None
@@ -495,6 +498,8 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
            device: torch.device) -> Path:
     tc = cfg.train
     world, is_main = world_size(), rank() == 0
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     model_cfg = resolve_sources(model_cfg)
 
