@@ -44,7 +44,6 @@ COLORS = {
 }
 SIZES = {"small": 0.14, "large": 0.22}  # radius as a share of the image side
 # Never in train or web captions: one pair per shape, so each shape and colour is still seen otherwise.
-PAIR_NAMES = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 HELDOUT_COLOR = {"circle": "blue", "square": "yellow", "triangle": "red", "star": "green", "cross": "purple",
                  "pentagon": "orange", "hexagon": "red", "diamond": "yellow", "ring": "green"}
 HELDOUT_PAIRS = tuple((HELDOUT_COLOR[shape], shape) for shape in SHAPES)
@@ -156,10 +155,9 @@ def object_counts(min_objects: int, max_objects: int) -> list[int]:
     return [n for n in range(min_objects, max_objects + 1) for _ in range(1 if n == 1 else 2)]
 
 
-def sample_scene(rng: random.Random, image_size: int, *, allow_heldout: bool, num_objects: int | None = None,
-                 shapes: tuple[str, ...] = SHAPES, counts: list[int] | None = None,
-                 object_scale: float = 1.0) -> Scene:
-    count = num_objects or rng.choice(counts or (1, 2, 2, 3, 3))
+def sample_scene(rng: random.Random, image_size: int, *, allow_heldout: bool, shapes: tuple[str, ...] = SHAPES,
+                 counts: list[int] | None = None, object_scale: float = 1.0) -> Scene:
+    count = rng.choice(counts or object_counts(1, 3))
     heldout = {(HELDOUT_COLOR[shape], shape) for shape in shapes}
     objects: list[ShapeObject] = []
     used: set[tuple[str, str]] = set()
@@ -520,7 +518,8 @@ def near_miss(caption: str, scene: Scene, shapes: tuple[str, ...], rng: random.R
     words = caption.split(" ")
     present_colors = {o.color for o in scene.objects}
     present_shapes = {o.shape for o in scene.objects}
-    spots = [(i, w.strip(",.:")) for i, w in enumerate(words) if w.strip(",.:") in COLORS or w.strip(",.:") in shapes]
+    bare = [w.strip(",.:") for w in words]
+    spots = [(i, w) for i, w in enumerate(bare) if w in COLORS or w in shapes]
     if not spots:
         return None
     index, word = rng.choice(spots)

@@ -10,31 +10,23 @@ from torch import nn
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches by a strided convolution: [B, 3, H, W] -> [B, (H/p)(W/p), D]."""
+    """Non-overlapping patches by a strided convolution: [B, 3, H, W] -> [B, (H/p)(W/p), D].
 
-    def __init__(self, patch_size: int, dim: int, *, in_channels: int = 3, bias: bool = False):
+    With `stem_channels`, ViTC's convolutional stem instead (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"): one 3x3 convolution of stride 2 per width listed, each with BatchNorm and
+    ReLU, then a 1x1 convolution to the width (p must be 2 ** len(stem_channels)). Small overlapping kernels
+    give the tokens the locality a single patch projection lacks, which a small ViT trained from scratch
+    needs."""
+
+    def __init__(self, patch_size: int, dim: int, *, in_channels: int = 3, bias: bool = False,
+                 stem_channels: list[int] | None = None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = images.shape[-2:]
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-        return self.proj(images).flatten(2).transpose(1, 2)
-
-
-class ConvStem(nn.Module):
-    """ViTC's stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3 convolutions
-    of stride 2, each with BatchNorm and ReLU, down to the patch grid, then a 1x1 convolution to the width:
-    [B, 3, H, W] -> [B, (H/p)(W/p), D] with p = 2 ** len(channels). Small overlapping kernels give the
-    tokens the locality a single patch projection lacks, which a small ViT trained from scratch needs."""
-
-    def __init__(self, channels: list[int], dim: int, *, in_channels: int = 3):
-        super().__init__()
-        self.patch_size = 2 ** len(channels)
+        if not stem_channels:
+            self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+            return
         layers: list[nn.Module] = []
-        for width in channels:
+        for width in stem_channels:
             layers += [nn.Conv2d(in_channels, width, kernel_size=3, stride=2, padding=1, bias=False),
                        nn.BatchNorm2d(width), nn.ReLU()]
             in_channels = width

@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vlp.config import PositiveFloat, PositiveInt
-from vlp.layers import Activation, AttentionPool, ConvStem, PatchEmbed, TransformerBlock, resize_pos_embed
+from vlp.layers import Activation, AttentionPool, PatchEmbed, TransformerBlock, resize_pos_embed
 
 
 @dataclass
@@ -39,7 +39,7 @@ class VisionConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
-        if self.stem_channels is not None and 2 ** len(self.stem_channels) != self.patch_size:
+        if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
             raise ValueError(f"a stem of {len(self.stem_channels)} stride-2 convolutions makes patches of "
                              f"{2 ** len(self.stem_channels)}, not patch_size {self.patch_size}")
         if self.pool == "cls" and not self.class_token:
@@ -53,8 +53,7 @@ class VisionTransformer(nn.Module):
         width = cfg.width
         self.grid = cfg.image_size // cfg.patch_size
         self.num_prefix = 1 if cfg.class_token else 0
-        self.patch_embed = (ConvStem(cfg.stem_channels, width) if cfg.stem_channels
-                            else PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias))
+        self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias, stem_channels=cfg.stem_channels)
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(self.num_prefix + self.grid**2, width) * width**-0.5)
         self.ln_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.ln_pre else nn.Identity()
