@@ -1,6 +1,6 @@
 """vlp against its peers on this machine, side by side in one run: `make bench`.
 
-    .venv-interop/bin/python benchmarks/bench.py [--sections train,embed,memory,coca,blip2,detection] [--quick]
+    .venv-interop/bin/python benchmarks/bench.py [--sections train,embed,memory,coca,blip,blip2,detection] [--quick]
 
 Runs in the environment `make interop` builds, where open_clip and transformers import beside vlp, so
 every contender uses the same torch. Prints ratios and writes benchmarks/results.json. Never part of
@@ -98,6 +98,12 @@ def coca_section(data: Path, quick: bool) -> dict[str, Any]:
     return coca.measure(data, quick)
 
 
+def blip_section(data: Path, quick: bool) -> dict[str, Any]:
+    import blip_captioning
+
+    return blip_captioning.measure(data, quick)
+
+
 def blip2_section(data: Path, quick: bool) -> dict[str, Any]:
     import blip2
 
@@ -162,6 +168,16 @@ def report(results: dict[str, Any]) -> list[str]:
             + ", ".join(f"{m} {v:.2f}x" for m, v in gen["vlp_over_open_clip"].items())
             + f"; greedy tokens equal: {gen['greedy_tokens_equal']}"
         )
+    if "blip" in results:
+        gen = results["blip"]
+        lines.append(
+            f"blip captioning ({gen['images']} images x {gen['new_tokens']} tokens, pixels to tokens): tokens/s "
+            + ", ".join(f"{k} {v:.1f}" for k, v in gen["tokens_per_s"].items())
+            + "; vlp / transformers "
+            + ", ".join(f"{m} {v:.2f}x" for m, v in gen["vlp_over_transformers"].items())
+            + "; vision pass s " + ", ".join(f"{k} {v:.2f}" for k, v in gen["vision_pass_s"].items())
+            + f"; greedy tokens equal: {gen['greedy_tokens_equal']}"
+        )
     if "blip2" in results:
         gen, step = results["blip2"]["generation"], results["blip2"]["stage1_train_step"]
         lines.append(
@@ -188,7 +204,7 @@ def report(results: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="train,embed,memory,coca,blip2,detection")
+    parser.add_argument("--sections", default="train,embed,memory,coca,blip,blip2,detection")
     parser.add_argument("--quick", action="store_true", help="few steps, small batches: checks the harness runs")
     parser.add_argument("--data", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -222,6 +238,8 @@ def main() -> None:
         results["memory"] = memory_section(args.quick)
     if "coca" in sections and device.type == "cpu":
         results["coca"] = coca_section(args.data, args.quick)
+    if "blip" in sections and device.type == "cpu":
+        results["blip"] = blip_section(args.data, args.quick)
     if "blip2" in sections and device.type == "cpu":
         results["blip2"] = blip2_section(args.data, args.quick)
     if "detection" in sections:

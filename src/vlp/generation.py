@@ -32,8 +32,9 @@ class GenerationConfig:
 
 
 # step(inputs, key_mask, cache, state) -> (next-token logits [B, V] of the last input, new cache): inputs are
-# ids [B, t] or embeddings [B, t, D]; key_mask [B, past + t] is 1 at real positions; state holds per-row
-# tensors the step reads (cross-attention keys and values, context masks), reordered with the rows.
+# ids [B, t] or embeddings [B, t, D]; key_mask [B, past + t] is 1 at real positions; state holds tensors
+# the step reads (cross-attention keys and values, context masks): per row, reordered with the rows, or per
+# sample and shared by its consecutive rows (`shared_state`).
 Step = Callable[[torch.Tensor, torch.Tensor, Any, Any], tuple[torch.Tensor, Any]]
 
 
@@ -51,13 +52,17 @@ class StepDecoder:
         pad_token_id: int,
         max_length: int | None,
         state: Any = (),
+        shared_state: bool = False,
         prefix: torch.Tensor | None = None,
         prefix_mask: torch.Tensor | None = None,
     ):
         """start_ids: the ids every sequence starts with ([DEC], or the start-of-text token; none when a
         prefix ends the prompt); prefix [B, P, D] with prefix_mask [B, P]: embeddings fed before them (they
-        take P of max_length)."""
-        self.step, self.state = step, state
+        take P of max_length). shared_state: `state` holds per-sample tensors that all rows of a sample read
+        alike (cross-attention keys and values of an image); while beam search keeps each sample's rows
+        consecutive they are neither copied nor reordered, and `step` gets them with more rows than samples."""
+        self.step, self.state, self.shared_state = step, state, shared_state
+        self.sample_of_row: torch.Tensor | None = None
         self.start_ids = list(start_ids)
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.prefix = prefix
@@ -87,9 +92,28 @@ class StepDecoder:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (repeats allowed), in that order."""
-        self.state, self.cache, self.key_mask, self.prefix, self.prefix_mask = _take_rows(
-            (self.state, self.cache, self.key_mask, self.prefix, self.prefix_mask), index
+        self.cache, self.key_mask, self.prefix, self.prefix_mask = _take_rows(
+            (self.cache, self.key_mask, self.prefix, self.prefix_mask), index
         )
+        if not self.shared_state:
+            self.state = _take_rows(self.state, index)
+            return
+        samples = _first_tensor(self.state).shape[0]
+        first = torch.arange(samples, device=index.device)
+        self.sample_of_row = (first if self.sample_of_row is None else self.sample_of_row)[index]
+        rows = len(index)
+        if rows % samples or not torch.equal(self.sample_of_row, first.repeat_interleave(rows // samples)):
+            # Rows left their sample's group: each row gets its own copy of the state from here on.
+            self.state, self.shared_state = _take_rows(self.state, self.sample_of_row), False
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in nested tuples and lists."""
+    if torch.is_tensor(value):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((found for item in value if (found := _first_tensor(item)) is not None), None)
+    return None
 
 
 def _take_rows(value: Any, index: torch.Tensor) -> Any:

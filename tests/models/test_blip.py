@@ -8,13 +8,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import BLIP_TINY, free_port, tiny_run_overrides
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError
 from vlp.evals.captioning import evaluate_captioning
-from vlp.generation import GenerationConfig
+from vlp.generation import GenerationConfig, generate
 from vlp.losses import lm_loss, sample_negatives
 from vlp.models.blip import Blip, BlipConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
@@ -279,8 +280,6 @@ def test_cached_decoding_equals_the_full_forward():
 
 
 def _caption(model, images, **options):
-    from vlp.generation import GenerationConfig, generate
-
     decoder = model.caption_decoder(model.encode_image_tokens(images)[1])
     prompt = torch.full((len(images), 1), 7, dtype=torch.long)  # a one-token prompt
     return generate(decoder, prompt, GenerationConfig(**options))
@@ -308,6 +307,64 @@ def test_greedy_beam_and_nucleus_decoding():
         assert beams[1:] == _caption(model, images[1:], method="beam", num_beams=3, max_new_tokens=6, min_new_tokens=4)
         samples = [_caption(model, images, method="nucleus", top_p=0.9, seed=s, max_new_tokens=6) for s in range(4)]
         assert len({str(s) for s in samples}) > 1
+
+
+def test_beams_share_each_images_cross_attention_keys_and_values():
+    """Beam search keeps one copy of an image's cross-attention keys and values for all its beams: the
+    captions and logits are those of per-row copies, and a reorder that moves rows across images falls back
+    to per-row copies."""
+    model = tiny_blip()
+    images, _, _ = _inputs(3)
+    cfg = GenerationConfig(method="beam", num_beams=3, max_new_tokens=6, min_new_tokens=4)
+    with torch.no_grad():
+        tokens = model.encode_image_tokens(images)[1]
+        shared = model.caption_decoder(tokens)
+        per_row = model.caption_decoder(tokens)
+        per_row.shared_state = False
+        prompt = torch.full((3, 1), 7, dtype=torch.long)
+        assert generate(shared, prompt, cfg) == generate(per_row, prompt, cfg)
+        assert shared.shared_state and shared.state[0][0][0].shape[0] == 3  # [images, heads, tokens, width]
+        assert per_row.state[0][0][0].shape[0] == 9
+
+        shared, per_row = model.caption_decoder(tokens), model.caption_decoder(tokens)
+        per_row.shared_state = False
+        start = torch.full((3, 2), 5, dtype=torch.long)
+        for decoder in (shared, per_row):
+            decoder(start, torch.ones_like(start))
+            decoder.reorder(torch.tensor([0, 0, 1, 1, 2, 2]))
+        step = torch.full((6, 1), 8, dtype=torch.long)
+        torch.testing.assert_close(shared(step, torch.ones_like(step)), per_row(step, torch.ones_like(step)))
+        for decoder in (shared, per_row):
+            decoder.reorder(torch.tensor([2, 1, 4, 4, 0, 5]))  # rows change images
+        assert not shared.shared_state
+        torch.testing.assert_close(shared(step, torch.ones_like(step)), per_row(step, torch.ones_like(step)))
+
+
+class _ParameterCasts(TorchDispatchMode):
+    """Counts the dtype casts of the given parameters (by storage) that reach the kernels."""
+
+    def __init__(self, parameters):
+        super().__init__()
+        self.pointers, self.casts = {p.data_ptr() for p in parameters}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        casting = func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+        if casting and args[0].data_ptr() in self.pointers:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_captioning_casts_each_weight_once_per_batch_not_once_per_token(trained_blip, shapes_world):
+    """Under bf16 autocast a decoder reads every weight once per token; autocast keeps its bf16 copies for
+    the call only outside inference mode, and re-casting them per token made bf16 decoding slower than
+    fp32 (`make bench`'s blip section measures the speed)."""
+    greedy = GenerationConfig(method="greedy", max_new_tokens=8, min_new_tokens=8)
+    predictor = CaptionPredictor.from_checkpoint(trained_blip, generation=greedy, precision="bf16")
+    images = [str(p) for p in sorted((shapes_world / "images" / "test").iterdir())[:2]]
+    parameters = list(predictor.model.parameters())
+    with _ParameterCasts(parameters) as counter:
+        captions = predictor.caption(images)
+    assert len(captions) == 2 and 0 < counter.casts <= len(parameters)
 
 
 @pytest.mark.parametrize("share", ["all_but_self_attention", "all", "none"])

@@ -79,9 +79,18 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
+        rows, samples, length = q.shape[0], k.shape[0], q.shape[2]
+        if rows != samples:
+            # Keys and values shared by each sample's consecutive rows (beam search's beams over one image's
+            # cross-attention keys and values): one attention per sample, its rows' queries side by side,
+            # so the keys and values are neither copied per row nor read once per row.
+            if rows % samples or is_causal:
+                raise ValueError(f"{rows} query rows cannot share the keys and values of {samples} samples")
+            q = q.unflatten(0, (samples, -1)).transpose(1, 2).flatten(2, 3)  # [S, H, rows/S * t, Dh]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        if rows != samples:
+            out = out.unflatten(2, (-1, length)).transpose(1, 2).flatten(0, 1)  # [rows, H, t, Dh]
+        return self.out_proj(out.transpose(1, 2).reshape(rows, length, -1))
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values [B, H, M, Dh] of a context, computed once for a whole generation."""
@@ -97,8 +106,9 @@ class Attention(nn.Module):
         context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Incremental decoding. Self-attention: x [B, t, D] are the newest positions; their keys and values
-        are appended to `past` and returned as the new cache. Cross-attention: attend to `context_kv`.
-        attn_mask is over the keys ([B or 1, 1, t, past + t])."""
+        are appended to `past` and returned as the new cache. Cross-attention: attend to `context_kv`, which
+        may hold one sample's keys and values for several consecutive rows of x ([S, H, M, Dh], B a multiple
+        of S). attn_mask is over the keys ([B or 1, 1, t, past + t]; [S, 1, 1, M] for shared ones)."""
         if self.is_cross:
             return self._attend(self._heads(self.q_proj(x)), *context_kv, attn_mask=attn_mask), None
         q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))

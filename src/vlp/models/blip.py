@@ -224,7 +224,7 @@ def med_step_decoder(
         return lm_head(states[:, -1]), cache
 
     cfg = decoder.cfg
-    return StepDecoder(step, state=(cross_kv, context_mask), start_ids=[cfg.dec_token_id],
+    return StepDecoder(step, state=(cross_kv, context_mask), shared_state=True, start_ids=[cfg.dec_token_id],
                        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, max_length=cfg.context_length)
 
 

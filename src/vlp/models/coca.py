@@ -228,9 +228,9 @@ class Coca(nn.Module):
             return logits[:, -1], (text_cache, decoder_cache)
 
         cfg = self.cfg
-        return StepDecoder(step, state=self.decoder.context_kv(image_tokens), start_ids=[cfg.bos_token_id],
-                           eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-                           max_length=cfg.text.context_length)
+        return StepDecoder(step, state=self.decoder.context_kv(image_tokens), shared_state=True,
+                           start_ids=[cfg.bos_token_id], eos_token_id=cfg.eos_token_id,
+                           pad_token_id=cfg.pad_token_id, max_length=cfg.text.context_length)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> CocaOutput:
         image_features, image_tokens = self.encode_image_tokens(image)

@@ -107,7 +107,9 @@ class Predictor:
         self.tokenizer = pretrained.tokenizer
         self.batch_size = batch_size
         self.progress = progress
-        # bf16 runs the model under bf16 autocast: about twice as fast on CPUs with bf16 matmuls.
+        # bf16 runs the model under bf16 autocast: about twice as fast on CPUs with bf16 matmuls. Predictors
+        # run under no_grad, not inference_mode: autocast keeps one bf16 copy of each weight per call only
+        # outside inference mode, and without it a decoder re-casts every weight for every token.
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     @classmethod
@@ -138,7 +140,7 @@ class DualEncoderPredictor(Predictor):
     def __init__(self, pretrained: Pretrained, *, batch_size: int = 256, **kwargs):
         super().__init__(pretrained, batch_size=batch_size, **kwargs)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _per_image_batch(
         self, images: Sequence[ImageInput], encode: Callable[[torch.Tensor], torch.Tensor], empty: tuple[int, ...]
     ) -> torch.Tensor:
@@ -171,7 +173,7 @@ class DualEncoderPredictor(Predictor):
         logits = zeroshot_classifier(self.embed_images, self.embed_texts, classnames, templates)
         return lambda images: logits(images).softmax(dim=-1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> [N, E]. Batches are cut from the texts sorted by length: a causal text tower computes
         only up to each batch's longest text, so similar lengths together waste little on padding."""
@@ -203,7 +205,7 @@ class CaptionPredictor(Predictor):
         # The prompt's own tokens: without the start token the decoder replaces, and without end-of-text.
         self.prompt = ids[0, 1 : int(mask.sum()) - 1] if prompt else ids[0, :0]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def caption(self, images: Sequence[ImageInput], *, generation: GenerationConfig | None = None) -> list[str]:
         """Captions of the images, generated as `generation` (default: the predictor's) says."""
         generation = generation or self.generation
@@ -222,7 +224,7 @@ class MatchingPredictor(DualEncoderPredictor):
     abilities = (EmbedsImages, EmbedsTexts, MatchesImageText)
     task = "match images and texts (an image-text matching head re-ranks)"
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def match_probabilities(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
         """p(match) [N] of each aligned pair (images[i], texts[i]) from the ITM head's two-way softmax."""
         if len(images) != len(texts):
@@ -238,7 +240,7 @@ class MatchingPredictor(DualEncoderPredictor):
             out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
         return torch.cat(out) if out else torch.empty(0)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def matcher(
         self, images: Sequence[ImageInput], texts: Sequence[str]
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -251,7 +253,7 @@ class MatchingPredictor(DualEncoderPredictor):
         all_tokens = torch.cat(tokens)
         ids, mask = self.tokenizer(list(texts))
 
-        @torch.inference_mode()
+        @torch.no_grad()
         def match_logits(image_indices: torch.Tensor, text_indices: torch.Tensor) -> torch.Tensor:
             out = []
             for start in batch_starts(len(image_indices), self.batch_size, "re-ranking" if self.progress else None):
@@ -354,7 +356,7 @@ class VqaPredictor(Predictor):
         ranked as `method` says."""
         return self._answer(images, instructions, "{}")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _answer(self, images: Sequence[Any], questions: Sequence[str], template: str | None = None) -> list[str]:
         answers = []
         for pixels, ids, mask, instruction in self._question_batches(images, questions, "answering", template):
@@ -381,7 +383,7 @@ class VqaPredictor(Predictor):
         best = top.gather(1, loglik.argmax(dim=1, keepdim=True)).squeeze(1)
         return [self.answer_list[i] for i in best.tolist()]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score_answers(
         self, images: Sequence[Any], questions: Sequence[str], candidates: Sequence[Sequence[str | Sequence[str]]]
     ) -> list[list[float]]:
@@ -420,7 +422,7 @@ class NlvrPredictor(Predictor):
     abilities = (JudgesImagePairs,)
     task = "judge statements about image pairs"
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def true_probability(
         self, lefts: Sequence[ImageInput], rights: Sequence[ImageInput], sentences: Sequence[str]
     ) -> torch.Tensor:
@@ -474,7 +476,7 @@ class DetectionPredictor(Predictor):
     def __init__(self, pretrained: Pretrained, *, batch_size: int = 8, **kwargs):
         super().__init__(pretrained, batch_size=batch_size, **kwargs)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed_queries(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
         """Texts -> query embeddings [T, Q, E], one row per template."""
         if not texts:
@@ -489,7 +491,7 @@ class DetectionPredictor(Predictor):
         picture = image if isinstance(image, Image.Image) else load_image(Path(image))
         return self.transform(picture), picture.size[0], picture.size[1]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed_image_queries(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
         """Example images, each with the pixel box (x0, y0, x1, y1) of the object it shows -> [N, E]: the
         class embedding of the token that predicts that object (OWL-ViT's one-shot queries)."""
@@ -505,7 +507,7 @@ class DetectionPredictor(Predictor):
             out.append(embedding.float().cpu())
         return torch.cat(out)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def box_scores(
         self, images: Sequence[ImageInput], query_embeddings: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
