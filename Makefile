@@ -58,6 +58,6 @@ interop: $(INTEROP_STAMP)
 clean:
 	rm -rf runs data $(VENV) $(INTEROP)
 
-# vlp beside open_clip and transformers, all on the interop environment's torch; about 30 minutes on 2 cores.
+# vlp beside open_clip and transformers, all on the interop environment's torch; about 35 minutes on 2 cores.
 bench: $(INTEROP_STAMP)
 	$(INTEROP)/bin/python benchmarks/bench.py
