@@ -20,7 +20,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
     fields = {k: getattr(args, k) for k in ("seed", "image_size", "train", "test", "web", "classify", "web_noise",
                                             "web_near_miss", "shards", "shapes", "min_objects", "max_objects",
-                                            "object_scale", "backgrounds", "zeroshot_templates")
+                                            "object_scale", "backgrounds", "zeroshot_templates", "nlvr_per_image")
               if getattr(args, k) is not None}
     manifest = make_shapes_world(args.out, from_dict(ShapesWorldConfig, fields))
     print(f"shapes world written to {args.out}: "
@@ -378,6 +378,8 @@ def _add_data(sub: Subparsers) -> None:
                         help="varied: half the backgrounds dark, tinted, striped or checked (default light)")
     shapes.add_argument("--zeroshot-templates", choices=("seen", "unseen"),
                         help="unseen: zero-shot prompts in wording no training caption uses (default seen)")
+    shapes.add_argument("--nlvr-per-image", type=int,
+                        help="NLVR statements per image of a split, each about a fresh random pair (default 1)")
     shapes.set_defaults(func=_cmd_data_shapes)
     suite = data.add_parser("instructions", help="the shapes world as an instruction task suite (InstructBLIP)")
     suite.add_argument("--world", required=True, help="a shapes world folder (vlp data shapes)")

@@ -130,6 +130,17 @@ def test_near_miss_web_captions_name_a_colour_or_shape_the_image_lacks(tmp_path)
         assert new_word not in present
 
 
+def test_more_nlvr_statements_per_image_extend_the_default_ones(tmp_path):
+    small = {"seed": 3, "image_size": 32, "train": 40, "test": 10, "web": 5, "classify": 30, "shards": 1}
+    make_shapes_world(tmp_path / "one", ShapesWorldConfig(**small))
+    make_shapes_world(tmp_path / "four", ShapesWorldConfig(**small, nlvr_per_image=4))
+    one, four = (json.loads((tmp_path / w / "nlvr_train.json").read_text()) for w in ("one", "four"))
+    assert len(one) == 40 and len(four) == 160 and four[:40] == one
+    assert sum(p["label"] for p in four) == 80  # half true
+    assert len({(*p["images"], p["sentence"]) for p in four}) > 150
+    assert (tmp_path / "one" / "train.csv").read_bytes() == (tmp_path / "four" / "train.csv").read_bytes()
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"shapes": ["circle", "blob"]}, "shapes"),
     ({"shapes": ["circle"]}, "two or more"),

@@ -359,6 +359,7 @@ class ShapesWorldConfig:
     object_scale: PositiveFloat = 1.0  # object radii as a multiple of 0.14 / 0.22 of the image side
     backgrounds: Literal["light", "varied"] = "light"  # varied: half of them dark, tinted, striped or checked
     zeroshot_templates: Literal["seen", "unseen"] = "seen"  # unseen: prompts in words no caption uses
+    nlvr_per_image: PositiveInt = 1  # NLVR statements per image of a split, each about a fresh random pair
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.shapes) - set(SHAPE_CATALOG))
@@ -465,7 +466,7 @@ def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
         if split != "web":
             # Its own random stream, so that adding it left every other file of a seed as it was.
             _write_nlvr(out / f"nlvr_{split}.json", scenes, images, random.Random(f"{cfg.seed}-nlvr-{split}"),
-                        shapes)
+                        shapes, cfg.nlvr_per_image)
         manifest[split] = {"images": count, "captions": len(captions), "objects": len(instances),
                            "questions": len(questions)}
     _write_refcoco(out / "refcoco", referring, categories)
@@ -498,11 +499,11 @@ def _pair_statements(left: Scene, right: Scene, shapes: tuple[str, ...]) -> list
 
 
 def _write_nlvr(path: Path, scenes: list[Scene], images: list[dict], rng: random.Random,
-                shapes: tuple[str, ...]) -> None:
-    """Statements about pairs of images with true / false labels, half of each, in BLIP's NLVR2 layout:
-    a JSON list of {images: [left, right], sentence, label}."""
+                shapes: tuple[str, ...], per_image: int) -> None:
+    """`per_image` statements per scene about random pairs of images with true / false labels, half of each,
+    in BLIP's NLVR2 layout: a JSON list of {images: [left, right], sentence, label}."""
     pairs = []
-    for index in range(len(scenes)):
+    for index in range(len(scenes) * per_image):
         left, right = rng.randrange(len(scenes)), rng.randrange(len(scenes))
         want = index % 2 == 0
         options = [s for s, truth in _pair_statements(scenes[left], scenes[right], shapes) if truth == want]
