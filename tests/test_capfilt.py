@@ -17,7 +17,10 @@ from vlp.config import apply_overrides
 from vlp.data.sources import DataError
 
 SETTINGS = {"steps": 100, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "precision": "fp32",
-            "num_workers": 0, "chunk_size": 40, "save_every": 50}  # fmt: skip
+            "num_workers": 0, "chunk_size": 40, "save_every": 50,
+            # 100 steps of BLIP's hard negatives turn a model this small towards "no match" for every pair
+            # (it flagged 88 of 100 captions, 37 of them noisy), as in pre-training (see `trained_blip`).
+            "hard_negatives": False}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

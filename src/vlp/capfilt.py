@@ -54,6 +54,8 @@ class CapFiltConfig:
     repetition_penalty: PositiveFloat = 1.0
     # Filtering: keep a caption when the ITM head's p(match) reaches this (0.5 = its argmax says "match").
     threshold: Fraction = 0.5
+    # The filter's ITM negatives: BLIP's hard ones (drawn by ITC similarity), or uniform ones (its ablation).
+    hard_negatives: bool = True
     chunk_size: PositiveInt = 256  # web images per resumable unit of work
     batch_size_inference: PositiveInt = 64
     seed: NonNegativeInt = 0
@@ -81,7 +83,7 @@ def finetune(role: Literal["captioner", "filter"], model: Path, human: str, out:
         log.info("%s: already fine-tuned (%s), skipped", role, done)
         return done
     folder = resolve_checkpoint(model)
-    objective = {"itc_weight": 0.0, "itm_weight": 0.0} if role == "captioner" else {"lm_weight": 0.0}
+    objective = {"itc_weight": 0.0, "itm_weight": 0.0} if role == "captioner" else {"lm_weight": 0.0, "hard_negatives": cfg.hard_negatives}
     run = {
         "model": json.loads((folder / ARCH_FILE).read_text()),
         "objective": objective,

@@ -172,34 +172,52 @@ def max_query_contrastive_loss(
 
 def sample_negatives(
     similarity: torch.Tensor, offset: int, hard: bool, generator: torch.Generator | None = None, *,
-    floor: float = 1e-4,
+    floor: float = 1e-4, exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One column per row of `similarity` [b, B], never row i's positive column offset + i: drawn with
-    probability softmax(similarity) + floor (hard) or uniformly. BLIP's floor of 1e-4 makes no column
-    impossible; BLIP-2 samples from the softmax alone (floor 0)."""
+    """One column per row of `similarity` [b, B] (logits: similarity / temperature), never row i's
+    positive column offset + i nor a column `exclude` [b, B] marks: drawn with probability
+    softmax(similarity) + floor (hard) or uniformly. BLIP's floor of 1e-4 makes no column impossible;
+    BLIP-2 samples from the softmax alone (floor 0). A row whose every other column is excluded draws
+    among them all: such a batch has no true negative left to give it."""
     rows = torch.arange(similarity.shape[0], device=similarity.device)
     weights = similarity.float().softmax(dim=1) + floor if hard else torch.ones_like(similarity, dtype=torch.float)
-    weights[rows, rows + offset] = 0
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    allowed = torch.ones_like(weights, dtype=torch.bool)
+    allowed[rows, rows + offset] = False
+    if exclude is not None:
+        kept = allowed & ~exclude
+        allowed = torch.where(kept.any(dim=1, keepdim=True), kept, allowed)
+    return torch.multinomial(weights * allowed, 1, generator=generator).squeeze(1)
+
+
+def identical_texts(text: torch.Tensor, all_text: torch.Tensor) -> torch.Tensor:
+    """[b, B]: whether local text i has the same token ids as global text j. Such a pair is no negative
+    (an image whose caption reads the same matches the text), which BLIP's retrieval fine-tuning and
+    BLIP-2 rule out by image id; captions repeat often on small or templated data."""
+    return (text[:, None, :] == all_text[None, :, :]).all(dim=2)
 
 
 @torch.no_grad()
 def itm_negatives(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
+    temperature: torch.Tensor,
+    text: torch.Tensor,
     *,
     hard: bool,
     sizes: list[int] | None = None,
     group: Group = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP's ITM negatives among the global batch: for every text an image, for every image a text,
-    drawn by ITC similarity (hard) or uniformly, never the positive. Returns global row indices
-    (negative images [b], negative texts [b]). `sizes` as for `momentum_distilled_contrastive_loss`."""
+    drawn by softmax(ITC similarity / temperature) as BLIP samples them (hard) or uniformly, never the
+    positive nor a pair whose texts [b, L] are identical. Returns global row indices (negative images
+    [b], negative texts [b]). `sizes` as for `momentum_distilled_contrastive_loss`."""
     sizes = sizes or local_sizes(image_features.shape[0], image_features.device, group)
     offset = sum(sizes[: rank(group)])
-    image_to_text = image_features @ all_gather_with_grad(text_features.detach(), sizes, group).T
-    text_to_image = text_features @ all_gather_with_grad(image_features.detach(), sizes, group).T
-    return sample_negatives(text_to_image, offset, hard), sample_negatives(image_to_text, offset, hard)
+    image_to_text = image_features @ all_gather_with_grad(text_features.detach(), sizes, group).T / temperature
+    text_to_image = text_features @ all_gather_with_grad(image_features.detach(), sizes, group).T / temperature
+    same = identical_texts(text, all_gather_with_grad(text, sizes, group))
+    return (sample_negatives(text_to_image, offset, hard, exclude=same),
+            sample_negatives(image_to_text, offset, hard, exclude=same))
 
 
 def classification_loss(

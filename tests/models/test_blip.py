@@ -16,7 +16,7 @@ from vlp.cli import main
 from vlp.config import ConfigError
 from vlp.evals.captioning import evaluate_captioning
 from vlp.generation import GenerationConfig, generate
-from vlp.losses import lm_loss, sample_negatives
+from vlp.losses import itm_negatives, lm_loss, sample_negatives
 from vlp.models.blip import Blip, BlipConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor
@@ -106,6 +106,31 @@ def test_negatives_are_never_the_positive_and_follow_similarity():
         uniform = torch.stack([sample_negatives(similarity, offset, False, g) for _ in range(400)])
         assert not (uniform == positives).any()
         assert (uniform == 7).float().mean() < 0.3
+
+
+def test_excluded_negatives_are_never_drawn_unless_nothing_else_is_left():
+    g = torch.Generator().manual_seed(0)
+    similarity = torch.zeros(3, 4)
+    exclude = torch.tensor([[False, True, True, False], [True, False, True, True], [True, True, True, True]])
+    picks = torch.stack([sample_negatives(similarity, 0, True, g, exclude=exclude) for _ in range(200)])
+    assert (picks[:, 0] == 3).all()  # columns 1 and 2 excluded, 0 is the positive
+    assert set(picks[:, 1].tolist()) == {0, 2, 3}  # every other column excluded: any but the positive
+    assert not (picks[:, 2] == 2).any()
+
+
+def test_itm_negatives_follow_the_itc_softmax_at_its_temperature_and_skip_identical_captions():
+    torch.manual_seed(0)
+    text = torch.tensor([[5, 6, 0], [5, 7, 0], [5, 6, 0], [5, 8, 9]])  # texts 0 and 2 read the same
+    features = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    # At temperature 0.1, cosines 0.8 and 0 are logits 8 and 0: image 1 outweighs image 3 by e^8 (BLIP's
+    # 1e-4 floor aside), where the raw cosines would make the draw near uniform. Text 0's closest image
+    # is image 2, whose caption is the same text: its hard negative must be image 1.
+    draws = [itm_negatives(features, features, torch.tensor(0.1), text, hard=True, sizes=[4]) for _ in range(200)]
+    images = torch.stack([d[0] for d in draws])
+    texts = torch.stack([d[1] for d in draws])
+    assert not ((images[:, [0, 2]] == torch.tensor([2, 0])).any() or (texts[:, [0, 2]] == torch.tensor([2, 0])).any())
+    assert (images[:, 0] == 1).float().mean() > 0.9 and (texts[:, 0] == 1).float().mean() > 0.9
+    assert (images[:, 3] == 1).float().mean() > 0.9  # cos 0.6 against 0: the nearer one
 
 
 def test_lm_loss_ignores_padding_and_the_prompt():
@@ -225,8 +250,9 @@ def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, trained_bl
     first, last = records[0], records[-1]
     assert last["lm_loss"] < 0.6 * first["lm_loss"]
     assert last["itc_loss"] < 0.8 * first["itc_loss"]
-    # Two of every three ITM pairs are (hard) negatives: 0.67 is what a head that always says "no" gets;
-    # it stays there for ~100 steps, then climbs (0.88 at 400 steps, 0.91 at 600 when measured).
+    # Two of every three ITM pairs are negatives (uniform ones here, see `trained_blip`): 0.67 is what a
+    # head that always says "no" gets; it stays there for ~100 steps, then climbs (0.88 at 400 steps when
+    # measured).
     assert last["itm_accuracy"] > 0.8, [r["itm_accuracy"] for r in records]
 
     # Captions of held-out test images, against their 5 references each (CIDEr 1.48 trained, 0.01 untrained

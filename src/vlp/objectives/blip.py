@@ -1,8 +1,9 @@
 """BLIP's pre-training objective: ITC + ITM with hard negatives + LM, from one image pass.
 
 ITM negatives: for every text one image, and for every image one text, drawn with probability
-softmax(ITC similarity) over the batch (gathered from every process when distributed), never the
-positive itself; `hard_negatives: false` draws them uniformly instead (the paper's ablation).
+softmax(ITC similarity / temperature) over the batch (gathered from every process when distributed),
+never the positive itself nor a text that reads the same as it; `hard_negatives: false` draws them
+uniformly instead (the paper's ablation).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class BlipObjective(Objective):
         """ITM loss and accuracy over the positives and one hard negative per text and per image; every
         process picks its negatives among the whole global batch."""
         negative_images, negative_texts = itm_negatives(
-            out.image_features, out.text_features, hard=self.cfg.hard_negatives, sizes=sizes
+            out.image_features, out.text_features, out.temperature.detach(), text, hard=self.cfg.hard_negatives,
+            sizes=sizes,
         )
         pairs = itm_pairs(text, mask, out.image_tokens, negative_images, negative_texts, sizes)
         return itm_loss(blip.itm_logits(*pairs), positives=text.shape[0])
