@@ -83,7 +83,10 @@ def finetune(role: Literal["captioner", "filter"], model: Path, human: str, out:
         log.info("%s: already fine-tuned (%s), skipped", role, done)
         return done
     folder = resolve_checkpoint(model)
-    objective = {"itc_weight": 0.0, "itm_weight": 0.0} if role == "captioner" else {"lm_weight": 0.0, "hard_negatives": cfg.hard_negatives}
+    if role == "captioner":
+        objective = {"itc_weight": 0.0, "itm_weight": 0.0}
+    else:
+        objective = {"lm_weight": 0.0, "hard_negatives": cfg.hard_negatives}
     run = {
         "model": json.loads((folder / ARCH_FILE).read_text()),
         "objective": objective,

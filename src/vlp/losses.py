@@ -201,23 +201,22 @@ def itm_negatives(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     temperature: torch.Tensor,
-    text: torch.Tensor,
     *,
     hard: bool,
+    exclude: torch.Tensor | None = None,
     sizes: list[int] | None = None,
     group: Group = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP's ITM negatives among the global batch: for every text an image, for every image a text,
     drawn by softmax(ITC similarity / temperature) as BLIP samples them (hard) or uniformly, never the
-    positive nor a pair whose texts [b, L] are identical. Returns global row indices (negative images
-    [b], negative texts [b]). `sizes` as for `momentum_distilled_contrastive_loss`."""
+    positive nor a pair `exclude` [b, B] marks (`identical_texts`). Returns global row indices (negative
+    images [b], negative texts [b]). `sizes` as for `momentum_distilled_contrastive_loss`."""
     sizes = sizes or local_sizes(image_features.shape[0], image_features.device, group)
     offset = sum(sizes[: rank(group)])
     image_to_text = image_features @ all_gather_with_grad(text_features.detach(), sizes, group).T / temperature
     text_to_image = text_features @ all_gather_with_grad(image_features.detach(), sizes, group).T / temperature
-    same = identical_texts(text, all_gather_with_grad(text, sizes, group))
-    return (sample_negatives(text_to_image, offset, hard, exclude=same),
-            sample_negatives(image_to_text, offset, hard, exclude=same))
+    return (sample_negatives(text_to_image, offset, hard, exclude=exclude),
+            sample_negatives(image_to_text, offset, hard, exclude=exclude))
 
 
 def classification_loss(

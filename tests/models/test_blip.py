@@ -16,7 +16,7 @@ from vlp.cli import main
 from vlp.config import ConfigError
 from vlp.evals.captioning import evaluate_captioning
 from vlp.generation import GenerationConfig, generate
-from vlp.losses import itm_negatives, lm_loss, sample_negatives
+from vlp.losses import identical_texts, itm_negatives, lm_loss, sample_negatives
 from vlp.models.blip import Blip, BlipConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor
@@ -125,7 +125,8 @@ def test_itm_negatives_follow_the_itc_softmax_at_its_temperature_and_skip_identi
     # At temperature 0.1, cosines 0.8 and 0 are logits 8 and 0: image 1 outweighs image 3 by e^8 (BLIP's
     # 1e-4 floor aside), where the raw cosines would make the draw near uniform. Text 0's closest image
     # is image 2, whose caption is the same text: its hard negative must be image 1.
-    draws = [itm_negatives(features, features, torch.tensor(0.1), text, hard=True, sizes=[4]) for _ in range(200)]
+    same = identical_texts(text, text)
+    draws = [itm_negatives(features, features, torch.tensor(0.1), hard=True, exclude=same, sizes=[4]) for _ in range(200)]
     images = torch.stack([d[0] for d in draws])
     texts = torch.stack([d[1] for d in draws])
     assert not ((images[:, [0, 2]] == torch.tensor([2, 0])).any() or (texts[:, [0, 2]] == torch.tensor([2, 0])).any())

@@ -20,6 +20,7 @@ from vlp.distributed import all_gather_with_grad, all_reduce_max, local_sizes, u
 from vlp.losses import (
     classification_loss,
     contrastive_loss,
+    identical_texts,
     itm_loss,
     itm_negatives,
     lm_loss,
@@ -52,16 +53,20 @@ def trim_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return text[:, :length], mask[:, :length]
 
 
+def gather_texts(text: torch.Tensor, mask: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's text ids and masks, gathered once per step for ITM's negatives and pairs."""
+    with torch.no_grad():
+        return all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
+
+
 def itm_pairs(
-    text: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor, negative_images: torch.Tensor,
-    negative_texts: torch.Tensor, sizes: list[int],
+    text: torch.Tensor, mask: torch.Tensor, all_text: torch.Tensor, all_mask: torch.Tensor,
+    image_tokens: torch.Tensor, negative_images: torch.Tensor, negative_texts: torch.Tensor, sizes: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ITM batch of BLIP and BLIP-2: texts [pos, pos, neg] with images [pos, neg, pos], the negatives
-    global row indices into the whole batch. Image tokens are gathered with their gradient (what produced
-    them trains on the negatives too); texts are ids."""
+    global row indices into the whole batch (`all_text`, `all_mask` from `gather_texts`). Image tokens
+    are gathered with their gradient (what produced them trains on the negatives too)."""
     all_tokens = all_gather_with_grad(image_tokens, sizes)
-    with torch.no_grad():
-        all_text, all_mask = all_gather_with_grad(text, sizes), all_gather_with_grad(mask, sizes)
     return (torch.cat([text, text, all_text[negative_texts]]), torch.cat([mask, mask, all_mask[negative_texts]]),
             torch.cat([image_tokens, all_tokens[negative_images], image_tokens]))
 
@@ -106,11 +111,12 @@ class BlipObjective(Objective):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM loss and accuracy over the positives and one hard negative per text and per image; every
         process picks its negatives among the whole global batch."""
+        all_text, all_mask = gather_texts(text, mask, sizes)
         negative_images, negative_texts = itm_negatives(
-            out.image_features, out.text_features, out.temperature.detach(), text, hard=self.cfg.hard_negatives,
-            sizes=sizes,
+            out.image_features, out.text_features, out.temperature, hard=self.cfg.hard_negatives,
+            exclude=identical_texts(text, all_text), sizes=sizes,
         )
-        pairs = itm_pairs(text, mask, out.image_tokens, negative_images, negative_texts, sizes)
+        pairs = itm_pairs(text, mask, all_text, all_mask, out.image_tokens, negative_images, negative_texts, sizes)
         return itm_loss(blip.itm_logits(*pairs), positives=text.shape[0])
 
     def _distilled_itc(

@@ -4,7 +4,8 @@ Stage 1 (`Blip2QformerObjective`): ITC + ITM + ITG, equal weights, over a frozen
 - ITC: per-query image features against the global batch's texts, the best query's similarity over a
   learned temperature, label smoothing 0.1.
 - ITM: for every text one image and for every image one text, drawn from the ITC softmax over the global
-  batch, never the positive nor a text that reads the same; pairs [pos, pos, neg] x [pos, neg, pos]; the head averaged over queries.
+  batch, never the positive nor a text that reads the same; pairs [pos, pos, neg] x [pos, neg, pos]; the
+  head averaged over queries.
 - ITG: text after [DEC], seeing the queries through their cached keys and values, label smoothing 0.1.
 
 Stage 2 (`Blip2Objective`): the frozen language model's next-token loss on the caption after the soft
@@ -21,10 +22,10 @@ import torch
 from torch import nn
 
 from vlp.config import Fraction, NonNegativeFloat, NonNegativeInt
-from vlp.distributed import all_gather_with_grad, local_sizes, rank, unwrap
+from vlp.distributed import local_sizes, rank, unwrap
 from vlp.losses import identical_texts, itm_loss, lm_loss, max_query_contrastive_loss, sample_negatives
 from vlp.objectives import Objective
-from vlp.objectives.blip import itm_pairs, trim_padding
+from vlp.objectives.blip import gather_texts, itm_pairs, trim_padding
 
 log = logging.getLogger("vlp.train")
 
@@ -66,12 +67,12 @@ class Blip2QformerObjective(FrozenPartsObjective):
             values["itc_loss"] = self.cfg.itc_weight * itc
         if self.cfg.itm_weight:
             offset = sum(sizes[: rank()])
-            with torch.no_grad():
-                same = identical_texts(text, all_gather_with_grad(text, sizes))
+            all_text, all_mask = gather_texts(text, mask, sizes)
+            same = identical_texts(text, all_text)
             negative_images = sample_negatives(text_to_image, offset, self.cfg.hard_negatives, floor=0.0, exclude=same)
             negative_texts = sample_negatives(image_to_text, offset, self.cfg.hard_negatives, floor=0.0, exclude=same)
             # ln_vision's output is gathered with its gradient: ln_vision trains on the negatives too.
-            pairs = itm_pairs(text, mask, out.image_tokens, negative_images, negative_texts, sizes)
+            pairs = itm_pairs(text, mask, all_text, all_mask, out.image_tokens, negative_images, negative_texts, sizes)
             itm, accuracy = itm_loss(model.itm_logits(*pairs), positives=text.shape[0])
             values["itm_loss"], values["itm_accuracy"] = self.cfg.itm_weight * itm, accuracy
         if self.cfg.itg_weight:
