@@ -13,9 +13,12 @@ for the same number of steps on:
 
 The captioner and filter are fine-tuned by `vlp capfilt` from the first row's model. Each model is
 scored on the test split: zero-shot retrieval R@1 both ways and greedy-captioning CIDEr. The filter's
-precision and recall at flagging the noisy web captions come from `web_truth.json`.
+precision and recall at flagging the noisy web captions come from `web_truth.json`. Each seed re-runs every
+row (pre-training init and data order, both fine-tunes, nucleus sampling) on the same world; the table
+gives each cell's mean and range over seeds. Runs on disk are reused, a killed one resumed.
 
-    .venv/bin/python benchmarks/blip_table1.py --out runs/blip-table1   (~40 min on 2 CPU cores)
+    .venv/bin/python benchmarks/blip_table1.py --out runs/blip-table1 --seeds 0 1 2
+        (~25 min per seed on 2 CPU cores; --filter-negatives hard trains the filter as BLIP does)
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import argparse
 import csv
 import json
 import logging
+import re
+import statistics
 from pathlib import Path
 
 from vlp.capfilt import CapFiltConfig, run_capfilt
+from vlp.checkpoint import STATE_FILE, list_checkpoints
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval
@@ -36,10 +42,18 @@ from vlp.train.loop import load_run_config, train
 
 log = logging.getLogger("blip_table1")
 
-MODEL = [
-    "model.family=blip",
-    "model.embed_dim=64",
-    "model.vision={kind: convnet, image_size: 32, channels: [16, 32, 64, 64]}",
+
+def model_overrides(image_size: int) -> list[str]:
+    return [
+        "model.family=blip",
+        "model.embed_dim=64",
+        f"model.vision={{kind: convnet, image_size: {image_size}, channels: [16, 32, 64, 64]}}",
+        f"image.size={image_size}",
+        *TEXT_AND_TRAINING,
+    ]
+
+
+TEXT_AND_TRAINING = [
     (
         "model.text={vocab_size: 512, context_length: 24, width: 64, layers: 2, heads: 2, pad_token_id: 0, "
         "eos_token_id: 3, enc_token_id: 4, dec_token_id: 5}"
@@ -52,7 +66,6 @@ MODEL = [
     "tokenizer.bos_token='[CLS]'",
     "tokenizer.eos_token='[SEP]'",
     "tokenizer.extra_tokens=['[ENC]', '[DEC]']",
-    "image.size=32",
     "data.num_workers=2",
     "train.batch_size=64",
     "train.lr=2e-3",
@@ -77,6 +90,41 @@ def _pairs(path: Path) -> list[tuple[str, str]]:
         return [(str((path.parent / r["filepath"]).resolve()), r["title"]) for r in csv.DictReader(f)]
 
 
+def synthetic_accuracy(records: list[dict], world: Path, threshold: float) -> dict[str, dict[str, float]]:
+    """How many synthetic captions are true of their image: every '[size] colour shape' a caption names is
+    an object of the scene (instances_web.json); one that names none is 'vague'. For all synthetic
+    captions, those the filter kept and those it removed."""
+    manifest = json.loads((world / "manifest.json").read_text())
+    mention = re.compile(rf"(?:(small|large) )?({'|'.join(manifest['colors'])}) ({'|'.join(manifest['shapes'])})")
+    instances = json.loads((world / "instances_web.json").read_text())
+    paths = {im["id"]: str((world / im["file_name"]).resolve()) for im in instances["images"]}
+    objects: dict[str, list[tuple[str, str, str]]] = {}
+    for a in instances["annotations"]:
+        objects.setdefault(paths[a["image_id"]], []).append((a["size"], a["color"], a["name"].split()[-1]))
+
+    def verdict(caption: str, image: str) -> str:
+        named = mention.findall(caption)
+        if not named:
+            return "vague"
+        present = objects.get(str(Path(image).resolve()), [])
+        true = all(
+            any(c == color and s == shape and size in ("", z) for z, c, s in present) for size, color, shape in named
+        )
+        return "true" if true else "false"
+
+    synthetic = [r for r in records if r["source"] == "synthetic"]
+    groups = {
+        "all": synthetic,
+        "kept": [r for r in synthetic if r["itm_score"] >= threshold],
+        "removed": [r for r in synthetic if r["itm_score"] < threshold],
+    }
+    result = {}
+    for name, group in groups.items():
+        verdicts = [verdict(r["caption"], r["image"]) for r in group]
+        result[name] = {k: verdicts.count(k) / max(len(verdicts), 1) for k in ("true", "false", "vague")}
+    return result
+
+
 def _score(run: Path, world: Path) -> dict[str, float]:
     test = world / "captions_test.json"
     retrieval = evaluate_retrieval(DualEncoderPredictor.from_checkpoint(run), test)["metrics"]
@@ -92,35 +140,39 @@ def _score(run: Path, world: Path) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="runs/blip-table1")
-    parser.add_argument("--steps", type=int, default=2000, help="pre-training steps of every row")
-    parser.add_argument("--capfilt-steps", type=int, default=300)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(args.out)
-    world = out / "shapes"
-    if not (world / "manifest.json").is_file():
-        make_shapes_world(world, ShapesWorldConfig(seed=0, train=1000, test=500, web=3000, classify=10))
+ROWS = ("web", "web, random ITM negatives", "C", "F", "C+F")
+
+
+def run_seed(out: Path, world: Path, seed: int, args: argparse.Namespace) -> dict[str, object]:
+    """Every row of the table for one seed (pre-training init and data order, the fine-tunes, nucleus
+    sampling); the world is the same for every seed. Runs already on disk are reused."""
+    out.mkdir(parents=True, exist_ok=True)
     human = _pairs(world / "train.csv")
     web = _pairs(world / "web.csv")
     human_csv = _write_csv(out / "human.csv", human)
 
     def pretrain(name: str, rows: list[tuple[str, str]], *extra: str) -> Path:
         data = _write_csv(out / f"{name}.csv", rows)
-        cfg = load_run_config(None, [*MODEL, f"data.train={data}", f"train.steps={args.steps}", *extra])
+        overrides = [
+            *model_overrides(args.image_size),
+            f"data.train={data}",
+            f"train.steps={args.steps}",
+            f"train.seed={seed}",
+            *extra,
+        ]
         run = out / "runs" / name
-        if not (run / "checkpoints").is_dir():
-            train(cfg, run)
+        saved = list_checkpoints(run)
+        if not saved or json.loads((saved[-1] / STATE_FILE).read_text())["step"] < args.steps:
+            train(load_run_config(None, overrides), run, resume="latest")  # a killed run goes on
         return run
 
-    rows: dict[str, Path] = {"web": pretrain("web", human + web)}
-    rows["web, random ITM negatives"] = pretrain("web_random", human + web, "objective.hard_negatives=false")
-
+    runs: dict[str, Path] = {"web": pretrain("web", human + web)}
+    if "web, random ITM negatives" in args.rows:
+        runs["web, random ITM negatives"] = pretrain("web_random", human + web, "objective.hard_negatives=false")
     capfilt = CapFiltConfig(steps=args.capfilt_steps, batch_size=64, lr=3e-4, warmup_steps=20, precision="fp32",
-                            chunk_size=500)  # fmt: skip
-    summary = run_capfilt(rows["web"], human_csv, str(world / "web.csv"), out / "capfilt", capfilt,
+                            chunk_size=500, seed=seed, hard_negatives=args.filter_negatives == "hard",
+                            threshold=args.threshold)  # fmt: skip
+    summary = run_capfilt(runs["web"], human_csv, str(world / "web.csv"), out / "capfilt", capfilt,
                           truth=str(world / "web_truth.json"))  # fmt: skip
     scored = [
         json.loads(line)
@@ -128,25 +180,82 @@ def main() -> None:
         for line in path.read_text().splitlines()
     ]
     kept = [(r["image"], r["caption"]) for r in scored if r["itm_score"] >= capfilt.threshold]
-    web_kept = [(r["image"], r["caption"]) for r in scored if r["source"] == "web" and r["itm_score"] >= 0.5]
+    web_kept = [
+        (r["image"], r["caption"]) for r in scored if r["source"] == "web" and r["itm_score"] >= capfilt.threshold
+    ]
     synthetic = [(r["image"], r["caption"]) for r in scored if r["source"] == "synthetic"]
-    rows["C"] = pretrain("captioner_only", human + web + synthetic)
-    rows["F"] = pretrain("filter_only", human + web_kept)
-    rows["C+F"] = pretrain("capfilt", human + kept)
+    builders = {
+        "C": lambda: pretrain("captioner_only", human + web + synthetic),
+        "F": lambda: pretrain("filter_only", human + web_kept),
+        "C+F": lambda: pretrain("capfilt", human + kept),
+    }
+    runs.update({name: build() for name, build in builders.items() if name in args.rows})
+    scores = {}
+    for name, run in runs.items():
+        if name in args.rows:
+            scores[name] = _score(run, world)
+            log.info("seed %d, %s: %s", seed, name, scores[name])
+    captions = synthetic_accuracy(scored, world, capfilt.threshold)
+    log.info("seed %d, synthetic captions true of their image: %s", seed, captions)
+    return {
+        "capfilt": {k: summary[k] for k in ("web", "synthetic", "filter_quality")},
+        "synthetic_true": captions,
+        "rows": scores,
+    }
 
-    results = {"steps": args.steps, "capfilt": summary, "rows": {}}
-    for name, run in rows.items():
-        results["rows"][name] = _score(run, world)
-        log.info("%s: %s", name, results["rows"][name])
-    (out / "table1.json").write_text(json.dumps(results, indent=1))
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table(per_seed: dict[str, dict]) -> str:
+    """Markdown: one row per pre-training data, each cell the mean (min-max) over seeds."""
+    seeds = list(per_seed.values())
     lines = ["| pre-training data | T→I R@1 | I→T R@1 | BLEU-4 | CIDEr |", "|---|---|---|---|---|"]
-    for name, m in results["rows"].items():
-        lines.append(
-            f"| {name} | {m['text_to_image_r1']:.3f} | {m['image_to_text_r1']:.3f} | {m['bleu4']:.3f} | "
-            f"{m['cider']:.3f} |"
-        )
-    print("\n".join(lines))
-    print(json.dumps({k: summary[k] for k in ("web", "synthetic", "filter_quality")}, indent=1))
+    for name in seeds[0]["rows"]:
+        cells = [
+            _spread([s["rows"][name][k] for s in seeds])
+            for k in ("text_to_image_r1", "image_to_text_r1", "bleu4", "cider")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    quality = [s["capfilt"]["filter_quality"] for s in seeds]
+    lines.append("")
+    lines.append(
+        f"filter precision {_spread([q['precision'] for q in quality])}, recall {_spread([q['recall'] for q in quality])}, "
+        f"synthetic removed {_spread([s['capfilt']['synthetic']['removed_share'] for s in seeds])}, "
+        f"synthetic captions true of their image: kept {_spread([s['synthetic_true']['kept']['true'] for s in seeds])}, "
+        f"removed {_spread([s['synthetic_true']['removed']['true'] for s in seeds])}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/blip-table1")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=2000, help="pre-training steps of every row")
+    parser.add_argument("--capfilt-steps", type=int, default=300, help="fine-tuning steps of captioner and filter")
+    # Uniform: on this world BLIP's similarity-drawn negatives are often true of the text (captions name
+    # some of a scene's objects), and a filter this small trained on them flags most captions (README).
+    parser.add_argument("--filter-negatives", choices=("hard", "uniform"), default="uniform",
+                        help="the filter's ITM negatives while it is fine-tuned")  # fmt: skip
+    parser.add_argument("--threshold", type=float, default=0.5, help="the filter's p(match) to keep a caption")
+    parser.add_argument("--image-size", type=int, default=32, help="pixels the tiny BLIPs see")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("results-blip-table1.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    world = out / "shapes"
+    if not (world / "manifest.json").is_file():
+        make_shapes_world(world, ShapesWorldConfig(seed=0, train=1000, test=500, web=3000, classify=10))
+    per_seed = {f"seed{seed}": run_seed(out / f"seed{seed}", world, seed, args) for seed in args.seeds}
+    settings = {k: getattr(args, k) for k in ("steps", "capfilt_steps", "filter_negatives", "threshold", "image_size")}
+    args.results.write_text(json.dumps({"settings": settings, "seeds": per_seed}, indent=1))
+    print(table(per_seed))
 
 
 if __name__ == "__main__":
