@@ -32,7 +32,6 @@ import statistics
 from pathlib import Path
 
 from vlp.capfilt import CapFiltConfig, run_capfilt
-from vlp.checkpoint import STATE_FILE, list_checkpoints
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval
@@ -161,9 +160,7 @@ def run_seed(out: Path, world: Path, seed: int, args: argparse.Namespace) -> dic
             *extra,
         ]
         run = out / "runs" / name
-        saved = list_checkpoints(run)
-        if not saved or json.loads((saved[-1] / STATE_FILE).read_text())["step"] < args.steps:
-            train(load_run_config(None, overrides), run, resume="latest")  # a killed run goes on
+        train(load_run_config(None, overrides), run, resume="latest")  # a finished run is reused, a killed one goes on
         return run
 
     runs: dict[str, Path] = {"web": pretrain("web", human + web)}
@@ -184,12 +181,12 @@ def run_seed(out: Path, world: Path, seed: int, args: argparse.Namespace) -> dic
         (r["image"], r["caption"]) for r in scored if r["source"] == "web" and r["itm_score"] >= capfilt.threshold
     ]
     synthetic = [(r["image"], r["caption"]) for r in scored if r["source"] == "synthetic"]
-    builders = {
-        "C": lambda: pretrain("captioner_only", human + web + synthetic),
-        "F": lambda: pretrain("filter_only", human + web_kept),
-        "C+F": lambda: pretrain("capfilt", human + kept),
-    }
-    runs.update({name: build() for name, build in builders.items() if name in args.rows})
+    if "C" in args.rows:
+        runs["C"] = pretrain("captioner_only", human + web + synthetic)
+    if "F" in args.rows:
+        runs["F"] = pretrain("filter_only", human + web_kept)
+    if "C+F" in args.rows:
+        runs["C+F"] = pretrain("capfilt", human + kept)
     scores = {}
     for name, run in runs.items():
         if name in args.rows:
