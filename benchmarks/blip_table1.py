@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ import statistics
 from pathlib import Path
 
 from vlp.capfilt import CapFiltConfig, run_capfilt
+from vlp.config import ConfigError, from_dict
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval
@@ -142,7 +144,7 @@ def _score(run: Path, world: Path) -> dict[str, float]:
 ROWS = ("web", "web, random ITM negatives", "C", "F", "C+F")
 
 
-def run_seed(out: Path, world: Path, seed: int, args: argparse.Namespace) -> dict[str, object]:
+def run_seed(out: Path, world: Path, seed: int, capfilt: CapFiltConfig, args: argparse.Namespace) -> dict[str, object]:
     """Every row of the table for one seed (pre-training init and data order, the fine-tunes, nucleus
     sampling); the world is the same for every seed. Runs already on disk are reused."""
     out.mkdir(parents=True, exist_ok=True)
@@ -166,9 +168,7 @@ def run_seed(out: Path, world: Path, seed: int, args: argparse.Namespace) -> dic
     runs: dict[str, Path] = {"web": pretrain("web", human + web)}
     if "web, random ITM negatives" in args.rows:
         runs["web, random ITM negatives"] = pretrain("web_random", human + web, "objective.hard_negatives=false")
-    capfilt = CapFiltConfig(steps=args.capfilt_steps, batch_size=64, lr=3e-4, warmup_steps=20, precision="fp32",
-                            chunk_size=500, seed=seed, hard_negatives=args.filter_negatives == "hard",
-                            threshold=args.threshold)  # fmt: skip
+    capfilt = dataclasses.replace(capfilt, seed=seed)
     summary = run_capfilt(runs["web"], human_csv, str(world / "web.csv"), out / "capfilt", capfilt,
                           truth=str(world / "web_truth.json"))  # fmt: skip
     scored = [
@@ -245,11 +245,19 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("results-blip-table1.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Checked as the CLI checks it (a threshold outside [0, 1] is refused) before anything is trained.
+    try:
+        capfilt = from_dict(CapFiltConfig, {
+            "steps": args.capfilt_steps, "batch_size": 64, "lr": 3e-4, "warmup_steps": 20, "precision": "fp32",
+            "chunk_size": 500, "hard_negatives": args.filter_negatives == "hard", "threshold": args.threshold,
+        })  # fmt: skip
+    except ConfigError as err:
+        parser.error(str(err))
     out = Path(args.out)
     world = out / "shapes"
     if not (world / "manifest.json").is_file():
         make_shapes_world(world, ShapesWorldConfig(seed=0, train=1000, test=500, web=3000, classify=10))
-    per_seed = {f"seed{seed}": run_seed(out / f"seed{seed}", world, seed, args) for seed in args.seeds}
+    per_seed = {f"seed{seed}": run_seed(out / f"seed{seed}", world, seed, capfilt, args) for seed in args.seeds}
     settings = {k: getattr(args, k) for k in ("steps", "capfilt_steps", "filter_negatives", "threshold", "image_size")}
     args.results.write_text(json.dumps({"settings": settings, "seeds": per_seed}, indent=1))
     print(table(per_seed))
