@@ -29,8 +29,9 @@ import dataclasses
 import json
 import logging
 import re
-import statistics
 from pathlib import Path
+
+from common import mean_range
 
 from vlp.capfilt import CapFiltConfig, run_capfilt
 from vlp.config import ConfigError, from_dict
@@ -201,30 +202,23 @@ def run_seed(out: Path, world: Path, seed: int, capfilt: CapFiltConfig, args: ar
     }
 
 
-def _spread(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
-
-
 def table(per_seed: dict[str, dict]) -> str:
     """Markdown: one row per pre-training data, each cell the mean (min-max) over seeds."""
     seeds = list(per_seed.values())
     lines = ["| pre-training data | T→I R@1 | I→T R@1 | BLEU-4 | CIDEr |", "|---|---|---|---|---|"]
     for name in seeds[0]["rows"]:
         cells = [
-            _spread([s["rows"][name][k] for s in seeds])
+            mean_range([s["rows"][name][k] for s in seeds])
             for k in ("text_to_image_r1", "image_to_text_r1", "bleu4", "cider")
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     quality = [s["capfilt"]["filter_quality"] for s in seeds]
     lines.append("")
     lines.append(
-        f"filter precision {_spread([q['precision'] for q in quality])}, recall {_spread([q['recall'] for q in quality])}, "
-        f"synthetic removed {_spread([s['capfilt']['synthetic']['removed_share'] for s in seeds])}, "
-        f"synthetic captions true of their image: kept {_spread([s['synthetic_true']['kept']['true'] for s in seeds])}, "
-        f"removed {_spread([s['synthetic_true']['removed']['true'] for s in seeds])}"
+        f"filter precision {mean_range([q['precision'] for q in quality])}, recall {mean_range([q['recall'] for q in quality])}, "
+        f"synthetic removed {mean_range([s['capfilt']['synthetic']['removed_share'] for s in seeds])}, "
+        f"synthetic captions true of their image: kept {mean_range([s['synthetic_true']['kept']['true'] for s in seeds])}, "
+        f"removed {mean_range([s['synthetic_true']['removed']['true'] for s in seeds])}"
     )
     return "\n".join(lines)
 

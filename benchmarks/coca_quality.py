@@ -5,8 +5,11 @@ image tower, text width, tokenizer size and image size) is trained from scratch 
 batch, then scored on what its users judge it by: zero-shot classification (shape, and colour + shape),
 zero-shot retrieval R@1 on the test split, and greedy-captioning CIDEr on the test split (the two
 captioners). Training wall time is recorded too; `make bench` measures step time side by side.
+Each seed (`train.seed`: initialisation, data order, augmentation) trains the three anew on the same
+world; the table gives each cell's mean and range over seeds. Runs on disk are reused, a killed one
+resumed.
 
-    .venv/bin/python benchmarks/coca_quality.py --out runs/coca-quality   (~30 min on 2 CPU cores)
+    .venv/bin/python benchmarks/coca_quality.py --out runs/coca-quality --seeds 0 1   (~25 min a seed)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 import time
 from pathlib import Path
 
+from common import mean_range
+
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot
@@ -26,6 +31,9 @@ from vlp.train.loop import load_run_config, train
 
 log = logging.getLogger("coca_quality")
 MODELS = {"clip": "configs/clip-tiny.yaml", "blip": "configs/blip-tiny.yaml", "coca": "configs/coca-tiny.yaml"}
+METRICS = {"shape_acc1": "shape acc1 (5)", "color_shape_acc1": "colour+shape acc1 (30)",
+           "image_retrieval_recall@1": "T→I R@1", "text_retrieval_recall@1": "I→T R@1", "bleu4": "BLEU-4",
+           "cider": "CIDEr"}  # fmt: skip
 
 
 def evaluate(checkpoint: Path, data: Path, captions: bool) -> dict[str, float]:
@@ -46,9 +54,21 @@ def evaluate(checkpoint: Path, data: Path, captions: bool) -> dict[str, float]:
     return metrics
 
 
+def table(per_seed: dict[str, dict]) -> str:
+    """Markdown: one row per model, each cell the mean (min-max) over seeds."""
+    seeds = list(per_seed.values())
+    lines = ["| model | " + " | ".join(METRICS.values()) + " |", "|---|" + "---|" * len(METRICS)]
+    for name in MODELS:
+        rows = [seed[name] for seed in seeds if name in seed]
+        cells = [mean_range([row[key] for row in rows]) if rows and key in rows[0] else "–" for key in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/coca-quality")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--results", default="benchmarks/results-coca-quality.json")
@@ -58,22 +78,27 @@ def main() -> None:
     data = out / "shapes"
     if not (data / "train.csv").is_file():
         make_shapes_world(data, ShapesWorldConfig())
-    results = {"steps": args.steps, "batch_size": args.batch_size, "models": {}}
-    for name, config in MODELS.items():
-        overrides = [
-            f"data.train={data / 'train.csv'}",
-            f"train.steps={args.steps}",
-            f"train.batch_size={args.batch_size}",
-            f"train.save_every={args.steps}",
-            "train.progress=false",
-        ]
-        start = time.perf_counter()
-        checkpoint = train(load_run_config(config, overrides), out / name)
-        row = {"config": config, "train_seconds": round(time.perf_counter() - start, 1)}
-        row.update(evaluate(checkpoint, data, captions=name != "clip"))
-        results["models"][name] = row
-        log.info("%s: %s", name, row)
-        Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
+    results = {"steps": args.steps, "batch_size": args.batch_size, "seeds": {}}
+    for seed in args.seeds:
+        per_model = results["seeds"][f"seed{seed}"] = {}
+        for name, config in MODELS.items():
+            overrides = [
+                f"data.train={data / 'train.csv'}",
+                f"train.steps={args.steps}",
+                f"train.batch_size={args.batch_size}",
+                f"train.save_every={args.steps}",
+                f"train.seed={seed}",
+                "train.progress=false",
+            ]
+            start = time.perf_counter()
+            checkpoint = train(load_run_config(config, overrides), out / f"seed{seed}" / name, resume="latest")
+            # A reused run's time is this call's (near zero), not its training's.
+            row = {"config": config, "train_seconds": round(time.perf_counter() - start, 1)}
+            row.update(evaluate(checkpoint, data, captions=name != "clip"))
+            per_model[name] = row
+            log.info("seed %d %s: %s", seed, name, row)
+            Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results["seeds"]))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ def interleaved_times(runners: dict[str, Callable[[int], None]], steps: int, war
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def mean_range(values: list[float]) -> str:
+    """A figure over seeds as the README states it: the mean, then the range when there is more than one."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
     """This machine's dense matmul rate in FLOP/s: the ceiling model FLOP utilisation is measured against."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
