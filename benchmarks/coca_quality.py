@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common import mean_range
 
+from vlp.config import ConfigError
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot
@@ -78,26 +79,33 @@ def main() -> None:
     data = out / "shapes"
     if not (data / "train.csv").is_file():
         make_shapes_world(data, ShapesWorldConfig())
-    results = {"steps": args.steps, "batch_size": args.batch_size, "seeds": {}}
-    for seed in args.seeds:
-        per_model = results["seeds"][f"seed{seed}"] = {}
-        for name, config in MODELS.items():
-            overrides = [
+    # Every run's config is built (and its ranges checked) before anything trains: a bad --seeds or
+    # --steps is one line, not a traceback after the first model's training.
+    try:
+        configs = {
+            (seed, name): load_run_config(config, [
                 f"data.train={data / 'train.csv'}",
                 f"train.steps={args.steps}",
                 f"train.batch_size={args.batch_size}",
                 f"train.save_every={args.steps}",
                 f"train.seed={seed}",
                 "train.progress=false",
-            ]
-            start = time.perf_counter()
-            checkpoint = train(load_run_config(config, overrides), out / f"seed{seed}" / name, resume="latest")
-            # A reused run's time is this call's (near zero), not its training's.
-            row = {"config": config, "train_seconds": round(time.perf_counter() - start, 1)}
-            row.update(evaluate(checkpoint, data, captions=name != "clip"))
-            per_model[name] = row
-            log.info("seed %d %s: %s", seed, name, row)
-            Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
+            ])
+            for seed in args.seeds for name, config in MODELS.items()
+        }  # fmt: skip
+    except ConfigError as err:
+        parser.error(str(err))
+    results = {"steps": args.steps, "batch_size": args.batch_size, "seeds": {}}
+    for (seed, name), cfg in configs.items():
+        per_model = results["seeds"].setdefault(f"seed{seed}", {})
+        start = time.perf_counter()
+        checkpoint = train(cfg, out / f"seed{seed}" / name, resume="latest")
+        # A reused run's time is this call's (near zero), not its training's.
+        row = {"config": MODELS[name], "train_seconds": round(time.perf_counter() - start, 1)}
+        row.update(evaluate(checkpoint, data, captions=name != "clip"))
+        per_model[name] = row
+        log.info("seed %d %s: %s", seed, name, row)
+        Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
     print(table(results["seeds"]))
 
 
