@@ -236,7 +236,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="the filter's p(match) to keep a caption")
     parser.add_argument("--image-size", type=int, default=32, help="pixels the tiny BLIPs see")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("results-blip-table1.json"))
+    parser.add_argument("--web-vague", type=float, default=0.0,
+                        help="share of web captions cut to true but vague alt-text (a world of its own: use "
+                             "another --out)")  # fmt: skip
+    parser.add_argument("--results", type=Path,
+                        help="default: benchmarks/results-blip-table1.json, -vague.json with --web-vague")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Checked as the CLI checks it (a threshold outside [0, 1] is refused) before anything is trained.
@@ -245,15 +249,27 @@ def main() -> None:
             "steps": args.capfilt_steps, "batch_size": 64, "lr": 3e-4, "warmup_steps": 20, "precision": "fp32",
             "chunk_size": 500, "hard_negatives": args.filter_negatives == "hard", "threshold": args.threshold,
         })  # fmt: skip
+        world_cfg = from_dict(ShapesWorldConfig, {
+            "seed": 0, "train": 1000, "test": 500, "web": 3000, "classify": 10, "web_vague": args.web_vague,
+        })  # fmt: skip
     except ConfigError as err:
         parser.error(str(err))
     out = Path(args.out)
     world = out / "shapes"
+    # Every row of every seed is trained on one world: refuse an --out whose world was made otherwise.
+    settings_file = out / "world.json"
+    wanted = dataclasses.asdict(world_cfg)
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != wanted:
+        parser.error(f"{out} holds a world made with other settings ({settings_file}); use another --out")
     if not (world / "manifest.json").is_file():
-        make_shapes_world(world, ShapesWorldConfig(seed=0, train=1000, test=500, web=3000, classify=10))
+        make_shapes_world(world, world_cfg)
+    settings_file.write_text(json.dumps(wanted, indent=1))
     per_seed = {f"seed{seed}": run_seed(out / f"seed{seed}", world, seed, capfilt, args) for seed in args.seeds}
-    settings = {k: getattr(args, k) for k in ("steps", "capfilt_steps", "filter_negatives", "threshold", "image_size")}
-    args.results.write_text(json.dumps({"settings": settings, "seeds": per_seed}, indent=1))
+    settings = {k: getattr(args, k)
+                for k in ("steps", "capfilt_steps", "filter_negatives", "threshold", "image_size", "web_vague")}
+    results = args.results or Path(__file__).with_name(
+        "results-blip-table1-vague.json" if args.web_vague else "results-blip-table1.json")
+    results.write_text(json.dumps({"settings": settings, "seeds": per_seed}, indent=1))
     print(table(per_seed))
 
 

@@ -19,7 +19,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
     from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 
     fields = {k: getattr(args, k) for k in ("seed", "image_size", "train", "test", "web", "classify", "web_noise",
-                                            "web_near_miss", "shards", "shapes", "min_objects", "max_objects",
+                                            "web_near_miss", "web_vague", "shards", "shapes", "min_objects", "max_objects",
                                             "object_scale", "backgrounds", "zeroshot_templates", "nlvr_per_image")
               if getattr(args, k) is not None}
     manifest = make_shapes_world(args.out, from_dict(ShapesWorldConfig, fields))
@@ -368,6 +368,8 @@ def _add_data(sub: Subparsers) -> None:
     shapes.add_argument("--shards", type=int, help="WebDataset shards per split")
     shapes.add_argument("--web-near-miss", type=float,
                         help="share of web captions with one colour or shape word changed (default 0)")
+    shapes.add_argument("--web-vague", type=float,
+                        help="share of web captions cut to true but vague alt-text, e.g. 'a star' (default 0)")
     shapes.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help="shapes drawn (default: circle square triangle star cross; also pentagon hexagon "
                              "diamond ring)")

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from vlp.config import ConfigError, from_dict
-from vlp.data.shapes import HELDOUT_PAIRS, ShapesWorldConfig, make_shapes_world
+from vlp.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, ShapesWorldConfig, make_shapes_world
 from vlp.data.sources import read_coco_captions, read_csv
 
 
@@ -130,6 +130,24 @@ def test_near_miss_web_captions_name_a_colour_or_shape_the_image_lacks(tmp_path)
         assert new_word not in present
 
 
+def test_vague_web_captions_are_true_but_name_no_object_in_full(tmp_path):
+    small = {"seed": 4, "image_size": 48, "train": 5, "test": 5, "web": 300, "classify": 30, "shards": 1,
+             "web_noise": 0.2}
+    make_shapes_world(tmp_path, ShapesWorldConfig(**small, web_vague=0.4))
+    truth = json.loads((tmp_path / "web_truth.json").read_text())
+    assert 0.1 < sum(t["noisy"] for t in truth) / len(truth) < 0.3
+    vague = [t for t in truth if t["kind"] == "vague"]
+    assert 0.3 < len(vague) / len(truth) < 0.5 and not any(t["noisy"] for t in vague)
+    objects = json.loads((tmp_path / "instances_web.json").read_text())["annotations"]
+    colors, shapes = set(COLORS), set(SHAPES)
+    for t in vague:
+        present = [o["name"].split() for o in objects if o["image_id"] == t["image_id"]]
+        words = set(t["caption"].split())
+        assert not any(c in words and s in words for c, s in present)  # no object named in full
+        assert words & colors <= {c for c, _ in present} and words & shapes <= {s for _, s in present}
+    assert {t["caption"] for t in vague} & {"a star", "three shapes", "geometric shapes"}
+
+
 def test_more_nlvr_statements_per_image_extend_the_default_ones(tmp_path):
     small = {"seed": 3, "image_size": 32, "train": 40, "test": 10, "web": 5, "classify": 30, "shards": 1}
     make_shapes_world(tmp_path / "one", ShapesWorldConfig(**small))
@@ -147,6 +165,7 @@ def test_more_nlvr_statements_per_image_extend_the_default_ones(tmp_path):
     ({"min_objects": 4, "max_objects": 2}, "min_objects (4) > max_objects (2)"),
     ({"max_objects": 12}, "max_objects"),
     ({"web_noise": 0.8, "web_near_miss": 0.5}, "web_noise + web_near_miss"),
+    ({"web_noise": 0.4, "web_vague": 0.7}, "web_noise + web_near_miss + web_vague = 1.1 > 1"),
 ])
 def test_bad_world_options_are_refused(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

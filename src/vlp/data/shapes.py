@@ -10,7 +10,8 @@ appear in `train` or `web`, so generalisation to new compositions can be measure
 Options render differently made worlds, to try a config on data it was not tuned on: more objects per
 scene, other image and object sizes, dark, tinted and patterned backgrounds, shapes beyond the five
 (`SHAPE_CATALOG`), zero-shot prompts in wording no training caption uses, and near-miss web captions (one
-colour or shape word changed), the noise only a fine-grained matcher can flag.
+colour or shape word changed), the noise only a fine-grained matcher can flag, and vague web captions
+(true, but naming no object in full), the poor alt-text a captioner can improve on.
 """
 
 from __future__ import annotations
@@ -352,6 +353,10 @@ class ShapesWorldConfig:
     # Share of web captions (taken from the clean ones) with one colour or shape word changed to one the
     # image does not hold: near misses, which only matching colours and shapes to objects can flag.
     web_near_miss: Fraction = 0.0
+    # Share of web captions (taken from the clean ones) cut to true but vague alt-text that names no
+    # object's colour and shape together ("a star", "three shapes"): web text that is not wrong, only poor,
+    # which a captioner can improve on (CapFilt's C).
+    web_vague: Fraction = 0.0
     shards: PositiveInt = 8
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))  # any of SHAPE_CATALOG
     min_objects: Annotated[int, Range(min=1, max=9)] = 1
@@ -368,8 +373,9 @@ class ShapesWorldConfig:
                              f"got {', '.join(self.shapes)}")
         if self.min_objects > self.max_objects:
             raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
-        if self.web_noise + self.web_near_miss > 1:
-            raise ValueError(f"web_noise + web_near_miss = {self.web_noise + self.web_near_miss} > 1")
+        if self.web_noise + self.web_near_miss + self.web_vague > 1:
+            raise ValueError(f"web_noise + web_near_miss + web_vague = "
+                             f"{self.web_noise + self.web_near_miss + self.web_vague} > 1")
 
     @property
     def pair_names(self) -> tuple[str, ...]:
@@ -532,13 +538,26 @@ def near_miss(caption: str, scene: Scene, shapes: tuple[str, ...], rng: random.R
     return " ".join(words)
 
 
+def vague_alt_text(scene: Scene, rng: random.Random) -> str:
+    """A caption true of the scene that names at most one attribute of one object, or only how many there
+    are: the poor but not wrong alt-text of web images."""
+    obj = rng.choice(scene.objects)
+    n = len(scene.objects)
+    options = [_article(obj.shape), f"{_article(obj.color)} shape", f"something {obj.color}",
+               "geometric shapes" if n > 1 else "a geometric shape",
+               f"{NUMBER_WORDS[n]} shapes" if n > 1 else "one shape", f"shapes on a {scene.background} background"]
+    return rng.choice(options)
+
+
 def _corrupt_web(captions: list[dict], images: list[dict], scenes: list[Scene], cfg: ShapesWorldConfig,
                  rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """Replace a share of web captions by junk alt-text or another image's caption, and a share of the
-    others by near misses; keep the truth."""
+    """Replace a share of web captions by junk alt-text or another image's caption, and shares of the
+    others by near misses and by vague alt-text; keep the truth."""
     clean = [c["caption"] for c in captions]
-    # Near misses are drawn from the captions left clean, at the rate that makes them `web_near_miss` of all.
+    # Near misses and vague ones are drawn from the captions left clean, at the rates that make them
+    # `web_near_miss` and `web_vague` of all.
     near_miss_rate = cfg.web_near_miss / (1 - cfg.web_noise) if cfg.web_noise < 1 else 0.0
+    vague_rate = cfg.web_vague / (1 - cfg.web_noise) if cfg.web_noise < 1 else 0.0
     truth = []
     for c in captions:
         kind = "clean"
@@ -551,13 +570,18 @@ def _corrupt_web(captions: list[dict], images: list[dict], scenes: list[Scene], 
                 other = rng.randrange(len(captions) - 1)
                 other += other >= c["image_id"] - 1
                 c["caption"] = clean[other]
-        elif near_miss_rate and rng.random() < near_miss_rate:
-            changed = near_miss(c["caption"], scenes[c["image_id"] - 1], tuple(cfg.shapes), rng)
-            if changed is not None:
-                kind, c["caption"] = "near_miss", changed
+        elif near_miss_rate or vague_rate:
+            # One draw decides both, so a world without vague captions is the one it was before the option.
+            draw = rng.random()
+            if draw < near_miss_rate:
+                changed = near_miss(c["caption"], scenes[c["image_id"] - 1], tuple(cfg.shapes), rng)
+                if changed is not None:
+                    kind, c["caption"] = "near_miss", changed
+            elif draw < near_miss_rate + vague_rate:
+                kind, c["caption"] = "vague", vague_alt_text(scenes[c["image_id"] - 1], rng)
         truth.append({"image_id": c["image_id"], "file_name": images[c["image_id"] - 1]["file_name"],
                       "caption": c["caption"], "clean_caption": clean[c["image_id"] - 1],
-                      "noisy": kind != "clean", "kind": kind})
+                      "noisy": kind not in ("clean", "vague"), "kind": kind})
     return captions, truth
 
 
