@@ -75,7 +75,9 @@ def part_a(data: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     rows = []
     for seed in seeds:
         common = [f"data.train={data / 'train.csv'}", f"train.seed={seed}"]
-        blip = _train("blip-tiny.yaml", out / f"blip-{seed}", common)
+        # 500 steps, the budget the README's table was measured at (blip-tiny now trains 1,500): the claim is
+        # about the same wall time, which the stage-1 checkpoint chosen below follows.
+        blip = _train("blip-tiny.yaml", out / f"blip-{seed}", [*common, "train.steps=500"])
         wall = _seconds(blip, _records(blip)[-1]["step"])
         stage1 = _train("blip2-qformer-tiny.yaml", out / f"stage1-{seed}", [
             *common, f"model.sources.image_encoder={clip}", "train.steps=1500", "train.save_every=50",
