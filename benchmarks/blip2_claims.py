@@ -7,7 +7,8 @@ A. Frozen towers + a small Q-Former reach most of an end-to-end model (the paper
    last one within the BLIP's wall time, each run's time taken at its median logged throughput.
 B. Stage 2 with the real frozen SmolLM2-135M-Instruct: zero-shot captioning CIDEr (greedy) and zero-shot
    VQA accuracy ("Question: {} Answer:") on test images, against the same LM given only the prompt (no
-   image) and against stage 2 started without stage 1 (the paper's Figure 5), the image tower the same.
+   image) and against stage 2 started without stage 1 (the paper's Figure 5), the image tower the same;
+   for each seed, stage 2 starts from that seed's stage-1 run of part A.
 
     .venv/bin/python benchmarks/blip2_claims.py --data data/shapes --out runs/blip2-claims --seeds 0 1 2
 
@@ -127,30 +128,38 @@ def _score(caption, answer, captions: Path, questions: Path, annotations: Path, 
     return {"cider": cider, "vqa_accuracy": vqa["metrics"]["vqa_accuracy"]}
 
 
-def part_b(data: Path, out: Path, lm: Path, steps: int, images: int, questions: int) -> dict[str, Any]:
-    stage1 = out / "stage1-0"
-    common = [f"data.train={data / 'train.csv'}", f"model.sources.language_model={lm}", f"tokenizer.path={lm}",
-              "model.lm_precision=bf16", f"train.steps={steps}", "train.batch_size=32", "train.save_every=1000"]
-    arms = {
-        "stage 2 after stage 1": _train("blip2-tiny.yaml", out / "stage2", [*common, f"train.init_from={stage1}"]),
-        "stage 2 without stage 1": _train("blip2-tiny.yaml", out / "stage2-no-stage1",
-                                          [*common, f"model.sources.image_encoder={out / 'clip'}"]),
-    }
+def part_b(data: Path, out: Path, lm: Path, seeds: list[int], steps: int, images: int,
+           questions: int) -> dict[str, Any]:
     subset = out / "eval-subset"
     subset.mkdir(parents=True, exist_ok=True)
     captions = _captions_subset(data, subset, images)
     question_file, annotations = _vqa_subset(data, subset, questions)
     greedy = GenerationConfig(method="greedy", max_new_tokens=20, min_new_tokens=1)
     short = GenerationConfig(method="greedy", max_new_tokens=5, min_new_tokens=1)
-    results = {}
-    for name, run in arms.items():
-        caption = CaptionPredictor.from_checkpoint(run, generation=greedy, device="cpu").caption
-        answer = VqaPredictor.from_checkpoint(run, generation=short, device="cpu").answer
-        results[name] = _score(caption, answer, captions, question_file, annotations, data)
-        log.info("part B %s: %s", name, results[name])
-    results["language model alone (prompt only, no image)"] = _prompt_only(lm, captions, question_file, annotations,
-                                                                            data, greedy, short)
-    return {"steps": steps, "eval_images": images, "eval_questions": questions, "scores": results}
+    per_seed: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in seeds:
+        stage1 = out / f"stage1-{seed}"
+        if not list_checkpoints(stage1):
+            raise SystemExit(f"blip2_claims: part b needs part a's stage-1 run of seed {seed} ({stage1}); "
+                             f"run --parts a,b")
+        common = [f"data.train={data / 'train.csv'}", f"model.sources.language_model={lm}", f"tokenizer.path={lm}",
+                  "model.lm_precision=bf16", f"train.steps={steps}", "train.batch_size=32", "train.save_every=1000",
+                  f"train.seed={seed}"]  # fmt: skip
+        arms = {
+            "stage 2 after stage 1": _train("blip2-tiny.yaml", out / f"stage2-{seed}",
+                                            [*common, f"train.init_from={stage1}"]),
+            "stage 2 without stage 1": _train("blip2-tiny.yaml", out / f"stage2-no-stage1-{seed}",
+                                              [*common, f"model.sources.image_encoder={out / 'clip'}"]),
+        }  # fmt: skip
+        scores = per_seed.setdefault(f"seed{seed}", {})
+        for name, run in arms.items():
+            caption = CaptionPredictor.from_checkpoint(run, generation=greedy, device="cpu").caption
+            answer = VqaPredictor.from_checkpoint(run, generation=short, device="cpu").answer
+            scores[name] = _score(caption, answer, captions, question_file, annotations, data)
+            log.info("part B seed %d, %s: %s", seed, name, scores[name])
+    prompt_only = _prompt_only(lm, captions, question_file, annotations, data, greedy, short)
+    return {"steps": steps, "eval_images": images, "eval_questions": questions, "seeds": per_seed,
+            "language model alone (prompt only, no image)": prompt_only}  # fmt: skip
 
 
 def _prompt_only(lm_folder: Path, captions: Path, questions: Path, annotations: Path, data: Path,
@@ -212,7 +221,8 @@ def main() -> None:
         result["a"] = part_a(args.data, args.out, args.seeds)
         args.result.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if "b" in args.parts.split(","):
-        result["b"] = part_b(args.data, args.out, args.lm, args.stage2_steps, args.eval_images, args.eval_questions)
+        result["b"] = part_b(args.data, args.out, args.lm, args.seeds, args.stage2_steps, args.eval_images,
+                             args.eval_questions)
         args.result.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, indent=1, default=str))
 
