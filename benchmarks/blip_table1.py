@@ -257,11 +257,14 @@ def main() -> None:
     out = Path(args.out)
     world = out / "shapes"
     # Every row of every seed is trained on one world: refuse an --out whose world was made otherwise.
+    # A world without world.json beside it was made before --web-vague existed, so without vague captions.
     settings_file = out / "world.json"
     wanted = dataclasses.asdict(world_cfg)
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != wanted:
-        parser.error(f"{out} holds a world made with other settings ({settings_file}); use another --out")
-    if not (world / "manifest.json").is_file():
+    if (world / "manifest.json").is_file():
+        made = json.loads(settings_file.read_text()) if settings_file.is_file() else {**wanted, "web_vague": 0.0}
+        if made != wanted:
+            parser.error(f"{out} holds a world made with other settings ({settings_file}); use another --out")
+    else:
         make_shapes_world(world, world_cfg)
     settings_file.write_text(json.dumps(wanted, indent=1))
     per_seed = {f"seed{seed}": run_seed(out / f"seed{seed}", world, seed, capfilt, args) for seed in args.seeds}
