@@ -64,7 +64,7 @@ def generation_speed(folder: Path, images: torch.Tensor, *, new_tokens: int, ste
     # autocast), against transformers loaded with torch_dtype=bfloat16.
     bf16 = vlp.load(folder)
     bf16.model.image_encoder.visual.to(torch.bfloat16)
-    bf16.model.image_encoder.cfg.vision_precision = "bf16"
+    bf16.model.image_encoder.tower_dtype = torch.bfloat16
     bf16.model.language_model.to(torch.bfloat16)
     models["bf16"] = bf16.model.eval()
     batch = len(images)

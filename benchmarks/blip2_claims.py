@@ -143,7 +143,7 @@ def part_b(data: Path, out: Path, lm: Path, seeds: list[int], steps: int, images
             raise SystemExit(f"blip2_claims: part b needs part a's stage-1 run of seed {seed} ({stage1}); "
                              f"run --parts a,b")
         common = [f"data.train={data / 'train.csv'}", f"model.sources.language_model={lm}", f"tokenizer.path={lm}",
-                  "model.lm_precision=bf16", f"train.steps={steps}", "train.batch_size=32", "train.save_every=1000",
+                  "model.lm_precision=auto", f"train.steps={steps}", "train.batch_size=32", "train.save_every=1000",
                   f"train.seed={seed}"]  # fmt: skip
         arms = {
             "stage 2 after stage 1": _train("blip2-tiny.yaml", out / f"stage2-{seed}",

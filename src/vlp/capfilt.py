@@ -30,6 +30,7 @@ from vlp.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, 
 from vlp.data.sources import DataError, detect_format, read_captions
 from vlp.distributed import barrier, process_group, rank, world_size
 from vlp.generation import GenerationConfig
+from vlp.precision import Precision
 
 log = logging.getLogger("vlp.capfilt")
 
@@ -44,7 +45,7 @@ class CapFiltConfig:
     lr: NonNegativeFloat = 1e-5  # BLIP's caption and retrieval fine-tuning rate
     warmup_steps: NonNegativeInt = 100
     weight_decay: NonNegativeFloat = 0.05
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Precision = "auto"
     save_every: PositiveInt = 500
     num_workers: NonNegativeInt = 2
     # Captioning: nucleus sampling as the paper found best, one caption per web image.

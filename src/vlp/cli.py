@@ -418,8 +418,9 @@ def _model_command(parent: Subparsers, name: str, func: Callable[[argparse.Names
     """A command that runs a checkpoint: --checkpoint, --precision and (for evaluations) --out."""
     parser = parent.add_parser(name, help=help)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: autocast the model, about 2x faster where bf16 matmuls are")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="bf16: autocast the model, about 2x faster where the CPU or GPU has bf16 arithmetic "
+                             "and several times slower where it has not; auto: bf16 only where it has")
     if out:
         parser.add_argument("--out", help="write results JSON here")
     parser.set_defaults(func=func)

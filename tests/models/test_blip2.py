@@ -13,6 +13,7 @@ from vlp.objectives.blip2 import (
     Blip2QformerObjective,
     Blip2QformerObjectiveConfig,
 )
+from vlp.precision import DTYPES, resolve_precision
 from vlp.registry import create_model
 from vlp.towers.qformer import QFormer, QFormerConfig, attention_mask
 from vlp.train.optim import make_optimizer
@@ -107,7 +108,8 @@ def _batch(size: int = 4):
 def test_stage_one_trains_everything_but_the_frozen_tower():
     model = create_model("blip2-qformer-tiny").train()
     assert not model.image_encoder.visual.training  # frozen: stays in eval mode
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.image_encoder.visual.parameters())
+    tower_dtype = DTYPES[resolve_precision("auto", "cpu")]  # the preset's vision_precision: auto
+    assert all(p.dtype == tower_dtype and not p.requires_grad for p in model.image_encoder.visual.parameters())
     objective = Blip2QformerObjective(model, Blip2QformerObjectiveConfig())
     values = objective(_batch())
     assert {"itc_loss", "itm_loss", "itg_loss"} <= set(values)
@@ -260,7 +262,8 @@ def test_stage_one_learns_over_a_frozen_clip_tower_and_stage_two_starts_from_it(
     # The frozen tower is the CLIP's, bit for bit.
     trained, source = load_checkpoint(stage1), load_checkpoint(clip)
     for key, value in source.model.visual.state_dict().items():
-        torch.testing.assert_close(trained.model.image_encoder.visual.state_dict()[key].float(), value.bfloat16().float())
+        mine = trained.model.image_encoder.visual.state_dict()[key]
+        torch.testing.assert_close(mine.float(), value.to(mine.dtype).float())
     # Retrieval by the best query beats the untrained Q-Former's.
     captions = json.loads((shapes_world / "captions_test.json").read_text())
     images = [shapes_world / image["file_name"] for image in captions["images"]][:60]

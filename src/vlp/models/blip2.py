@@ -9,7 +9,8 @@
 
 The image tower is any vlp tower (ViT or ConvNet, trained here or converted from Hugging Face or
 open_clip); `vision_feature_layer: -2` drops its last block, as BLIP-2 does. Frozen parts run without
-gradients, in bf16 when their `*_precision` says so, and are kept in eval mode.
+gradients, in bf16 when their `*_precision` says so (`auto`: where the hardware has bf16 arithmetic), and are
+kept in eval mode.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ from vlp.config import PositiveFloat, PositiveInt
 from vlp.generation import StepDecoder
 from vlp.layers import KeyValue
 from vlp.models.blip import LMHead
+from vlp.precision import DTYPES, Precision, default_device, resolve_precision
 from vlp.towers import ImageTowerConfig, VisionConfig, build_image_tower
 from vlp.towers.convnet import ConvNetConfig
 from vlp.towers.qformer import QFormer, QFormerConfig
-
-Precision = Literal["fp32", "bf16"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _eva_vit_g() -> VisionConfig:
@@ -47,7 +46,7 @@ class FrozenImageConfig:
     vision: ImageTowerConfig = field(default_factory=_eva_vit_g)
     # -1: the tower's output; -2: its penultimate block's (BLIP-2 removes the last layer). ViT only.
     vision_feature_layer: Literal[-1, -2] = -2
-    vision_precision: Precision = "bf16"
+    vision_precision: Precision = "auto"
     ln_vision_eps: PositiveFloat = 1e-5  # LAVIS's ln_vision; Hugging Face's post_layernorm uses 1e-6
 
     def __post_init__(self) -> None:
@@ -65,7 +64,8 @@ class FrozenImageEncoder(nn.Module):
         if cfg.vision_feature_layer == -2:
             del self.visual.blocks[-1]
             self.visual.ln_post = nn.Identity()  # the penultimate block's output is not final-normalised
-        self.visual.requires_grad_(False).to(DTYPES[cfg.vision_precision])
+        self.tower_dtype = DTYPES[resolve_precision(cfg.vision_precision, default_device())]
+        self.visual.requires_grad_(False).to(self.tower_dtype)
         self.ln_vision = nn.LayerNorm(cfg.vision.width, eps=cfg.ln_vision_eps)
 
     def train(self, mode: bool = True) -> FrozenImageEncoder:
@@ -76,9 +76,8 @@ class FrozenImageEncoder(nn.Module):
     def tower_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen tower's tokens [B, N, Dv], computed without gradients in its weights' precision, or in
         bf16 when a bf16 autocast is active (the trainer's and the predictors' bf16 path)."""
-        dtype = DTYPES[self.cfg.vision_precision]
         with torch.no_grad():
-            tokens = self.visual.forward_features(images.to(dtype))
+            tokens = self.visual.forward_features(images.to(self.tower_dtype))
         return tokens.float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -241,7 +240,7 @@ class Blip2Config:
     # LM `AutoModelForCausalLM` builds (OPT, GPT-2, Llama class) or an encoder-decoder one
     # `AutoModelForSeq2SeqLM` builds (T5, Flan-T5): the soft prompt then goes to its encoder.
     language_model: dict[str, Any] = field(default_factory=dict)
-    lm_precision: Precision = "bf16"
+    lm_precision: Precision = "auto"
     # How `vlp ask` puts a question to the language model (the paper's zero-shot VQA prompt).
     question_template: str = "Question: {} Answer:"
 
@@ -476,5 +475,5 @@ def language_model_class(config: Any) -> Any:
 
 
 def freeze_language_model(lm: nn.Module, precision: Precision) -> nn.Module:
-    """No gradients, eval mode, in the given precision."""
-    return lm.requires_grad_(False).to(DTYPES[precision]).eval()
+    """No gradients, eval mode, in the given precision (`auto` decided for the default device)."""
+    return lm.requires_grad_(False).to(DTYPES[resolve_precision(precision, default_device())]).eval()

@@ -36,9 +36,9 @@ from vlp.data.transforms import boxes_to_image, boxes_to_input
 from vlp.evals.zeroshot import zeroshot_classifier
 from vlp.generation import GenerationConfig, generate
 from vlp.losses import box_cxcywh_to_xyxy, box_iou, sequence_losses
+from vlp.precision import Precision, default_device, resolve_precision
 
 ImageInput = Image.Image | str | Path
-Precision = Literal["fp32", "bf16"]
 
 
 class UnsupportedTask(ValueError):
@@ -101,7 +101,7 @@ class Predictor:
         if missing:
             raise UnsupportedTask(f"{pretrained.path}: a {pretrained.family.name} model cannot {self.task} ({missing})")
         self.pretrained = pretrained
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         self.model = pretrained.model.to(self.device).eval()
         self.transform = pretrained.image_transform()
         self.tokenizer = pretrained.tokenizer
@@ -110,7 +110,8 @@ class Predictor:
         # bf16 runs the model under bf16 autocast: about twice as fast on CPUs with bf16 matmuls. Predictors
         # run under no_grad, not inference_mode: autocast keeps one bf16 copy of each weight per call only
         # outside inference mode, and without it a decoder re-casts every weight for every token.
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=resolve_precision(precision, self.device) == "bf16")
 
     @classmethod
     def missing_ability(cls, pretrained: Pretrained) -> str | None:

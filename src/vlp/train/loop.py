@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
 import yaml
@@ -69,6 +69,7 @@ from vlp.distributed import (
     world_size,
 )
 from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
+from vlp.precision import Precision, default_device, resolve_precision
 from vlp.registry import Family, parse_model_config
 from vlp.train.families import parse_data_config, parse_objective_config, recipe_of
 from vlp.train.optim import make_optimizer, warmup_cosine
@@ -96,7 +97,8 @@ class TrainConfig:
     warmup_steps: NonNegativeInt = 100
     min_lr_ratio: Fraction = 0.0
     grad_clip: PositiveFloat | None = 1.0
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast; measured faster on this project's CPUs
+    # bf16: autocast; auto: bf16 where the device has bf16 arithmetic, fp32 where it would be emulated.
+    precision: Precision = "auto"
     # ddp: the whole model on every process; fsdp: parameters, gradients and optimiser state sharded.
     strategy: Strategy = "ddp"
     compile: bool = False  # torch.compile the model's forward pass
@@ -180,7 +182,7 @@ def saved_run_config(out: str | Path, resume: str) -> dict[str, Any] | None:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = default_device().type
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"config key 'train.device': {name!r}, but this machine has no CUDA device")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -330,7 +332,7 @@ class TrainStep:
         *,
         accum_steps: int = 1,
         grad_clip: float | None = None,
-        precision: Literal["fp32", "bf16"] = "bf16",
+        precision: Precision = "auto",
         device_type: str = "cpu",
         family: str = "model",
     ):
@@ -338,7 +340,8 @@ class TrainStep:
             raise ConfigError(f"config key 'train.accum_steps': the {family} objective cannot accumulate yet")
         self.parallel, self.objective, self.optimizer, self.schedule = parallel, objective, optimizer, schedule
         self.accum_steps, self.grad_clip, self.family = accum_steps, grad_clip, family
-        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.precision = resolve_precision(precision, device_type)
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def __call__(self, batch: dict[str, Any]) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
@@ -549,6 +552,7 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
                            family=family.name)
     metrics_path = out / METRICS_FILE
     if is_main:
+        log.info("computing in %s on %s (train.precision: %s)", train_step.precision, device, tc.precision)
         (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         truncate_metrics(metrics_path, start_step)
         remove_unfinished(out)
