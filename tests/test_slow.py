@@ -1,4 +1,4 @@
-"""The demo's claim as a test: `make test-slow` (about 4 minutes on 2 cores)."""
+"""The demo's claim as a test; `make test-slow` runs it with the other slow tests."""
 
 import pytest
 
