@@ -115,6 +115,7 @@ def test_hf_clip_vit_b32_parity_both_ways(tmp_path, clip_vocab, act):
     assert torch.equal(hf_ids, ids)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; the B/32 tests above check the same mapping at full size by default
 def test_hf_clip_vit_l14_parity(tmp_path, clip_vocab):
     torch.manual_seed(0)
     ref = _hf_clip(large=True)
