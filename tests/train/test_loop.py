@@ -37,11 +37,13 @@ SIGLIP = {
     "tokenizer.bos_token": "null",
     "tokenizer.pad_token": "<end_of_text>",
 }
-# The CLIP variant is the demo's image tower at 48 px: enough to learn shape, not only colour.
+# The CLIP variant is the demo's image tower at 48 px: enough to learn shape, not only colour. Zero-shot shape
+# acc1 after 300 steps, fp32, 2 cores: 0.93 at batch 128 (200 s), 0.85 at batch 96 (150 s); 0.64 after 200
+# steps at 128.
 CONVNET_48 = {
     "model.vision": "{kind: convnet, image_size: 48, channels: [32, 64, 128, 128]}",
     "image.size": 48,
-    "train.batch_size": 128,
+    "train.batch_size": 96,
     "train.lr": 1e-3,
 }
 VARIANTS = {"clip": CONVNET_48, "siglip": SIGLIP, "clip-vit": {"model.vision": TINY_VIT}}
