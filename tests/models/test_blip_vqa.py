@@ -170,7 +170,7 @@ def test_fine_tuned_from_blip_vqa_beats_the_majority_answer(shapes_world, traine
         "train.batch_size": 32,
     }
     questions_file = str(shapes_world / "vqa" / "questions_train.json")
-    args = [o for o in tiny_run_overrides(questions_file, steps=600, **overrides) if not o.startswith("model.embed")]
+    args = [o for o in tiny_run_overrides(questions_file, steps=250, **overrides) if not o.startswith("model.embed")]
     run = tmp_path / "vqa"
     train(load_run_config(None, args), run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -183,7 +183,8 @@ def test_fine_tuned_from_blip_vqa_beats_the_majority_answer(shapes_world, traine
     generated = evaluate_vqa(VqaPredictor.from_checkpoint(run).answer, **files)["metrics"]
     answers = read_answer_list(overrides["data.annotations"])
     ranked = evaluate_vqa(VqaPredictor.from_checkpoint(run, method="rank", answer_list=answers).answer, **files)
-    # Measured: majority ("small") 0.17; after 1,500 steps 0.57 from BLIP, 0.44 from scratch (the answer prior).
+    # Measured: majority ("small") 0.17; generated 0.58 after these 250 steps (0.59 after 400); after 1,500
+    # steps 0.57 from BLIP, 0.44 from scratch (the answer prior).
     assert generated["vqa_accuracy"] > baseline["vqa_accuracy"] + 0.2, (generated, baseline)
     assert ranked["metrics"]["vqa_accuracy"] > baseline["vqa_accuracy"] + 0.2, ranked["metrics"]
     assert {p["answer"] for p in ranked["predictions"]} <= set(answers)
