@@ -1,7 +1,10 @@
+import contextlib
 import io
 import json
+import multiprocessing
 import random
 import tarfile
+import time
 
 import pytest
 import torch
@@ -240,9 +243,10 @@ def test_non_utf8_rows_and_unknown_image_ids_are_skipped_by_name(tmp_path, caplo
 def _stream_keys(cfg, tokenizer, steps, *, position=None, seed=0):
     """The image fingerprints of `steps` batches, and the stream's position after them."""
     transform = ImageTransform(ImageConfig(size=16), train=True)
-    batches = train_batches(cfg, transform, tokenizer, batch_size=4, seed=seed, position=position)
-    seen = [tuple(round(float(x), 4) for x in next(batches)["image"].mean(dim=(1, 2, 3))) for _ in range(steps)]
-    return seen, batches.position()
+    with contextlib.closing(train_batches(cfg, transform, tokenizer, batch_size=4, seed=seed,
+                                          position=position)) as batches:
+        seen = [tuple(round(float(x), 4) for x in next(batches)["image"].mean(dim=(1, 2, 3))) for _ in range(steps)]
+        return seen, batches.position()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -262,6 +266,22 @@ def test_webdataset_stream_repeats_by_seed_and_resumes_where_it_stopped(tmp_path
     assert first == straight[:7]
     resumed, _ = _stream_keys(cfg, tokenizer, 13, position=position)
     assert resumed == straight[7:]  # 12 batches an epoch: the resumed part crosses into the second
+
+
+def test_a_closed_stream_stops_its_workers_at_once(tmp_path, tokenizer):
+    """Left to Python's cycle collector, the stream's loader workers would outlive it (and cost 5 s each
+    of join time-outs whenever the collector got to them)."""
+    write_shard(tmp_path / "s-000.tar", [(f"k{i:02d}", {"png": png_bytes(), "txt": b"a square"}) for i in range(8)])
+    write_shard(tmp_path / "s-001.tar", [(f"j{i:02d}", {"png": png_bytes(), "txt": b"a square"}) for i in range(8)])
+    cfg = DataConfig(train=str(tmp_path / "s-{000..001}.tar"), num_workers=2, shuffle_buffer=4)
+    before = set(multiprocessing.active_children())
+    batches = train_batches(cfg, ImageTransform(ImageConfig(size=16), train=True), tokenizer, batch_size=4, seed=0)
+    next(batches)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    start = time.perf_counter()
+    batches.close()
+    assert not set(multiprocessing.active_children()) - before
+    assert time.perf_counter() - start < 4  # a proper shutdown, not the 5 s join time-out per worker
 
 
 def test_a_truncated_shard_is_counted(tmp_path, tokenizer):

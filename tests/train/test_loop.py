@@ -1,5 +1,6 @@
 import json
 import logging
+import multiprocessing
 import signal
 import subprocess
 import sys
@@ -308,13 +309,20 @@ def test_a_resumed_webdataset_run_continues_the_stream_where_it_stopped(shapes_w
     train(load_run_config(None, overrides), straight)
     train(load_run_config(None, [*overrides, "train.steps=3"]), stopped)
     state = json.loads((resolve_checkpoint(stopped) / "state.json").read_text())
-    assert state["data_position"] == [{"epoch": 0, "consumed": [3]}]  # (tests/test_data.py: two workers)
+    assert state["data_position"] == [{"epoch": 0, "consumed": [3]}]  # (tests/data/test_pipeline.py: two workers)
     train(load_run_config(None, overrides), stopped, resume="latest")
     a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+
+
+def test_a_run_on_shards_stops_its_loader_workers_when_it_ends(shapes_world, tmp_path):
+    before = set(multiprocessing.active_children())
+    train(load_run_config(None, tiny_run_overrides(str(shapes_world / "shards" / "train-{000000..000003}.tar"),
+                                                   steps=2, **{"data.num_workers": 2})), tmp_path / "run")
+    assert not set(multiprocessing.active_children()) - before
 
 
 def test_init_from_refuses_a_family_the_recipe_does_not_start_from(tmp_path):

@@ -611,7 +611,10 @@ def _train(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, o
     # Redrawn less often when stderr is a log file rather than a terminal.
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and is_main), unit="step",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    with metrics_path.open("a") if is_main else contextlib.nullcontext() as metrics_file:
+    with (
+        metrics_path.open("a") if is_main else contextlib.nullcontext() as metrics_file,
+        contextlib.closing(batches),  # a WebDataset stream's workers stop with the run, not at a later GC
+    ):
         for step in range(start_step + 1, tc.steps + 1):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             result = train_step(batch)
