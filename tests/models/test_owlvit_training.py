@@ -30,7 +30,7 @@ DETECTOR = {
 def detector(shapes_world, tmp_path_factory):
     run = tmp_path_factory.mktemp("owl") / "run"
     overrides = [f"{k}={v}" for k, v in {**DETECTOR, "data.train": shapes_world / "instances_train.json",
-                                           "train.steps": 250}.items()]
+                                           "train.steps": 200}.items()]
     train(load_run_config(None, overrides), run)
     return run
 
@@ -45,7 +45,8 @@ def test_a_tiny_detector_learns_the_base_shapes(detector, shapes_world, tmp_path
     metrics = [json.loads(line) for line in (detector / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["giou_loss"] < 0.7 * metrics[0]["giou_loss"]
     result = _evaluate(detector, shapes_world, tmp_path / "eval.json")
-    # Measured 0.23 base AP after these 250 steps; the untrained detector scores 0 (its boxes are grid cells).
+    # Measured 0.21 base AP after these 200 steps (0.19 after 170, 0.23 after 250); the untrained detector
+    # scores 0 (its boxes are grid cells).
     assert result["metrics"]["AP_base"] > 0.15
     assert set(result["per_class_AP"]) == {"circle", "square", "triangle", "star", "cross"}
     assert "pycocotools" in result["protocol"]

@@ -48,6 +48,9 @@ CONVNET_48 = {
     "train.lr": 1e-3,
 }
 VARIANTS = {"clip": CONVNET_48, "siglip": SIGLIP, "clip-vit": {"model.vision": TINY_VIT}}
+# Colour + shape zero-shot acc1 measured (bar 0.15): the tiny ViT 0.27 after 150 steps; SigLIP 0.10 after 150,
+# so it keeps 300.
+STEPS = {"clip": 300, "siglip": 300, "clip-vit": 150}
 
 
 def zeroshot_acc(predictor, world, task):
@@ -59,11 +62,12 @@ def zeroshot_acc(predictor, world, task):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_training_learns_zero_shot_classification(shapes_world, tmp_path, variant):
-    cfg = load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=300, **VARIANTS[variant]))
+    steps = STEPS[variant]
+    cfg = load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=steps, **VARIANTS[variant]))
     run = tmp_path / variant
     last = train(cfg, run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 300
+    assert records[-1]["step"] == steps
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
 
     trained = DualEncoderPredictor.from_checkpoint(run)
@@ -72,7 +76,7 @@ def test_training_learns_zero_shot_classification(shapes_world, tmp_path, varian
     torch.manual_seed(1)
     untrained.model = family.model_cls(model_cfg).eval()
     untrained = DualEncoderPredictor(untrained)
-    # Colour + shape, 30 classes (chance 0.033): every variant learns colour within 300 steps.
+    # Colour + shape, 30 classes (chance 0.033): every variant learns colour within its steps.
     colour_shape, colour_shape_before = (zeroshot_acc(p, shapes_world, "color_shape") for p in (trained, untrained))
     assert colour_shape > 0.15 and colour_shape > colour_shape_before + 0.1, (colour_shape, colour_shape_before)
     if variant == "clip":
