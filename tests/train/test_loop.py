@@ -1,9 +1,11 @@
+import io
 import json
 import logging
 import multiprocessing
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -21,6 +23,7 @@ from vlp.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from vlp.data.sources import DataError
 from vlp.distributed import ParallelModel
 from vlp.evals.runner import evaluate_zeroshot
 from vlp.registry import get_family
@@ -322,10 +325,22 @@ def test_a_resumed_webdataset_run_continues_the_stream_where_it_stopped(shapes_w
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
 
 
-def test_a_run_on_shards_stops_its_loader_workers_when_it_ends(shapes_world, tmp_path):
+def test_a_run_on_shards_stops_its_loader_workers_when_it_ends_or_fails(shapes_world, tmp_path):
     before = set(multiprocessing.active_children())
     train(load_run_config(None, tiny_run_overrides(str(shapes_world / "shards" / "train-{000000..000003}.tar"),
                                                    steps=2, **{"data.num_workers": 2})), tmp_path / "run")
+    assert not set(multiprocessing.active_children()) - before
+    for shard in range(2):  # shards whose every image is corrupt: the run stops on the bad-sample limit
+        with tarfile.open(tmp_path / f"bad-{shard}.tar", "w") as tar:
+            for i in range(40):
+                for suffix, data in (("png", b"not a png"), ("txt", b"a square")):
+                    member = tarfile.TarInfo(f"k{shard}{i:03d}.{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(DataError, match="training samples are bad"):
+        train(load_run_config(None, tiny_run_overrides(str(tmp_path / "bad-{0..1}.tar"), steps=2,
+                                                       **{"data.num_workers": 2, "train.batch_size": 8})),
+              tmp_path / "failed")
     assert not set(multiprocessing.active_children()) - before
 
 
