@@ -18,6 +18,7 @@ Runs whose final checkpoint exists are reused, so a stopped run continues where 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 import yaml
+from common import machine
 
 from vlp.checkpoint import list_checkpoints, load_checkpoint
 from vlp.convert.tokenizers import tokenizer_from_path
@@ -32,6 +34,7 @@ from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval
 from vlp.evals.vqa import evaluate_vqa
 from vlp.generation import GenerationConfig, generate
+from vlp.precision import has_native_bf16
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor, VqaPredictor
 from vlp.train.loop import load_run_config, train
 
@@ -203,6 +206,13 @@ def _prompt_only(lm_folder: Path, captions: Path, questions: Path, annotations: 
                   captions, questions, annotations, data)
 
 
+def _measured(seeds: list[int]) -> dict[str, Any]:
+    """Where and when a part ran: written beside its figures, so a re-run of one part cannot leave them
+    described by another run's machine. `precision: auto` computes in bf16 only where `native_bf16`."""
+    return {"date": datetime.date.today().isoformat(), "seeds": seeds, **machine(),
+            "native_bf16": has_native_bf16("cpu")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -219,10 +229,12 @@ def main() -> None:
     result: dict[str, Any] = json.loads(args.result.read_text()) if args.result.is_file() else {}
     if "a" in args.parts.split(","):
         result["a"] = part_a(args.data, args.out, args.seeds)
+        result["a_measured"] = _measured(args.seeds)
         args.result.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if "b" in args.parts.split(","):
         result["b"] = part_b(args.data, args.out, args.lm, args.seeds, args.stage2_steps, args.eval_images,
                              args.eval_questions)
+        result["b_measured"] = _measured(args.seeds)
         args.result.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, indent=1, default=str))
 
