@@ -118,6 +118,8 @@ def detection_section(quick: bool, device: torch.device) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> list[str]:
     lines = []
+    if results["device"] == "cpu" and not results["machine"].get("native_bf16", True):
+        lines.append("this CPU has no bf16 arithmetic: its bf16 figures time emulation, compare the fp32 ones")
     if "train" in results:
         for name, r in results["train"].items():
             p = r["pairs_per_s"]

@@ -34,7 +34,6 @@ from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval
 from vlp.evals.vqa import evaluate_vqa
 from vlp.generation import GenerationConfig, generate
-from vlp.precision import has_native_bf16
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor, VqaPredictor
 from vlp.train.loop import load_run_config, train
 
@@ -208,9 +207,8 @@ def _prompt_only(lm_folder: Path, captions: Path, questions: Path, annotations: 
 
 def _measured(seeds: list[int]) -> dict[str, Any]:
     """Where and when a part ran: written beside its figures, so a re-run of one part cannot leave them
-    described by another run's machine. `precision: auto` computes in bf16 only where `native_bf16`."""
-    return {"date": datetime.date.today().isoformat(), "seeds": seeds, **machine(),
-            "native_bf16": has_native_bf16("cpu")}
+    described by another run's machine; `precision: auto` computes in bf16 only where `native_bf16`."""
+    return {"date": datetime.date.today().isoformat(), "seeds": seeds, **machine()}
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from PIL import Image
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.data.sources import read_csv
 from vlp.data.transforms import ImageConfig, ImageTransform
+from vlp.precision import has_native_bf16
 
 
 def machine() -> dict[str, object]:
@@ -33,6 +34,8 @@ def machine() -> dict[str, object]:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # without it a CPU's bf16 columns time emulation: not the speed a user with bf16 hardware gets
+        "native_bf16": has_native_bf16("cpu"),
     }
 
 
