@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from vlp.config import ConfigError, from_dict
 from vlp.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, ShapesWorldConfig, make_shapes_world
@@ -111,6 +112,21 @@ def test_options_make_a_differently_rendered_world(tmp_path):
     for word in ("illustration", "drawing", "shows", "canvas", "rendering"):
         assert word in templates and word not in captions
     assert (tmp_path / "zeroshot" / "shape_classnames.txt").read_text().split() == cfg.shapes
+    with (tmp_path / "zeroshot" / "scenes.csv").open() as f:
+        scenes = list(csv.DictReader(f))
+    with (tmp_path / "zeroshot" / "shape.csv").open() as f:
+        assert [(r["filepath"], r["label"]) for r in csv.DictReader(f)] == [(r["filepath"], r["shape"]) for r in scenes]
+    assert {r["size"] for r in scenes} == {"small", "large"}
+    # half the backgrounds varied, and each image's row says which: a dark one is dark, a light one light
+    light = {"plain", "pastel", "gradient", "grainy"}
+    kinds = {r["background"] for r in scenes}
+    assert kinds & {"dark", "tinted", "striped", "checked"} and kinds & light
+    for r in scenes:
+        corner = Image.open(tmp_path / "zeroshot" / r["filepath"]).convert("L").getpixel((0, 0))
+        if r["background"] == "dark":
+            assert corner < 100
+        elif r["background"] in light:
+            assert corner > 140
     assert len(json.loads((tmp_path / "instances_pairs_test.json").read_text())["categories"]) == 30
 
 

@@ -586,11 +586,12 @@ def _corrupt_web(captions: list[dict], images: list[dict], scenes: list[Scene], 
 
 
 def _write_zeroshot(out: Path, cfg: ShapesWorldConfig, rng: random.Random) -> None:
-    """Single-shape images labelled by shape and by colour + shape, for `vlp eval zeroshot`."""
+    """Single-shape images labelled by shape and by colour + shape, for `vlp eval zeroshot`; `scenes.csv`
+    gives each image's object size and background, to split the accuracy by what a model finds hard."""
     folder = out / "zeroshot"
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pairs = [(c, s) for s in cfg.shapes for c in COLORS]
-    rows_shape, rows_pair, rows_heldout = [], [], []
+    rows_shape, rows_pair, rows_heldout, rows_scene = [], [], [], []
     for index in range(cfg.classify):
         color, shape = pairs[index % len(pairs)]
         size = rng.choice(list(SIZES))
@@ -600,6 +601,7 @@ def _write_zeroshot(out: Path, cfg: ShapesWorldConfig, rng: random.Random) -> No
         scene = Scene([ShapeObject(shape, color, size, cx, cy, radius)], background="")
         name = f"images/{index + 1:06d}.png"
         render(scene, rng, cfg.image_size, cfg.backgrounds).save(folder / name)
+        rows_scene.append((name, shape, color, size, scene.background))
         rows_shape.append((name, shape))
         rows_pair.append((name, f"{color} {shape}"))
         if (color, shape) in cfg.heldout_pairs:
@@ -607,6 +609,7 @@ def _write_zeroshot(out: Path, cfg: ShapesWorldConfig, rng: random.Random) -> No
     _write_csv(folder / "shape.csv", ("filepath", "label"), rows_shape)
     _write_csv(folder / "color_shape.csv", ("filepath", "label"), rows_pair)
     _write_csv(folder / "color_shape_heldout.csv", ("filepath", "label"), rows_heldout)
+    _write_csv(folder / "scenes.csv", ("filepath", "shape", "color", "size", "background"), rows_scene)
     (folder / "shape_classnames.txt").write_text("\n".join(cfg.shapes) + "\n")
     (folder / "color_shape_classnames.txt").write_text("\n".join(f"{c} {s}" for c, s in pairs) + "\n")
     templates = TEMPLATES if cfg.zeroshot_templates == "seen" else UNSEEN_TEMPLATES
