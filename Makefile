@@ -27,11 +27,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# One pytest-xdist worker per core; tests/conftest.py gives each worker its share of the threads.
+XDIST := -n logical
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q $(XDIST) -m slow
 
 # open_clip needs torchvision, which only imports beside torch 2.14.1: its parity tests get their own
 # environment. vlp is installed without its torch pin; its other requirements come from pyproject.toml.

@@ -18,7 +18,9 @@ from text_samples import varied_strings
 from vlp.convert.tokenizers import CLIP_SPLIT
 from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs one worker per core) each worker takes its share of the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """Hugging Face BLIP interop: random-weight reference models of the real BLIP-base shapes (ViT-B/16, a
 12-layer BERT-base text side, vocabulary 30,524) loaded into vlp give the same embeddings, ITM logits,
-greedy and beam captions and VQA answers; vlp models export back and load in transformers."""
+greedy and beam captions and VQA answers; vlp models export back and load in transformers. The default
+run checks the same widths with 2 layers per tower; `make test-slow` adds all 12."""
 
 import json
 
@@ -41,9 +42,16 @@ def bert_vocab(tmp_path_factory):
     return tokenizer
 
 
-def _reference(cls, folder, bert_vocab, *, seed: int = 0):
+@pytest.fixture(params=[2, pytest.param(12, marks=pytest.mark.slow)], ids=lambda n: f"{n}-layers")
+def layers(request) -> int:
+    """Blocks per tower of the reference models."""
+    return request.param
+
+
+def _reference(cls, folder, bert_vocab, layers: int, *, seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.BlipConfig(text_config=BASE_TEXT, vision_config=BASE_VISION)
+    config = transformers.BlipConfig(text_config={**BASE_TEXT, "num_hidden_layers": layers},
+                                     vision_config={**BASE_VISION, "num_hidden_layers": layers})  # fmt: skip
     model = cls(config).eval()
     with torch.no_grad():
         for module in model.modules():  # HF initialises LayerNorms to identity: make them matter
@@ -69,8 +77,8 @@ def _ids(tokenizer, texts, first: int):
     return ids, mask
 
 
-def test_retrieval_embeddings_and_itm_logits_match(tmp_path, bert_vocab):
-    reference = _reference(transformers.BlipForImageTextRetrieval, tmp_path / "hf", bert_vocab)
+def test_retrieval_embeddings_and_itm_logits_match(tmp_path, bert_vocab, layers):
+    reference = _reference(transformers.BlipForImageTextRetrieval, tmp_path / "hf", bert_vocab, layers)
     pretrained = load_pretrained(tmp_path / "hf")
     model = pretrained.model
     assert isinstance(model, Blip) and model.cfg.text.enc_token_id == 30523 and model.cfg.vision.norm_eps == 1e-6
@@ -103,8 +111,8 @@ def _hf_caption_ids(reference, pixels, **options):
     return rows
 
 
-def test_greedy_and_beam_captions_match_transformers(tmp_path, bert_vocab):
-    reference = _reference(transformers.BlipForConditionalGeneration, tmp_path / "hf", bert_vocab)
+def test_greedy_and_beam_captions_match_transformers(tmp_path, bert_vocab, layers):
+    reference = _reference(transformers.BlipForConditionalGeneration, tmp_path / "hf", bert_vocab, layers)
     pretrained = load_pretrained(tmp_path / "hf")
     model = pretrained.model
     pixels = _pixels(3)
@@ -133,8 +141,8 @@ def test_greedy_and_beam_captions_match_transformers(tmp_path, bert_vocab):
     )
 
 
-def test_vqa_answers_match_transformers(tmp_path, bert_vocab):
-    reference = _reference(transformers.BlipForQuestionAnswering, tmp_path / "hf", bert_vocab)
+def test_vqa_answers_match_transformers(tmp_path, bert_vocab, layers):
+    reference = _reference(transformers.BlipForQuestionAnswering, tmp_path / "hf", bert_vocab, layers)
     pretrained = load_pretrained(tmp_path / "hf")
     model = pretrained.model
     assert isinstance(model, BlipVqa) and pretrained.family.name == "blip_vqa"
