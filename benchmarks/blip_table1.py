@@ -35,11 +35,11 @@ from common import mean_range
 
 from vlp.capfilt import CapFiltConfig, run_capfilt
 from vlp.config import ConfigError, from_dict
-from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval
 from vlp.generation import GenerationConfig
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.train.loop import load_run_config, train
 
 log = logging.getLogger("blip_table1")

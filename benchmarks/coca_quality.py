@@ -23,11 +23,11 @@ from pathlib import Path
 from common import mean_range
 
 from vlp.config import ConfigError
-from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot
 from vlp.generation import GenerationConfig
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.train.loop import load_run_config, train
 
 log = logging.getLogger("coca_quality")

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.assets.image import ImageConfig, ImageTransform
 from vlp.data.sources import read_csv
-from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.precision import has_native_bf16
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
 
 
 def machine() -> dict[str, object]:

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from text_samples import varied_strings
 from vlp.convert.tokenizers import CLIP_SPLIT
-from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
 
 # Under pytest-xdist (`make test` runs one worker per core) each worker takes its share of the cores.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

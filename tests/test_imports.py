@@ -10,9 +10,11 @@ import vlp
 SRC = Path(vlp.__file__).parent
 # Lower layers first; a module may import its own layer and those before it, never one after.
 LAYERS = [
-    ("vlp.config", "vlp.distributed", "vlp.precision"),
+    ("vlp.errors",),
+    ("vlp.config", "vlp.distributed", "vlp.precision", "vlp.geometry"),
+    ("vlp.assets",),
     ("vlp.layers", "vlp.data", "vlp.losses", "vlp.generation", "vlp.abilities", "vlp.model_size"),
-    ("vlp.towers",),
+    ("vlp.towers", "vlp.shapes"),
     ("vlp.models",),
     ("vlp.registry",),
     ("vlp.checkpoint",),

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from vlp.abilities import ABILITIES
+from vlp.assets.image import ImageConfig, ImageTransform
+from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.checkpoint import Pretrained, load_checkpoint, save_checkpoint
 from vlp.config import ConfigError, from_dict, read_mapping
 from vlp.data.detection import DetectionCollate, detection_batches
 from vlp.data.instructions import InstructionCollate, instruction_batches
 from vlp.data.nlvr import NlvrCollate, nlvr_batches
 from vlp.data.pipeline import Collate, train_batches
-from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.data.vqa import VqaCollate, vqa_batches
 from vlp.registry import FAMILIES, create_model, list_presets, parse_model_config, read_preset
 from vlp.serve.predictors import FUNCTIONS, abilities_of, predict_functions

@@ -2,9 +2,9 @@
 
 import pytest
 
-from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.evals.runner import evaluate_zeroshot
 from vlp.serve.predictors import DualEncoderPredictor
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.train.loop import load_run_config, train
 
 

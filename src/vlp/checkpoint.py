@@ -29,9 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlp.assets.image import ImageConfig, ImageTransform
+from vlp.assets.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from vlp.config import ConfigError, from_dict, to_dict
-from vlp.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
-from vlp.data.transforms import ImageConfig, ImageTransform
+from vlp.errors import CheckpointError
 from vlp.model_size import LOAD_BYTES_PER_PARAMETER, check_model_fits
 from vlp.registry import Family, parse_model_config
 
@@ -44,10 +45,6 @@ QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILES = (WEIGHTS_FILE, ARCH_FILE, PREPROCESS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, STATE_FILE,
                     OPTIMIZER_FILE, QFORMER_TOKENIZER_DIR)
-
-
-class CheckpointError(FileNotFoundError):
-    """A checkpoint folder is missing, incomplete or does not fit the model; the message says which."""
 
 
 @dataclass

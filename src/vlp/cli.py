@@ -16,7 +16,7 @@ from vlp.config import ConfigError, from_dict
 
 
 def _cmd_data_shapes(args: argparse.Namespace) -> None:
-    from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
+    from vlp.shapes import ShapesWorldConfig, make_shapes_world
 
     fields = {k: getattr(args, k) for k in ("seed", "image_size", "train", "test", "web", "classify", "web_noise",
                                             "web_near_miss", "web_vague", "shards", "shapes", "min_objects", "max_objects",
@@ -28,7 +28,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_instructions(args: argparse.Namespace) -> None:
-    from vlp.data.shapes_instructions import make_instruction_suite
+    from vlp.shapes.instructions import make_instruction_suite
 
     if args.per_task < 1:
         raise ConfigError(f"--per-task {args.per_task}: write at least one record per task")
@@ -40,9 +40,9 @@ def _cmd_data_instructions(args: argparse.Namespace) -> None:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
     from vlp.config import apply_overrides, read_mapping
     from vlp.data.pipeline import DataConfig, training_captions
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 
     data = read_mapping(args.config).get("tokenizer", {}) if args.config else {}
     data = apply_overrides({"tokenizer": data}, args.set)["tokenizer"]

@@ -15,11 +15,9 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from vlp.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key, value or file is wrong; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,11 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from vlp.data.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.data.sources import read_captions
 from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot, format_table
 from vlp.report import metrics_table, plot_curves, plot_recall, plot_retrieval_grid, read_metrics
 from vlp.serve.predictors import DualEncoderPredictor
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.train.loop import load_run_config, train
 
 log = logging.getLogger("vlp.demo")

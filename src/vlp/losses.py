@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from vlp.distributed import Group, all_gather_with_grad, all_reduce_mean, local_sizes, rank, ring_shift, world_size
+from vlp.geometry import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 def _sum_over_row_chunks(
@@ -297,41 +298,6 @@ def weighted_answer_loss(
     annotators who gave it (weights [A]), summed, divided by the number of questions."""
     losses = sequence_losses(logits, answers, answer_mask, label_smoothing=label_smoothing)
     return (weights * losses).sum() / questions
-
-
-# Detection (OWL-ViT): boxes are (cx, cy, w, h) or (x0, y0, x1, y1) in the same normalised units.
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def _area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU [N, M] of xyxy boxes a [N, 4] and b [M, 4], and their union [N, M]."""
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = _area(a)[:, None] + _area(b)[None, :] - inter
-    return inter / union.clamp(min=1e-12), union
-
-
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU [N, M] of xyxy boxes: IoU - (enclosing area - union) / enclosing area."""
-    iou, union = box_iou(a, b)
-    top_left = torch.minimum(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.maximum(a[:, None, 2:], b[None, :, 2:])
-    enclosing = (bottom_right - top_left).clamp(min=0).prod(-1)
-    return iou - (enclosing - union) / enclosing.clamp(min=1e-12)
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float, gamma: float) -> torch.Tensor:

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import vlp
 from text_samples import train_siglip_spm, varied_strings
+from vlp.assets.image import ImageConfig
+from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.checkpoint import CheckpointError, save_checkpoint
 from vlp.cli import main
 from vlp.convert import ConversionError, export_pretrained
 from vlp.convert.tokenizers import hf_tokenizer, tokenizer_from_path
-from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-from vlp.data.transforms import ImageConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.registry import FAMILIES
 from vlp.towers import ConvNetConfig, TextConfig, VisionConfig
@@ -187,7 +187,7 @@ def test_sentencepiece_tokenizer_matches_transformers_siglip(siglip_spm):
 
 
 def test_preprocessing_matches_transformers_image_processors():
-    from vlp.data.transforms import ImageTransform
+    from vlp.assets.image import ImageTransform
 
     rng = np.random.default_rng(0)
     for shape in [(300, 400, 3), (401, 299, 3), (100, 150, 3)]:

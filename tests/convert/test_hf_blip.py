@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from text_samples import varied_strings
+from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.cli import main
 from vlp.convert import export_pretrained, load_pretrained
-from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.generation import GenerationConfig, generate
 from vlp.models.blip import Blip, BlipVqa
 
@@ -170,10 +170,10 @@ def test_a_vlp_blip_exports_to_both_heads(trained_blip, tmp_path, bert_vocab):
     """A vlp BLIP whose decoder has its own self-attention (the paper's sharing) is written as a captioning
     and as a retrieval folder; transformers reproduces its captions and ITM logits. A ConvNet image tower
     has no HF equivalent and is refused with the reason."""
+    from vlp.assets.image import ImageConfig
     from vlp.checkpoint import Pretrained, load_checkpoint
     from vlp.convert import ConversionError
     from vlp.convert.tokenizers import tokenizer_from_path
-    from vlp.data.transforms import ImageConfig
     from vlp.models.blip import BlipConfig
     from vlp.registry import FAMILIES
     from vlp.towers import BertTextConfig, VisionConfig

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 import vlp
+from vlp.assets.image import ImageConfig
 from vlp.checkpoint import Pretrained
 from vlp.convert import export_pretrained
-from vlp.data.transforms import ImageConfig
 from vlp.generation import GenerationConfig, generate
 from vlp.models.coca import Coca, CocaConfig
 from vlp.registry import FAMILIES
@@ -94,7 +94,7 @@ def test_open_clip_coca_parity_both_ways(tmp_path, name):
 
 def test_vlp_coca_exports_to_open_clip(tmp_path):
     """A vlp CoCa in open_clip's layout, with vlp's own trained tokenizer, runs the same in open_clip."""
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 
     texts = ["a red circle on the left", "two blue squares", "a small green triangle below a star"] * 20
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300, context_length=20))

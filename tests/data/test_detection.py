@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from vlp.assets.image import ImageConfig, ImageTransform, boxes_to_image, boxes_to_input
+from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.config import ConfigError
 from vlp.data.detection import (
     DetectionCollate,
@@ -21,8 +23,6 @@ from vlp.data.detection import (
     read_coco_instances,
 )
 from vlp.data.sources import BadSamples, DataError
-from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-from vlp.data.transforms import ImageConfig, ImageTransform, boxes_to_image, boxes_to_input
 
 RED = (220, 40, 40)
 

@@ -103,7 +103,7 @@ def test_the_readers_turn_vlps_formats_into_records(shapes_world):
 
 def test_the_shapes_world_suite_holds_ten_formats_and_keeps_the_held_out_ones_out_of_training(shapes_world,
                                                                                               tmp_path):
-    from vlp.data.shapes_instructions import make_instruction_suite
+    from vlp.shapes.instructions import make_instruction_suite
 
     manifest = make_instruction_suite(shapes_world, tmp_path / "suite", per_task=20)
     tasks = manifest["tasks"]
@@ -157,7 +157,7 @@ def test_the_sampler_covers_each_dataset_once_per_pass_resumes_exactly_and_split
 
 
 def test_a_batch_stacks_image_pairs_and_tokenises_the_instruction_for_both_sides():
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 
     texts = ["is the circle red", "yes", "no", "a red circle left of a blue square"] * 10
     lm = train_tokenizer(texts, TokenizerConfig(vocab_size=200, context_length=16))
@@ -202,7 +202,7 @@ def test_the_suite_and_its_evaluation_refuse_bad_input_in_one_line(shapes_world,
 
 
 def test_a_long_instruction_loses_its_start_not_the_question_at_its_end():
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 
     words = "dialog history q what shape is the red one a circle question how many shapes are there answer"
     tokenizer = train_tokenizer([words] * 20, TokenizerConfig(kind="wordpiece", vocab_size=120, context_length=8,

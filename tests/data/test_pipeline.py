@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from vlp.assets.image import ImageConfig, ImageTransform
+from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.data.pipeline import DataConfig, EpochBatchSampler, train_batches
 from vlp.data.sources import (
     BadSamples,
@@ -18,8 +20,6 @@ from vlp.data.sources import (
     read_coco_captions,
     read_csv,
 )
-from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-from vlp.data.transforms import ImageConfig, ImageTransform
 
 
 @pytest.fixture(scope="module")

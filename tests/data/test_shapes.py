@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from vlp.config import ConfigError, from_dict
-from vlp.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, ShapesWorldConfig, make_shapes_world
 from vlp.data.sources import read_coco_captions, read_csv
+from vlp.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.shapes.scene import COLORS, HELDOUT_PAIRS, SHAPES
 
 
 def digest(folder):

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from text_samples import varied_strings
-from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from vlp.assets.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 CAPTIONS = [
     f"a {size} {color} {shape} to the left of a {shape}"
@@ -57,7 +57,7 @@ VOCABULARY_OF_A_FRESH_PROCESS = """
 import json, sys
 sys.path.insert(0, "tests")
 from text_samples import varied_strings
-from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 tok = train_tokenizer(varied_strings(300), TokenizerConfig(kind=sys.argv[1], vocab_size=600))
 print(json.dumps(sorted(tok.backend.get_vocab().items(), key=lambda item: item[1])))
 """

@@ -314,10 +314,10 @@ def test_questions_are_answered_after_the_soft_prompt_whatever_their_padding():
 def test_ask_and_caption_from_the_command_line(tmp_path, capsys):
     from PIL import Image
 
+    from vlp.assets.image import ImageConfig
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
     from vlp.checkpoint import save_checkpoint
     from vlp.cli import main
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-    from vlp.data.transforms import ImageConfig
     from vlp.registry import parse_model_config
 
     family, cfg = parse_model_config({"preset": "blip2-tiny"})

@@ -84,7 +84,7 @@ def test_reader_and_collate(shapes_world):
         image_pattern="{image_id:06d}.png",
     )
     assert questions[0].image.is_file() and len(questions[0].answers) == 10
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 
     tokenizer = train_tokenizer([q.question for q in questions[:200]], TokenizerConfig(kind="wordpiece"))
     items = [

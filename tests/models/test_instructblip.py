@@ -139,9 +139,9 @@ def _checkpoint(tmp_path, qformer_tokenizer: bool = True):
     """A random tiny InstructBLIP saved with its two tokenizers (or without the Q-Former's), and an image."""
     from PIL import Image
 
+    from vlp.assets.image import ImageConfig
+    from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
     from vlp.checkpoint import save_checkpoint
-    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
-    from vlp.data.transforms import ImageConfig
     from vlp.registry import parse_model_config
 
     family, cfg = parse_model_config({"preset": "instructblip-tiny", "image": {"vision_precision": "fp32"}})
@@ -179,7 +179,7 @@ def test_from_blip2_stages_to_instruction_tuning_evaluation_and_ask(shapes_world
     from conftest import tiny_run_overrides
     from vlp.checkpoint import load_checkpoint
     from vlp.cli import main
-    from vlp.data.shapes_instructions import make_instruction_suite
+    from vlp.shapes.instructions import make_instruction_suite
     from vlp.train.loop import load_run_config, train
 
     suite = tmp_path / "suite"

@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 
+from vlp.geometry import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
 from vlp.losses import (
-    box_cxcywh_to_xyxy,
-    box_xyxy_to_cxcywh,
     detection_losses,
     detection_matching_cost,
-    generalized_box_iou,
     hungarian_match,
     objectness_loss,
     sigmoid_focal_loss,

@@ -349,9 +349,9 @@ def test_a_run_on_shards_stops_its_loader_workers_when_it_ends_or_fails(shapes_w
 def test_init_from_refuses_a_family_the_recipe_does_not_start_from(tmp_path):
     """BLIP-VQA starts from a BLIP, as its recipe declares; a CLIP checkpoint is named, not fed to
     `init_from` (which would fail inside the model, on a missing text encoder)."""
+    from vlp.assets.image import ImageConfig
     from vlp.checkpoint import Pretrained
     from vlp.config import ConfigError
-    from vlp.data.transforms import ImageConfig
     from vlp.registry import create_model
     from vlp.train.loop import _initialise
 

@@ -10,15 +10,11 @@ from typing import Any
 
 import torch
 
+from vlp.assets.image import CLIP_MEAN, CLIP_STD, ImageConfig
+from vlp.assets.tokenizer import Tokenizer
 from vlp.checkpoint import CheckpointError
 from vlp.convert.keymap import read_state_dict
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
-
-
-class ConversionError(ValueError):
-    """A model or checkpoint that the target format cannot represent; the message says what and why."""
-
+from vlp.errors import ConversionError
 
 # Hugging Face `hidden_act` names <-> vlp's activations.
 FROM_HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}

@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vlp.assets.image import ImageConfig
+from vlp.assets.tokenizer import Tokenizer
 from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.common import (
     HF_RESAMPLE,
@@ -29,8 +31,6 @@ from vlp.convert.common import (
 )
 from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import ImageConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.registry import FAMILIES
 from vlp.towers import TextConfig, VisionConfig

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vlp.assets.image import CLIP_MEAN, CLIP_STD, ImageConfig
 from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.common import (
     ConversionError,
@@ -33,7 +34,6 @@ from vlp.convert.common import (
 from vlp.convert.hf import _DEFAULTS, _block_rules, _hf_tower
 from vlp.convert.keymap import from_vlp, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
-from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
 from vlp.models.owlvit import OwlVit, OwlVitConfig
 from vlp.registry import FAMILIES
 from vlp.towers import TextConfig, VisionConfig

@@ -18,12 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vlp.assets.image import CLIP_MEAN, CLIP_STD, ImageConfig
+from vlp.assets.tokenizer import Tokenizer
 from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
 from vlp.convert.common import ConversionError, save_hf_tokenizer
 from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageConfig
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
 from vlp.registry import FAMILIES

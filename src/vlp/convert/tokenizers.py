@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from vlp.data.tokenizer import TextClean, Tokenizer, fix_length
+from vlp.assets.tokenizer import TextClean, Tokenizer, fix_length
 
 # Words, single digits, runs of other symbols and English contractions: CLIP's pre-tokenisation.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlp.assets.image import ImageTransform, resize_with_pad
+from vlp.assets.tokenizer import Tokenizer
 from vlp.config import ConfigError, Fraction, PositiveInt
 from vlp.data.batches import DetectionBatch
 from vlp.data.pipeline import DataConfig, GoodBatches, check_training_data, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, _resolve_image, load_image, skipped
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import ImageTransform, resize_with_pad
 
 DEFAULT_PROMPTS = ("{}", "a photo of a {}", "a picture of a {}", "there is a {}", "a {} in the picture")
 

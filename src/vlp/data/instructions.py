@@ -39,12 +39,12 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from vlp.assets.image import ImageTransform
+from vlp.assets.tokenizer import Tokenizer, tokenize_trimmed
 from vlp.data.batches import InstructionBatch
 from vlp.data.nlvr import read_nlvr
 from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, load_image, read_coco_captions
-from vlp.data.tokenizer import Tokenizer, tokenize_trimmed
-from vlp.data.transforms import ImageTransform
 from vlp.data.vqa import read_vqa
 from vlp.data.vqa_answers import normalize_answer
 

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from vlp.assets.image import ImageTransform
+from vlp.assets.tokenizer import Tokenizer
 from vlp.data.batches import ImagePairBatch
 from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, load_image, skipped
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import ImageTransform
 
 
 @dataclass

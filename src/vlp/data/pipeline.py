@@ -22,6 +22,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from vlp.assets.image import ImageTransform
+from vlp.assets.tokenizer import Tokenizer
 from vlp.config import Fraction, NonNegativeInt, PositiveInt
 from vlp.data.batches import CaptionBatch
 from vlp.data.sources import (
@@ -35,8 +37,6 @@ from vlp.data.sources import (
     read_captions,
     skipped,
 )
-from vlp.data.tokenizer import Tokenizer
-from vlp.data.transforms import ImageTransform
 
 log = logging.getLogger("vlp.data")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlp.errors import DataError
+
 log = logging.getLogger("vlp.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -35,15 +37,6 @@ CAUSES = (
     "bad_record",  # an instruction record without an image or an answer, or with a template it cannot fill
     "bad_annotation",  # a detection box that is empty, outside its image, or names an unknown image or class
 )
-
-
-class DataError(RuntimeError):
-    """A dataset cannot be read or holds too many bad samples; the message names the path. `cause` (one
-    of `CAUSES`) is set when the error concerns one sample that can be skipped."""
-
-    def __init__(self, message: str, cause: str | None = None):
-        super().__init__(message)
-        self.cause = cause
 
 
 @dataclass(frozen=True)

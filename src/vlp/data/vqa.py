@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from vlp.assets.image import ImageTransform
+from vlp.assets.tokenizer import Tokenizer, tokenize_trimmed
 from vlp.data.batches import VqaBatch
 from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, load_image
-from vlp.data.tokenizer import Tokenizer, tokenize_trimmed
-from vlp.data.transforms import ImageTransform
 from vlp.data.vqa_answers import normalize_answer
 
 # VQAv2's COCO images; `data_subtype` comes from the questions file (train2014, val2014, ...).

@@ -20,7 +20,7 @@ from PIL import Image
 
 from vlp.data.grounding import ReferringExpression
 from vlp.data.sources import load_image
-from vlp.losses import box_iou
+from vlp.geometry import box_iou
 
 Box = tuple[float, float, float, float]
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.config import ConfigError, Fraction, PositiveFloat, PositiveInt
+from vlp.geometry import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from vlp.layers import Activation, make_activation, resize_pos_embed
-from vlp.losses import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from vlp.towers import ImageTowerConfig, TextConfig, TextTransformer, VisionConfig, build_image_tower
 
 BoxBias = Literal["both", "location", "size", "none"]

@@ -28,29 +28,19 @@ from vlp.abilities import (
     JudgesImagePairs,
     MatchesImageText,
 )
+from vlp.assets.image import boxes_to_image, boxes_to_input
+from vlp.assets.tokenizer import tokenize_trimmed
 from vlp.checkpoint import Pretrained
 from vlp.config import ConfigError
 from vlp.data.sources import load_image
-from vlp.data.tokenizer import tokenize_trimmed
-from vlp.data.transforms import boxes_to_image, boxes_to_input
+from vlp.errors import BadQuery, NonFiniteOutput, UnsupportedTask
 from vlp.evals.zeroshot import zeroshot_classifier
 from vlp.generation import GenerationConfig, generate
-from vlp.losses import box_cxcywh_to_xyxy, box_iou, sequence_losses
+from vlp.geometry import box_cxcywh_to_xyxy, non_maximum_suppression
+from vlp.losses import sequence_losses
 from vlp.precision import Precision, default_device, resolve_precision
 
 ImageInput = Image.Image | str | Path
-
-
-class UnsupportedTask(ValueError):
-    """A checkpoint's model cannot do what was asked (captioning with a CLIP, say); the message names both."""
-
-
-class BadQuery(ValueError):
-    """A query a detector cannot use (an example box outside its image, no query at all); the message says which."""
-
-
-class NonFiniteOutput(ValueError):
-    """A model computed NaN or infinite values (its weights diverged in training, say)."""
 
 
 def batch_starts(total: int, batch_size: int, progress: str | None = None) -> Iterable[int]:
@@ -450,20 +440,6 @@ class Detection:
     score: float  # sigmoid of the box's logit for its query
     label: int  # index of the query
     query: str  # the query's text, or "image query N"
-
-
-def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
-    """Indices of the boxes greedy NMS keeps, best first."""
-    order = scores.argsort(descending=True)
-    keep: list[int] = []
-    overlaps = box_iou(boxes, boxes)[0]
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
-    for index in order.tolist():
-        if suppressed[index]:
-            continue
-        keep.append(index)
-        suppressed |= overlaps[index] > iou
-    return torch.tensor(keep, dtype=torch.long)
 
 
 class DetectionPredictor(Predictor):

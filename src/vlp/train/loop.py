@@ -20,6 +20,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from vlp.assets.image import ImageConfig, ImageTransform
+from vlp.assets.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from vlp.checkpoint import (
     CHECKPOINTS_DIR,
     OPTIMIZER_FILE,
@@ -53,8 +55,6 @@ from vlp.config import (
 )
 from vlp.data.pipeline import DataConfig, bad_samples
 from vlp.data.sources import CAUSES, BadSamples
-from vlp.data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from vlp.data.transforms import ImageConfig, ImageTransform
 from vlp.distributed import (
     ParallelModel,
     Strategy,
@@ -68,6 +68,7 @@ from vlp.distributed import (
     rank,
     world_size,
 )
+from vlp.errors import TrainingError
 from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
 from vlp.precision import Precision, default_device, resolve_precision
 from vlp.registry import Family, parse_model_config
@@ -144,10 +145,6 @@ class RunConfig:
             raise ConfigError(f"config key 'image.size': {self.image.size} is not a multiple of "
                               f"model.vision.patch_size {patch}")
         return family, model_cfg, objective_cfg
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on (it diverged, its folder is in use); the message says why and what to do."""
 
 
 def load_run_config(

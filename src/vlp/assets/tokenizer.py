@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlp.config import PositiveInt, Range
-from vlp.data.sources import DataError
+from vlp.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 # Python-side text cleaning that a tokenizer.json cannot express (ftfy, HTML entities), kept beside it.

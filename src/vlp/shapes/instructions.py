@@ -38,8 +38,9 @@ from vlp.data.instructions import (
     vqg_records,
     write_instructions,
 )
-from vlp.data.shapes import COLORS, NUMBER_WORDS, SHAPES, SIZES, ShapeObject, relation_between
 from vlp.data.sources import DataError
+from vlp.shapes.language import relation_between
+from vlp.shapes.scene import COLORS, NUMBER_WORDS, SHAPES, SIZES, ShapeObject
 
 YES_NO = [["yes", "true"], ["no", "false"]]
 
