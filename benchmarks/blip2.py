@@ -25,8 +25,8 @@ from vlp.models.blip2 import Blip2Qformer, Blip2QformerConfig, FrozenImageConfig
 from vlp.objectives.blip2 import Blip2QformerObjective, Blip2QformerObjectiveConfig
 from vlp.towers import VisionConfig
 from vlp.towers.qformer import QFormerConfig
-from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
+from vlp.train.step import TrainStep
 
 VIT_G = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16,
          "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-6}  # fmt: skip

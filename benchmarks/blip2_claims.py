@@ -35,7 +35,8 @@ from vlp.evals.runner import evaluate_retrieval
 from vlp.evals.vqa import evaluate_vqa
 from vlp.generation import GenerationConfig, generate
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor, VqaPredictor
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 log = logging.getLogger("blip2_claims")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -40,7 +40,8 @@ from vlp.evals.runner import evaluate_retrieval
 from vlp.generation import GenerationConfig
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 log = logging.getLogger("blip_table1")
 

@@ -23,8 +23,8 @@ import vlp.objectives.blip as blip_objectives
 from vlp.distributed import ParallelModel
 from vlp.models.blip import Blip, BlipConfig
 from vlp.towers import BertTextConfig, VisionConfig
-from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
+from vlp.train.step import TrainStep
 
 WIDTH, HEADS, DEPTH, IMAGE, PATCH, VOCAB, BATCH = 256, 4, 6, 64, 8, 30524, 32
 

@@ -29,8 +29,8 @@ from vlp.models.coca import Coca, CocaConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.towers import BertTextConfig, TextConfig, VisionConfig
-from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
+from vlp.train.step import TrainStep
 
 WIDTH, HEADS, DEPTH, IMAGE, PATCH = 256, 4, 6, 64, 8
 VOCAB, SOT, EOT = 49408, 49406, 49407

@@ -23,8 +23,8 @@ from vlp.convert.open_clip import IGNORED_KEYS, config_from_open_clip, open_clip
 from vlp.distributed import ParallelModel
 from vlp.models.clip import DualEncoder
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
-from vlp.train.loop import TrainStep
 from vlp.train.optim import make_optimizer
+from vlp.train.step import TrainStep
 
 CPU = torch.device("cpu")
 # The tiny CLIP: 64 px, patch 8, width 256, 6 + 6 layers, CLIP's vocabulary and context.

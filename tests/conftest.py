@@ -81,7 +81,8 @@ def trained_blip(shapes_world, tmp_path_factory):
     negatives a model this small stays at the always-"no" 2/3 for its first ~1,000 steps here (the
     1,500-step `configs/blip-tiny.yaml` run in the README learns them), and the CapFilt tests need a
     filter that already tells captions apart."""
-    from vlp.train.loop import load_run_config, train
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
 
     run = tmp_path_factory.mktemp("blip") / "run"
     overrides = tiny_run_overrides(

@@ -13,7 +13,7 @@ from vlp.config import (
     from_dict,
     load_config,
 )
-from vlp.train.loop import load_run_config
+from vlp.train.config import load_run_config
 
 
 @dataclass

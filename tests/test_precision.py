@@ -11,7 +11,8 @@ from vlp import precision
 from vlp.precision import resolve_precision
 from vlp.registry import create_model
 from vlp.serve.predictors import DualEncoderPredictor
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 
 @pytest.fixture

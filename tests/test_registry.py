@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vlp.abilities import ABILITIES
+from vlp.assets import IMAGE, INSTRUCTION, TEXT, Assets
 from vlp.assets.image import ImageConfig, ImageTransform
 from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.checkpoint import Pretrained, load_checkpoint, save_checkpoint
@@ -20,9 +21,9 @@ from vlp.data.instructions import InstructionCollate, instruction_batches
 from vlp.data.nlvr import NlvrCollate, nlvr_batches
 from vlp.data.pipeline import Collate, train_batches
 from vlp.data.vqa import VqaCollate, vqa_batches
+from vlp.objectives.recipes import RECIPES, recipe_of
 from vlp.registry import FAMILIES, create_model, list_presets, parse_model_config, read_preset
 from vlp.serve.predictors import FUNCTIONS, abilities_of, predict_functions
-from vlp.train.families import RECIPES, recipe_of
 from vlp.train.optim import make_optimizer
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -103,7 +104,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
              for s in samples] + WORDS
     texts += [a for s in samples for a, _ in s.get("answers", [])]
     tokenizer = train_tokenizer(texts * 4, from_dict(TokenizerConfig, run.get("tokenizer", {})))
-    qformer_tokenizer = train_tokenizer(texts * 4, QFORMER_TOKENIZER) if recipe.reads_instructions else None
+    qformer_tokenizer = train_tokenizer(texts * 4, QFORMER_TOKENIZER) if recipe.tokenizers else None
     batch = (collate(tokenizer, qformer_tokenizer) if qformer_tokenizer else collate(tokenizer))(samples)
     batch.pop("bad")
 
@@ -129,9 +130,11 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
         assert loss() < first
 
     model.eval()
-    pretrained = Pretrained(family, model_cfg, model, image_cfg, tokenizer, tmp_path, qformer_tokenizer)
+    tokenizers = {TEXT: tokenizer, **({INSTRUCTION: qformer_tokenizer} if qformer_tokenizer else {})}
+    assets = Assets(tokenizers, {IMAGE: image_cfg})
+    pretrained = Pretrained(family, model_cfg, model, assets, tmp_path)
     saved = save_checkpoint(tmp_path / "checkpoint", family=family, model_config=model_cfg, model=model,
-                            image_config=image_cfg, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer)
+                            assets=assets)
     loaded = load_checkpoint(saved)
     assert type(loaded.model) is type(model) and loaded.config == model_cfg
 
@@ -247,7 +250,7 @@ def test_a_checkpoint_written_before_the_text_towers_shared_their_key_names_stil
                                                            unk_token="[UNK]", bos_token="[CLS]", eos_token="[SEP]",
                                                            extra_tokens=("[ENC]", "[DEC]")))  # fmt: skip
     folder = save_checkpoint(tmp_path / "old", family=family, model_config=config, model=family.model_cls(config),
-                             image_config=ImageConfig(size=48), tokenizer=tokenizer)
+                             assets=Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=48)}))
     arch = json.loads((folder / "model.json").read_text())
     arch["text"]["max_positions"] = arch["text"].pop("context_length")
     (folder / "model.json").write_text(json.dumps(arch))

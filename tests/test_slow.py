@@ -5,7 +5,8 @@ import pytest
 from vlp.evals.runner import evaluate_zeroshot
 from vlp.serve.predictors import DualEncoderPredictor
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vlp.checkpoint import ARCH_FILE, PREPROCESS_FILE, STATE_FILE, list_checkpoints, resolve_checkpoint
-from vlp.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from vlp.assets import Assets
+from vlp.checkpoint import ARCH_FILE, STATE_FILE, list_checkpoints, resolve_checkpoint
+from vlp.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, to_dict
 from vlp.data.sources import DataError, detect_format, read_captions
 from vlp.distributed import barrier, process_group, rank, world_size
 from vlp.generation import GenerationConfig
@@ -77,7 +78,8 @@ def _finished(run: Path, steps: int) -> Path | None:
 def finetune(role: Literal["captioner", "filter"], model: Path, human: str, out: Path, cfg: CapFiltConfig) -> Path:
     """Fine-tune the pre-trained BLIP at `model` on the human pairs as captioner (LM) or filter (ITC + ITM);
     a finished run is reused, a killed one resumed."""
-    from vlp.train.loop import load_run_config, train
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
 
     done = _finished(out, cfg.steps)
     if done is not None:
@@ -91,7 +93,7 @@ def finetune(role: Literal["captioner", "filter"], model: Path, human: str, out:
     run = {
         "model": json.loads((folder / ARCH_FILE).read_text()),
         "objective": objective,
-        "image": json.loads((folder / PREPROCESS_FILE).read_text()),
+        "image": to_dict(Assets.load(folder).image_config(where=folder)),
         "data": {"train": human, "images": cfg.images_human, "num_workers": cfg.num_workers},
         "train": {
             "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
@@ -279,7 +281,8 @@ def _run(
     if summary is None:
         summary = json.loads((out / "summary.json").read_text())
     if cfg.pretrain_config:
-        from vlp.train.loop import load_run_config, train
+        from vlp.train.config import load_run_config
+        from vlp.train.loop import train
 
         overrides = [f"data.train={summary['dataset']}", *cfg.pretrain_overrides]
         run_cfg = load_run_config(cfg.pretrain_config, overrides)

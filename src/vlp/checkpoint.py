@@ -2,9 +2,9 @@
 
     model.safetensors   weights
     model.json          {"family": ..., architecture config}
-    preprocess.json     image preprocessing (ImageConfig)
-    tokenizer.json      the tokenizer, fixed to its context length
-    qformer_tokenizer/  InstructBLIP: the tokenizer of the Q-Former's instructions (tokenizer.json)
+    tokenizers/<name>/  the named tokenizers, each fixed to its context length (`vlp.assets`)
+    image_processors/<name>/preprocess.json
+                        the named image preprocessing (ImageConfig)
     state.json          step and run config (training checkpoints only)
     optimizer.pt        optimizer and schedule state (training checkpoints only; loaded weights_only)
 
@@ -29,36 +29,41 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlp.assets import ASSET_FILES, IMAGE, TEXT, Assets
 from vlp.assets.image import ImageConfig, ImageTransform
-from vlp.assets.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
-from vlp.config import ConfigError, from_dict, to_dict
+from vlp.assets.tokenizer import Tokenizer
+from vlp.config import ConfigError, to_dict
 from vlp.errors import CheckpointError
 from vlp.model_size import LOAD_BYTES_PER_PARAMETER, check_model_fits
 from vlp.registry import Family, parse_model_config
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "model.json"
-PREPROCESS_FILE = "preprocess.json"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_FILES = (WEIGHTS_FILE, ARCH_FILE, PREPROCESS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, STATE_FILE,
-                    OPTIMIZER_FILE, QFORMER_TOKENIZER_DIR)
+CHECKPOINT_FILES = (WEIGHTS_FILE, ARCH_FILE, STATE_FILE, OPTIMIZER_FILE, *ASSET_FILES)
 
 
 @dataclass
 class Pretrained:
-    """A loaded model with the preprocessing and tokenizer it was trained with."""
+    """A loaded model with the named assets (tokenizers, image preprocessing) it was trained with."""
 
     family: Family
     config: Any
     model: nn.Module
-    image_config: ImageConfig
-    tokenizer: Tokenizer
+    assets: Assets
     path: Path
-    # A second tokenizer for models whose image side reads text in its own vocabulary (InstructBLIP's Q-Former).
-    qformer_tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The `text` tokenizer."""
+        return self.assets.tokenizer(TEXT, where=self.path)
+
+    @property
+    def image_config(self) -> ImageConfig:
+        """The `image` preprocessing."""
+        return self.assets.image_config(IMAGE, where=self.path)
 
     def image_transform(self) -> ImageTransform:
         return ImageTransform(self.image_config, train=False)
@@ -106,11 +111,9 @@ def save_checkpoint(
     family: Family,
     model_config: Any,
     model: nn.Module | dict[str, torch.Tensor],
-    image_config: ImageConfig,
-    tokenizer: Tokenizer,
+    assets: Assets,
     state: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
-    qformer_tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a checkpoint folder. `model` is the module, or its state dict when it was gathered from shards.
 
@@ -129,11 +132,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         write_safetensors(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "family": family.name})
         (tmp / ARCH_FILE).write_text(json.dumps({"family": family.name, **to_dict(model_config)}, indent=1))
-        (tmp / PREPROCESS_FILE).write_text(json.dumps(to_dict(image_config), indent=1))
-        tokenizer.save(tmp)
-        if qformer_tokenizer is not None:
-            (tmp / QFORMER_TOKENIZER_DIR).mkdir()
-            qformer_tokenizer.save(tmp / QFORMER_TOKENIZER_DIR)
+        assets.save(tmp)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         if state is not None:
@@ -257,20 +256,30 @@ def build_model(family: Family, config: Any, *, bytes_per_parameter: int, what: 
 def load_checkpoint(path: str | Path) -> Pretrained:
     """Load a vlp checkpoint (or a run folder's latest) with its preprocessing and tokenizer."""
     folder = resolve_checkpoint(path)
-    for name in (ARCH_FILE, PREPROCESS_FILE, TOKENIZER_FILE):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder} is incomplete: {name} is missing")
+    if not (folder / ARCH_FILE).is_file():
+        raise CheckpointError(f"{folder} is incomplete: {ARCH_FILE} is missing")
     arch = read_json(folder / ARCH_FILE)
     if not isinstance(arch, dict):
         raise CheckpointError(f"{folder / ARCH_FILE} must hold a mapping with the model's family and shapes")
     try:
         family, config = parse_model_config(arch)
-        image_config = from_dict(ImageConfig, read_json(folder / PREPROCESS_FILE), prefix="preprocess")
     except ConfigError as err:
         raise CheckpointError(f"{folder}: {err}") from err
+    assets = Assets.load(folder)
+    check_assets(family, assets, folder)
     model = build_model(family, config, bytes_per_parameter=LOAD_BYTES_PER_PARAMETER, what=str(folder / ARCH_FILE))
     load_weights(model, folder / WEIGHTS_FILE)
     model.eval()
-    qformer_tokenizer = folder / QFORMER_TOKENIZER_DIR
-    return Pretrained(family, config, model, image_config, Tokenizer.from_file(folder), folder,
-                      Tokenizer.from_file(qformer_tokenizer) if qformer_tokenizer.is_dir() else None)
+    return Pretrained(family, config, model, assets, folder)
+
+
+def check_assets(family: Family, assets: Assets, where: Path) -> None:
+    """Every asset the family reads with is there; an error naming the first one missing."""
+    if IMAGE not in assets.image_processors:
+        raise CheckpointError(f"{where} is incomplete: its image preprocessing is missing "
+                              "(image_processors/image/preprocess.json, or preprocess.json)")
+    for name, what in family.tokenizers:
+        if name not in assets.tokenizers:
+            layout = "tokenizer.json" if name == TEXT else f"tokenizers/{name}/"
+            raise CheckpointError(f"{where} is incomplete: a {family.name} model needs its {what} ('{name}' "
+                                  f"tokenizer, {layout}), and this checkpoint has none")

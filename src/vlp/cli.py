@@ -13,6 +13,7 @@ from typing import Any
 
 from vlp import __version__
 from vlp.config import ConfigError, from_dict
+from vlp.errors import USER_ERRORS
 
 
 def _cmd_data_shapes(args: argparse.Namespace) -> None:
@@ -53,7 +54,8 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from vlp.train.loop import load_run_config, saved_run_config, train
+    from vlp.train.config import load_run_config, saved_run_config
+    from vlp.train.loop import train
 
     overrides = list(args.set)
     if args.data:
@@ -619,7 +621,7 @@ def _add_everywhere(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> N
 
 def describe_error(err: BaseException) -> str:
     """One line saying what went wrong and where."""
-    if isinstance(err, (ConfigError, *_library_errors())):
+    if isinstance(err, (ConfigError, *USER_ERRORS)):
         message = str(err)
     elif isinstance(err, OSError):
         if err.errno == errno.ENOSPC:
@@ -629,17 +631,6 @@ def describe_error(err: BaseException) -> str:
     else:
         message = f"{type(err).__name__}: {err} (an unexpected error: --debug shows where)"
     return " ".join(message.split())
-
-
-def _library_errors() -> tuple[type[BaseException], ...]:
-    """The errors whose message is written for users: it names the file, key or sample."""
-    from vlp.checkpoint import CheckpointError
-    from vlp.convert import ConversionError
-    from vlp.data.sources import DataError
-    from vlp.serve.predictors import BadQuery, NonFiniteOutput, UnsupportedTask
-    from vlp.train.loop import TrainingError
-
-    return BadQuery, CheckpointError, ConversionError, DataError, NonFiniteOutput, UnsupportedTask, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -655,5 +646,5 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {describe_error(err)}", file=sys.stderr)
-        return 2 if isinstance(err, (OSError, ConfigError, *_library_errors())) else 1
+        return 2 if isinstance(err, (OSError, ConfigError, *USER_ERRORS)) else 1
     return 0

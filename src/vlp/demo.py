@@ -11,7 +11,8 @@ from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot, format_table
 from vlp.report import metrics_table, plot_curves, plot_recall, plot_retrieval_grid, read_metrics
 from vlp.serve.predictors import DualEncoderPredictor
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 log = logging.getLogger("vlp.demo")
 

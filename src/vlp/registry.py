@@ -2,7 +2,7 @@
 presets, architecture configs kept as JSON files in `vlp/presets/` (like open_clip's model configs).
 
 A static table, not a registry filled by import side effects: a new family is one entry here. What
-trains a family (its objective and data task) lives in `vlp.train.families`, so loading a model imports
+trains a family (its objective and data task) lives in `vlp.objectives.recipes`, so loading a model imports
 no trainer, objective or data pipeline.
 """
 
@@ -28,6 +28,7 @@ from vlp.abilities import (
     JudgesImagePairs,
     MatchesImageText,
 )
+from vlp.assets import INSTRUCTION, TEXT
 from vlp.config import ConfigError, from_dict, merge
 from vlp.models.blip import Blip, BlipConfig, BlipNlvr, BlipNlvrConfig, BlipVqa, BlipVqaConfig
 from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig
@@ -52,6 +53,9 @@ class Family:
     config_cls: type
     model_cls: type[nn.Module]
     abilities: tuple[type[Ability], ...]
+    # The named tokenizers (`vlp.assets`) its models read text with, and what each is, for the error a
+    # checkpoint without one gets.
+    tokenizers: tuple[tuple[str, str], ...] = ((TEXT, "tokenizer"),)
 
     def can(self, ability: type[Ability]) -> bool:
         return ability in self.abilities
@@ -71,7 +75,8 @@ FAMILIES: dict[str, Family] = {
         (EmbedsImages, EmbedsTexts, GivesImageTokens, CaptionsImages, MatchesImageText),
     ),
     "blip2": Family("blip2", Blip2Config, Blip2, (CaptionsImages, AnswersQuestions)),
-    "instructblip": Family("instructblip", InstructBlipConfig, InstructBlip, (AnswersQuestions, FollowsInstructions)),
+    "instructblip": Family("instructblip", InstructBlipConfig, InstructBlip, (AnswersQuestions, FollowsInstructions),
+                           tokenizers=((TEXT, "language model's tokenizer"), (INSTRUCTION, "Q-Former's tokenizer"))),
     "owlvit": Family("owlvit", OwlVitConfig, OwlVit, (DetectsBoxes,)),
 }
 

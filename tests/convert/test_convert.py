@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import vlp
 from text_samples import train_siglip_spm, varied_strings
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.image import ImageConfig
 from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.checkpoint import CheckpointError, save_checkpoint
@@ -248,8 +249,7 @@ def _vlp_model(tmp_path, siglip: bool):
         family=FAMILIES["clip"],
         model_config=cfg,
         model=model,
-        image_config=ImageConfig(size=32),
-        tokenizer=tokenizer,
+        assets=Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=32)}),
     )
 
 
@@ -380,15 +380,14 @@ def test_models_without_a_foreign_layout_are_refused(tmp_path):
         family=FAMILIES["clip"],
         model_config=cfg,
         model=DualEncoder(cfg),
-        image_config=ImageConfig(size=32),
-        tokenizer=tokenizer,
+        assets=Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=32)}),
     )
     with pytest.raises(ConversionError, match="only ViT towers"):
         export_pretrained(vlp.load(folder), "hf", tmp_path / "hf")
     assert main(["convert", str(folder), "--to", "open_clip", "--out", str(tmp_path / "oc")]) == 2
     cfg.vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, stem_channels=[8, 8, 8])
     folder = save_checkpoint(tmp_path / "vlp-stem", family=FAMILIES["clip"], model_config=cfg, model=DualEncoder(cfg),
-                             image_config=ImageConfig(size=32), tokenizer=tokenizer)
+                             assets=Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=32)}))
     for to in ("hf", "open_clip"):
         with pytest.raises(ConversionError, match="convolutional stem"):
             export_pretrained(vlp.load(folder), to, tmp_path / to)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from text_samples import varied_strings
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.cli import main
 from vlp.convert import export_pretrained, load_pretrained
@@ -191,7 +192,8 @@ def test_a_vlp_blip_exports_to_both_heads(trained_blip, tmp_path, bert_vocab):
     bert_vocab.save_pretrained(tmp_path / "tok")
     tokenizer = tokenizer_from_path(tmp_path / "tok", context_length=16)
     pretrained = Pretrained(
-        FAMILIES["blip"], cfg, model, ImageConfig(size=32, resize_mode="squash"), tokenizer, tmp_path
+        FAMILIES["blip"], cfg, model, Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=32, resize_mode="squash")}),
+        tmp_path,
     )
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     ids, mask = _ids(tokenizer, ["a red square", "two blue circles"], 30523)

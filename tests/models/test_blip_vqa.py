@@ -16,7 +16,8 @@ from vlp.models.blip import Blip, BlipConfig, BlipVqa, BlipVqaConfig
 from vlp.registry import get_family
 from vlp.serve.predictors import VqaPredictor
 from vlp.towers import BertTextConfig, VisionConfig
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 
 def test_answers_are_normalised_as_the_official_evaluation_does():

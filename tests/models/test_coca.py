@@ -24,7 +24,9 @@ from vlp.models.coca import Coca, CocaConfig
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 from vlp.towers import TextConfig, VisionConfig
-from vlp.train.loop import _split_batch, accumulated_backward, load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
+from vlp.train.step import accumulated_backward, split_batch
 
 VOCAB, LENGTH = 40, 12
 
@@ -190,7 +192,7 @@ def test_two_micro_batches_equal_one_batch(loss):
         else:
             value, _ = accumulated_backward(
                 objective,
-                _split_batch(batch, 2),
+                split_batch(batch, 2),
                 no_sync=contextlib.nullcontext,
                 autocast=contextlib.nullcontext(),
                 family="coca",

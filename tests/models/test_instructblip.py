@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlp.assets import INSTRUCTION
 from vlp.losses import sequence_losses
 from vlp.objectives.instructblip import InstructBlipObjective, InstructBlipObjectiveConfig
 from vlp.registry import create_model
@@ -114,7 +115,7 @@ def test_ranking_picks_the_candidate_of_highest_likelihood(tmp_path):
     model, tokenizer = pretrained.model, pretrained.tokenizer
     for question, options, row in zip(["what colour?", "is it red?"], candidates, scores, strict=True):
         ids, mask = tokenizer([question])
-        qids, qmask = pretrained.qformer_tokenizer([question])
+        qids, qmask = pretrained.assets.tokenizers[INSTRUCTION]([question])
         pixels = predictor._pixels([image])
         with torch.no_grad():
             states = model.encode_question(pixels, ids, mask, qids, qmask)
@@ -139,6 +140,7 @@ def _checkpoint(tmp_path, qformer_tokenizer: bool = True):
     """A random tiny InstructBLIP saved with its two tokenizers (or without the Q-Former's), and an image."""
     from PIL import Image
 
+    from vlp.assets import IMAGE, TEXT, Assets
     from vlp.assets.image import ImageConfig
     from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
     from vlp.checkpoint import save_checkpoint
@@ -154,8 +156,8 @@ def _checkpoint(tmp_path, qformer_tokenizer: bool = True):
     tmp_path.mkdir(exist_ok=True)
     Image.new("RGB", (48, 48), (200, 30, 30)).save(tmp_path / "x.png")
     return save_checkpoint(tmp_path / "instructblip", family=family, model_config=cfg, model=family.model_cls(cfg),
-                           image_config=ImageConfig(size=48), tokenizer=tokenizer,
-                           qformer_tokenizer=qformer if qformer_tokenizer else None)
+                           assets=Assets({TEXT: tokenizer, **({INSTRUCTION: qformer} if qformer_tokenizer else {})},
+                                         {IMAGE: ImageConfig(size=48)}))
 
 
 def test_ask_follows_an_instruction_and_a_checkpoint_without_its_qformer_tokenizer_is_named(tmp_path, capsys):
@@ -163,7 +165,7 @@ def test_ask_follows_an_instruction_and_a_checkpoint_without_its_qformer_tokeniz
     from vlp.cli import main
 
     checkpoint = _checkpoint(tmp_path)
-    assert load_checkpoint(checkpoint).qformer_tokenizer is not None
+    assert INSTRUCTION in load_checkpoint(checkpoint).assets.tokenizers
     image = str(tmp_path / "x.png")
     assert main(["ask", image, "Write a short description for the image.", "--checkpoint", str(checkpoint)]) == 0
     assert capsys.readouterr().out.count("\n") == 1
@@ -180,7 +182,8 @@ def test_from_blip2_stages_to_instruction_tuning_evaluation_and_ask(shapes_world
     from vlp.checkpoint import load_checkpoint
     from vlp.cli import main
     from vlp.shapes.instructions import make_instruction_suite
-    from vlp.train.loop import load_run_config, train
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
 
     suite = tmp_path / "suite"
     make_instruction_suite(shapes_world, suite, per_task=6)
@@ -202,8 +205,8 @@ def test_from_blip2_stages_to_instruction_tuning_evaluation_and_ask(shapes_world
     # real SmolLM2 measure what instruction tuning reaches).
     assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 0.05, records
     loaded = load_checkpoint(tuned)
-    assert loaded.family.name == "instructblip" and loaded.qformer_tokenizer is not None
-    assert loaded.qformer_tokenizer.vocab_size == load_checkpoint(stage1).tokenizer.vocab_size
+    assert loaded.family.name == "instructblip" and INSTRUCTION in loaded.assets.tokenizers
+    assert loaded.assets.tokenizers[INSTRUCTION].vocab_size == load_checkpoint(stage1).tokenizer.vocab_size
     # Resuming from step 30 redraws the same mixture and ends with the same weights.
     resumed = tmp_path / "resumed"
     resumed.mkdir()

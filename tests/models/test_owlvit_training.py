@@ -12,7 +12,8 @@ import yaml
 
 from vlp.cli import main
 from vlp.config import apply_overrides
-from vlp.train.loop import load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 
 DETECTOR = {
     "model.family": "owlvit", "model.embed_dim": 64,

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 from conftest import TINY_VIT, tiny_run_overrides
+from vlp.assets import IMAGE, Assets
 from vlp.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -25,12 +26,15 @@ from vlp.checkpoint import (
 )
 from vlp.data.sources import DataError
 from vlp.distributed import ParallelModel
+from vlp.errors import TrainingError
 from vlp.evals.runner import evaluate_zeroshot
+from vlp.objectives.recipes import recipe_of
 from vlp.registry import get_family
 from vlp.serve.predictors import DualEncoderPredictor
-from vlp.train.families import recipe_of
-from vlp.train.loop import TrainingError, TrainStep, load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
 from vlp.train.optim import make_optimizer, parameter_groups
+from vlp.train.step import TrainStep
 
 SIGLIP = {
     "model.init_logit_scale": 2.302585,
@@ -221,7 +225,7 @@ def test_a_diverging_run_stops_with_an_error_and_never_saves_non_finite_weights(
     assert sum(r.get("skipped_steps", 0) for r in records) >= 1
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         save_checkpoint(tmp_path / "nan", family=get_family("clip"), model_config=None,
-                        model={"w": torch.tensor([1.0, float("nan")])}, image_config=None, tokenizer=None)
+                        model={"w": torch.tensor([1.0, float("nan")])}, assets=Assets())
     assert not (tmp_path / "nan").exists()
     save_file({"w": torch.tensor([float("inf")])}, str(tmp_path / "inf.safetensors"))
     with pytest.raises(CheckpointError, match="weight 'w' holds NaN or infinite values"):
@@ -279,7 +283,8 @@ def test_resume_reuses_the_saved_configuration_and_says_what_changed(shapes_worl
     assert records[-1]["lr"] == pytest.approx(0.001 * 7 / 20)
     # Without --config the saved configuration is the whole configuration.
     assert main(["train", "--out", str(run), "--resume", "latest", "--set", "train.steps=8"]) == 0
-    modes = {p.name: p.stat().st_mode & 0o777 for p in resolve_checkpoint(run).iterdir()}
+    folder = resolve_checkpoint(run)
+    modes = {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
     assert len(set(modes.values())) == 1, modes  # model.safetensors as every other file
 
 
@@ -353,11 +358,12 @@ def test_init_from_refuses_a_family_the_recipe_does_not_start_from(tmp_path):
     from vlp.checkpoint import Pretrained
     from vlp.config import ConfigError
     from vlp.registry import create_model
-    from vlp.train.loop import _initialise
+    from vlp.train.setup import initialise
 
-    clip = Pretrained(get_family("clip"), None, create_model("clip-tiny"), ImageConfig(), None, tmp_path / "clip")
+    clip = Pretrained(get_family("clip"), None, create_model("clip-tiny"), Assets(image_processors={IMAGE: ImageConfig()}),
+                      tmp_path / "clip")
     with pytest.raises(ConfigError, match=r"a BlipVqa cannot start from a DualEncoder checkpoint \(.*clip\)"):
-        _initialise(create_model("blip-vqa-tiny"), get_family("blip_vqa"), clip)
+        initialise(create_model("blip-vqa-tiny"), get_family("blip_vqa"), clip)
 
 
 def test_a_fixed_thread_count_repeats_a_run_bit_for_bit(shapes_world, tmp_path):

@@ -19,7 +19,9 @@ from vlp.config import apply_overrides
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
 from vlp.towers import TextConfig, VisionConfig
-from vlp.train.loop import _split_batch, accumulated_backward, load_run_config, train
+from vlp.train.config import load_run_config
+from vlp.train.loop import train
+from vlp.train.step import accumulated_backward, split_batch
 
 
 def _tiny_model(siglip: bool) -> DualEncoder:
@@ -52,7 +54,7 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(loss):
             value = objective(batch)["contrastive_loss"]
             value.backward()
         else:
-            micro = _split_batch(batch, accum)
+            micro = split_batch(batch, accum)
             assert [m["size"] for m in micro] == [8] * 4
             value, _ = accumulated_backward(
                 objective,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from vlp.assets import TEXT
 from vlp.checkpoint import (
     ARCH_FILE,
     CheckpointError,
@@ -105,7 +106,7 @@ def load_pretrained(
         return LOADERS[fmt, _kind(path, fmt, config)](path, config=config, tokenizer=tokenizer)
     loaded = load_checkpoint(path)
     if tokenizer is not None:
-        loaded.tokenizer = tokenizer_from_path(tokenizer, context_length=loaded.tokenizer.context_length)
+        loaded.assets.tokenizers[TEXT] = tokenizer_from_path(tokenizer, context_length=loaded.tokenizer.context_length)
     return loaded
 
 
@@ -143,9 +144,7 @@ def export_pretrained(
         family=pretrained.family,
         model_config=pretrained.config,
         model=pretrained.model,
-        image_config=pretrained.image_config,
-        tokenizer=pretrained.tokenizer,
-        qformer_tokenizer=pretrained.qformer_tokenizer,
+        assets=pretrained.assets,
     )
 
 

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.image import ImageConfig
 from vlp.assets.tokenizer import Tokenizer
 from vlp.checkpoint import Pretrained, write_safetensors
@@ -241,7 +242,7 @@ def load_hf(folder: Path, *, tokenizer: str | Path | None = None, **_: Any) -> P
         tokenizer or folder, context_length=cfg.text.context_length, model_type=model_type
     )
     image_config = image_config_of(folder, cfg.vision.image_size, model_type)
-    return Pretrained(FAMILIES["clip"], cfg, model, image_config, text_tokenizer, folder)
+    return Pretrained(FAMILIES["clip"], cfg, model, Assets({TEXT: text_tokenizer}, {IMAGE: image_config}), folder)
 
 
 def model_type_of(cfg: DualEncoderConfig) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.common import (
     ConversionError,
@@ -207,7 +208,7 @@ def load_hf_blip(folder: Path, *, tokenizer: str | Path | None = None, **_: Any)
     # BLIP's processor resizes to a square, no crop.
     image_config = image_config_from_hf(folder, vision_cfg.image_size, crop=False)
     family = FAMILIES["blip_vqa" if architecture == VQA else "blip"]
-    return Pretrained(family, model_cfg, model, image_config, text_tokenizer, folder)
+    return Pretrained(family, model_cfg, model, Assets({TEXT: text_tokenizer}, {IMAGE: image_config}), folder)
 
 
 def _hf_text_config(text: BertTextConfig, vision_width: int, tied: bool) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vlp.assets import IMAGE, INSTRUCTION, TEXT, Assets
 from vlp.checkpoint import Pretrained, without_aliases, write_safetensors
 from vlp.convert.common import (
     ConversionError,
@@ -204,8 +205,8 @@ def load_hf_blip2(folder: Path, *, tokenizer: str | Path | None = None, **_: Any
     # BLIP-2's processor (BlipImageProcessor) resizes to a square, bicubic, with CLIP's mean and std.
     image_config = image_config_from_hf(folder, image.vision.image_size, crop=False)
     family = FAMILIES[{RETRIEVAL: "blip2_qformer", INSTRUCT: "instructblip"}.get(architecture, "blip2")]
-    return Pretrained(family, model_cfg, model, image_config, text_tokenizer, folder,
-                      qformer_tokenizer if architecture == INSTRUCT else None)
+    tokenizers = {TEXT: text_tokenizer, **({INSTRUCTION: qformer_tokenizer} if architecture == INSTRUCT else {})}
+    return Pretrained(family, model_cfg, model, Assets(tokenizers, {IMAGE: image_config}), folder)
 
 
 @torch.no_grad()
@@ -287,7 +288,7 @@ def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None 
     save_hf_tokenizer(tokenizer, out)
     if instruct:
         (out / QFORMER_TOKENIZER).mkdir(exist_ok=True)
-        save_hf_tokenizer(pretrained.qformer_tokenizer, out / QFORMER_TOKENIZER)
+        save_hf_tokenizer(pretrained.assets.tokenizer(INSTRUCTION, where=pretrained.path), out / QFORMER_TOKENIZER)
     if not isinstance(model, Blip2Qformer):
         processor = "InstructBlipProcessor" if instruct else "Blip2Processor"
         (out / "processor_config.json").write_text(json.dumps({"processor_class": processor,

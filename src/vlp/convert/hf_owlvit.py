@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.image import CLIP_MEAN, CLIP_STD, ImageConfig
 from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.common import (
@@ -126,7 +127,8 @@ def load_hf_owlvit(folder: Path, *, tokenizer: str | Path | None = None, **_: An
     model.eval()
     text_tokenizer = tokenizer_from_path(tokenizer or folder, context_length=cfg.text.context_length,
                                          model_type=model_type)
-    return Pretrained(FAMILIES["owlvit"], cfg, model, image_config_of(folder, cfg, model_type), text_tokenizer, folder)
+    return Pretrained(FAMILIES["owlvit"], cfg, model,
+                      Assets({TEXT: text_tokenizer}, {IMAGE: image_config_of(folder, cfg, model_type)}), folder)
 
 
 def _check_exportable(cfg: OwlVitConfig, tokenizer: Any) -> None:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.image import CLIP_MEAN, CLIP_STD, ImageConfig
 from vlp.assets.tokenizer import Tokenizer
 from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
@@ -465,7 +466,7 @@ def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: s
     model.load_state_dict(to_vlp(state, rules, model.state_dict(), source=str(weights), ignore=IGNORED_KEYS))
     model.eval()
     image_config = image_config_from_open_clip(preprocess, cfg.vision.image_size)
-    return Pretrained(family, cfg, model, image_config, text_tokenizer, path)
+    return Pretrained(family, cfg, model, Assets({TEXT: text_tokenizer}, {IMAGE: image_config}), path)
 
 
 def _norm_kwargs(eps: float) -> dict[str, Any]:

@@ -444,8 +444,8 @@ class InstructionCollate:
     """Images stacked ([B, 3, H, W], or [B, F, 3, H, W] for F images a record), the instruction and the answer
     in the language model's tokens, and the instruction in the Q-Former's tokens when it is given."""
 
-    def __init__(self, tokenizer: Tokenizer, qformer_tokenizer: Tokenizer | None = None):
-        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
+    def __init__(self, tokenizer: Tokenizer, instruction_tokenizer: Tokenizer | None = None):
+        self.tokenizer, self.instruction_tokenizer = tokenizer, instruction_tokenizer
 
     def __call__(self, items: list[dict[str, Any]]) -> InstructionBatch:
         good = [i for i in items if "bad" not in i]
@@ -463,8 +463,8 @@ class InstructionCollate:
             "text": text, "text_mask": text_mask, "answer": answer, "answer_mask": answer_mask,
             "bad": bad, "size": len(good),
         }  # fmt: skip
-        if self.qformer_tokenizer is not None:
-            batch["instruction"], batch["instruction_mask"] = tokenize_trimmed(self.qformer_tokenizer.truncating_left(),
+        if self.instruction_tokenizer is not None:
+            batch["instruction"], batch["instruction_mask"] = tokenize_trimmed(self.instruction_tokenizer.truncating_left(),
                                                                                instructions)
         return batch
 
@@ -499,7 +499,7 @@ def instruction_batches(
     world_size: int = 1,
     bad: BadSamples | None = None,
     position: dict[str, Any] | None = None,
-    qformer_tokenizer: Tokenizer | None = None,
+    instruction_tokenizer: Tokenizer | None = None,
 ) -> GoodBatches:
     """Endless instruction-tuning batches, datasets mixed by `cfg.sampling` (see the module docstring)."""
     records = training_records(cfg, bad)
@@ -512,7 +512,7 @@ def instruction_batches(
     sampler = MixtureBatchSampler(list(sizes.values()), list(probabilities.values()), batch_size, seed=seed, rank=rank,
                                   world_size=world_size, start_step=start_step)
     dataset = InstructionDataset(ordered, transform, read_templates(cfg.templates), seed)
-    return map_style_batches(dataset, InstructionCollate(tokenizer, qformer_tokenizer), cfg, batch_size=batch_size,
+    return map_style_batches(dataset, InstructionCollate(tokenizer, instruction_tokenizer), cfg, batch_size=batch_size,
                              seed=seed, bad=bad, sampler=sampler)
 
 

@@ -89,7 +89,7 @@ class FrozenImageEncoder(nn.Module):
 
 @dataclass
 class Blip2Sources:
-    """Pre-trained parts a new training run starts from (`vlp.train.sources` reads them once; a checkpoint
+    """Pre-trained parts a new training run starts from (`vlp.objectives.sources` reads them once; a checkpoint
     holds their weights after that, so loading one never reads these paths)."""
 
     # Any checkpoint vlp loads (vlp, Hugging Face, open_clip): its image tower, architecture and weights.

@@ -28,6 +28,7 @@ from vlp.abilities import (
     JudgesImagePairs,
     MatchesImageText,
 )
+from vlp.assets import INSTRUCTION
 from vlp.assets.image import boxes_to_image, boxes_to_input
 from vlp.assets.tokenizer import tokenize_trimmed
 from vlp.checkpoint import Pretrained
@@ -294,10 +295,7 @@ class VqaPredictor(Predictor):
             raise ValueError("ranked answering needs a list of candidate answers")
         self.qformer_tokenizer = None
         if pretrained.family.can(FollowsInstructions):
-            if pretrained.qformer_tokenizer is None:
-                raise UnsupportedTask(f"{pretrained.path}: an {pretrained.family.name} checkpoint needs its Q-Former's "
-                                      "tokenizer (qformer_tokenizer/), and this one has none")
-            self.qformer_tokenizer = pretrained.qformer_tokenizer
+            self.qformer_tokenizer = pretrained.assets.tokenizer(INSTRUCTION, where=pretrained.path)
         self.method, self.k = method, k
         # BLIP's VQA generation: beam 3, at most 10 tokens.
         self.generation = generation or GenerationConfig(

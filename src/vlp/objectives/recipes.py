@@ -1,7 +1,9 @@
-"""How each registered family trains: its objective (config and class) and its data task.
+"""How each registered family trains: its objective (config and class), its data task and the assets a run
+keeps beyond the `text` tokenizer.
 
 The architecture side (config, model, abilities, presets) is `vlp.registry`; this table is the training
-side, kept here so that loading a model never imports an objective or the data pipeline.
+side, kept here so that loading a model never imports an objective or the data pipeline. The trainer
+reads a family's recipe and knows no family by name.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vlp.assets import INSTRUCTION
+from vlp.assets.tokenizer import Tokenizer
 from vlp.config import ConfigError, from_dict
 from vlp.data.detection import DetectionDataConfig, detection_batches, detection_texts
 from vlp.data.instructions import InstructionDataConfig, instruction_batches, instruction_texts
@@ -32,9 +36,20 @@ from vlp.objectives.blip2 import (
 )
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
 from vlp.objectives.contrastive import ContrastiveObjective, ContrastiveObjectiveConfig
-from vlp.objectives.instructblip import InstructBlipObjective, InstructBlipObjectiveConfig
+from vlp.objectives.instructblip import InstructBlipObjective, InstructBlipObjectiveConfig, instruction_tokenizer
 from vlp.objectives.owlvit import OwlVitObjective, OwlVitObjectiveConfig
 from vlp.registry import Family
+
+
+@dataclass(frozen=True)
+class TokenizerAsset:
+    """A tokenizer a run keeps beside `text` (`vlp.assets`): taken from the checkpoint a run resumes or starts
+    from when it has one, else made by `build(model config)` (from the model's pre-trained sources); the
+    text side of config section `model.<section>` must read what it writes."""
+
+    name: str
+    section: str
+    build: Callable[[Any], Tokenizer]
 
 
 @dataclass(frozen=True)
@@ -50,9 +65,8 @@ class Recipe:
     # Other families whose checkpoints `train.init_from` may start it from, through the model's
     # `init_from(pretrained model) -> tensors left at initialisation` (BLIP-VQA and BLIP-NLVR from BLIP).
     starts_from: tuple[str, ...] = ()
-    # The model's image side reads text in its own vocabulary (InstructBLIP's Q-Former): the run keeps a
-    # second tokenizer, and `batches` gets it as `qformer_tokenizer`.
-    reads_instructions: bool = False
+    # Tokenizers beyond `text`; `batches` gets each as `<name>_tokenizer`.
+    tokenizers: tuple[TokenizerAsset, ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {
@@ -65,7 +79,8 @@ RECIPES: dict[str, Recipe] = {
                             starts_from=("clip", "blip", "coca")),
     "blip2": Recipe(Blip2ObjectiveConfig, Blip2Objective, starts_from=("blip2_qformer", "clip", "blip", "coca")),
     "instructblip": Recipe(InstructBlipObjectiveConfig, InstructBlipObjective, instruction_batches, instruction_texts,
-                           InstructionDataConfig, starts_from=("blip2", "blip2_qformer"), reads_instructions=True),
+                           InstructionDataConfig, starts_from=("blip2", "blip2_qformer"),
+                           tokenizers=(TokenizerAsset(INSTRUCTION, "qformer", instruction_tokenizer),)),
     "owlvit": Recipe(OwlVitObjectiveConfig, OwlVitObjective, detection_batches, detection_texts, DetectionDataConfig,
                      starts_from=("clip",)),
 }
