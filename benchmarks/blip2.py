@@ -21,9 +21,10 @@ from common import interleaved_times, shapes_pairs
 import vlp
 from vlp.distributed import ParallelModel
 from vlp.generation import GenerationConfig, generate
-from vlp.models.blip2 import Blip2Qformer, Blip2QformerConfig, FrozenImageConfig
+from vlp.models.blip2 import Blip2Qformer, Blip2QformerConfig
 from vlp.objectives.blip2 import Blip2QformerObjective, Blip2QformerObjectiveConfig
 from vlp.towers import VisionConfig
+from vlp.towers.frozen_image import FrozenImageConfig
 from vlp.towers.qformer import QFormerConfig
 from vlp.train.optim import make_optimizer
 from vlp.train.step import TrainStep

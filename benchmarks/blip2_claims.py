@@ -27,14 +27,14 @@ from typing import Any
 import torch
 import yaml
 from common import machine
+from vlp.evals.runner import evaluate_retrieval
+from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor, VqaPredictor
 
 from vlp.checkpoint import list_checkpoints, load_checkpoint
 from vlp.convert.tokenizers import tokenizer_from_path
 from vlp.evals.captioning import evaluate_captioning
-from vlp.evals.runner import evaluate_retrieval
 from vlp.evals.vqa import evaluate_vqa
 from vlp.generation import GenerationConfig, generate
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor, VqaPredictor
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 

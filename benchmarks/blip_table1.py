@@ -32,13 +32,13 @@ import re
 from pathlib import Path
 
 from common import mean_range
+from vlp.evals.runner import evaluate_retrieval
+from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 
 from vlp.capfilt import CapFiltConfig, run_capfilt
 from vlp.config import ConfigError, from_dict
 from vlp.evals.captioning import evaluate_captioning
-from vlp.evals.runner import evaluate_retrieval
 from vlp.generation import GenerationConfig
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.train.config import load_run_config
 from vlp.train.loop import train

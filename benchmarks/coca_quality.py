@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from common import mean_range
+from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot
+from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 
 from vlp.config import ConfigError
 from vlp.evals.captioning import evaluate_captioning
-from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot
 from vlp.generation import GenerationConfig
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.train.config import load_run_config
 from vlp.train.loop import train

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from blip2_claims import _train  # a run trained once, reused (or resumed) when the script runs again
+from vlp.serve.predictors import VqaPredictor
 
 from vlp.evals.instructions import evaluate_instructions
 from vlp.generation import GenerationConfig
-from vlp.serve.predictors import VqaPredictor
 
 log = logging.getLogger("instructblip_claims")
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "instructblip-tiny.yaml"

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_VIT, tiny_run_overrides
 from vlp.checkpoint import CheckpointError, resolve_checkpoint
 from vlp.cli import build_parser, main
-from vlp.serve.predictors import DualEncoderPredictor
+from vlp.tasks.embedding import EmbeddingPredictor
 
 
 def sets(overrides):
@@ -247,7 +247,7 @@ def test_model_commands_take_a_precision_and_show_progress(trained_run, shapes_w
     for command in (["caption", "x.png"], ["ask", "x.png", "q?"], ["eval", "captioning", "--data", "d.json"],
                     ["eval", "vqa", "--questions", "q", "--annotations", "a"], ["eval", "nlvr", "--data", "d"]):
         assert parser.parse_args([*command, "--checkpoint", "c", "--precision", "bf16"]).precision == "bf16"
-    predictor = DualEncoderPredictor.from_checkpoint(trained_run, batch_size=2, progress=True)
+    predictor = EmbeddingPredictor.from_checkpoint(trained_run, batch_size=2, progress=True)
     capsys.readouterr()
     predictor.embed_images(images)
     assert "embedding images" in capsys.readouterr().err
@@ -255,9 +255,9 @@ def test_model_commands_take_a_precision_and_show_progress(trained_run, shapes_w
 
 def test_a_model_that_computes_nan_is_named_not_scored(trained_run, shapes_world):
     """Weights can be finite and still produce NaN (a diverged model): embeddings are checked."""
-    from vlp.serve.predictors import NonFiniteOutput
+    from vlp.errors import NonFiniteOutput
 
-    predictor = DualEncoderPredictor.from_checkpoint(trained_run)
+    predictor = EmbeddingPredictor.from_checkpoint(trained_run)
     predictor.model.encode_image = lambda pixels: torch.full((len(pixels), 64), float("nan"))
     with pytest.raises(NonFiniteOutput, match=f"{resolve_checkpoint(trained_run)}: the model's image embeddings"):
         predictor.embed_images([min((shapes_world / "images" / "test").glob("*.png"))])

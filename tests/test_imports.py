@@ -11,15 +11,16 @@ SRC = Path(vlp.__file__).parent
 # Lower layers first; a module may import its own layer and those before it, never one after.
 LAYERS = [
     ("vlp.errors",),
-    ("vlp.config", "vlp.distributed", "vlp.precision", "vlp.geometry"),
+    ("vlp.config", "vlp.distributed", "vlp.precision", "vlp.geometry", "vlp.flags"),
     ("vlp.assets",),
-    ("vlp.layers", "vlp.data", "vlp.losses", "vlp.generation", "vlp.abilities", "vlp.model_size"),
+    ("vlp.layers", "vlp.data", "vlp.losses", "vlp.likelihood", "vlp.generation", "vlp.abilities", "vlp.model_size"),
     ("vlp.towers", "vlp.shapes"),
     ("vlp.models",),
     ("vlp.registry",),
     ("vlp.checkpoint",),
     ("vlp.convert", "vlp.evals", "vlp.objectives"),
-    ("vlp.train", "vlp.serve"),
+    ("vlp.tasks",),
+    ("vlp.train",),
     ("vlp.capfilt", "vlp.demo", "vlp.report"),
     ("vlp.cli", "vlp.__main__"),
 ]
@@ -77,12 +78,12 @@ def test_no_import_cycles():
 
 
 def test_import_vlp_and_loading_import_no_training_code():
-    """`import vlp` imports no torch at all; what `vlp.load` imports (the converters, the checkpoint, the
-    model families) imports no objective, trainer, data pipeline or webdataset."""
-    code = ("import sys, vlp; light = set(sys.modules); import vlp.convert, vlp.serve.predictors; "
+    """`import vlp` imports no torch at all; what loading and predicting import (the converters, the checkpoint,
+    the model families, the task table) imports no objective, trainer, process-group code or webdataset."""
+    code = ("import sys, vlp; light = set(sys.modules); import vlp.convert, vlp.tasks; "
             "print('torch' in light); print(' '.join(sorted(sys.modules)))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "False"
     loaded = out[1].split()
-    heavy = [m for m in loaded if m.startswith(("vlp.objectives", "vlp.train", "vlp.data.pipeline", "webdataset"))]
+    heavy = [m for m in loaded if m.startswith(("vlp.objectives", "vlp.train", "vlp.distributed", "webdataset"))]
     assert not heavy, heavy

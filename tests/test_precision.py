@@ -10,7 +10,7 @@ from conftest import tiny_run_overrides
 from vlp import precision
 from vlp.precision import resolve_precision
 from vlp.registry import create_model
-from vlp.serve.predictors import DualEncoderPredictor
+from vlp.tasks.embedding import EmbeddingPredictor
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 
@@ -81,8 +81,8 @@ def test_training_defaults_to_auto_and_says_what_it_computes_in(shapes_world, tm
     assert f"computing in {expected} on cpu (train.precision: auto)" in caplog.text
     # A predictor's auto follows the same rule.
     texts = ["a red circle", "a small blue square"]
-    auto = DualEncoderPredictor.from_checkpoint(run, precision="auto").embed_texts(texts)
-    same = DualEncoderPredictor.from_checkpoint(run, precision=expected).embed_texts(texts)
+    auto = EmbeddingPredictor.from_checkpoint(run, precision="auto").embed_texts(texts)
+    same = EmbeddingPredictor.from_checkpoint(run, precision=expected).embed_texts(texts)
     assert torch.equal(auto, same)
 
 

@@ -16,14 +16,14 @@ from vlp.assets.image import ImageConfig, ImageTransform
 from vlp.assets.tokenizer import TokenizerConfig, train_tokenizer
 from vlp.checkpoint import Pretrained, load_checkpoint, save_checkpoint
 from vlp.config import ConfigError, from_dict, read_mapping
-from vlp.data.detection import DetectionCollate, detection_batches
-from vlp.data.instructions import InstructionCollate, instruction_batches
-from vlp.data.nlvr import NlvrCollate, nlvr_batches
-from vlp.data.pipeline import Collate, train_batches
-from vlp.data.vqa import VqaCollate, vqa_batches
+from vlp.data.detection import BOXES, DetectionCollate
+from vlp.data.instruction_batches import INSTRUCTION_RECORDS, InstructionCollate
+from vlp.data.nlvr import IMAGE_PAIR_STATEMENTS, NlvrCollate
+from vlp.data.pipeline import IMAGE_TEXT_PAIRS, Collate
+from vlp.data.vqa import VQA_ANSWERS, VqaCollate
 from vlp.objectives.recipes import RECIPES, recipe_of
 from vlp.registry import FAMILIES, create_model, list_presets, parse_model_config, read_preset
-from vlp.serve.predictors import FUNCTIONS, abilities_of, predict_functions
+from vlp.tasks import FUNCTIONS, predict_functions
 from vlp.train.optim import make_optimizer
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -61,9 +61,9 @@ def _detection_items(rng, tensor):
              "labels": [[0], [1]], "queries": [_caption(rng), _caption(rng), _caption(rng)]} for _ in range(8)]
 
 
-TASKS = {train_batches: (Collate, _caption_items), vqa_batches: (VqaCollate, _vqa_items),
-         nlvr_batches: (NlvrCollate, _pair_items), instruction_batches: (InstructionCollate, _instruction_items),
-         detection_batches: (DetectionCollate, _detection_items)}  # fmt: skip
+TASKS = {IMAGE_TEXT_PAIRS: (Collate, _caption_items), VQA_ANSWERS: (VqaCollate, _vqa_items),
+         IMAGE_PAIR_STATEMENTS: (NlvrCollate, _pair_items), INSTRUCTION_RECORDS: (InstructionCollate, _instruction_items),
+         BOXES: (DetectionCollate, _detection_items)}  # fmt: skip
 # The Q-Former's own tokenizer, for families that read instructions there (the tiny presets' special ids).
 QFORMER_TOKENIZER = TokenizerConfig(kind="wordpiece", vocab_size=256, context_length=32, pad_token="[PAD]",
                                     unk_token="[UNK]", bos_token="[CLS]", eos_token="[SEP]", extra_tokens=("[DEC]",))
@@ -98,7 +98,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
     image_cfg = from_dict(ImageConfig, run.get("image", {}))
     rng = random.Random(0)
     transform = ImageTransform(image_cfg, train=False)
-    collate, items = TASKS[recipe.batches]
+    collate, items = TASKS[recipe.data]
     samples = items(rng, lambda: transform(_image(rng, 64)))
     texts = [s.get("caption") or s.get("sentence") or s.get("question") or s.get("instruction") or " ".join(s["queries"])
              for s in samples] + WORDS
@@ -144,7 +144,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
         functions = predict_functions(which, device="cpu")
         results = {}
         for function in FUNCTIONS:
-            if all(family.can(ability) for ability in abilities_of(function)):
+            if all(family.can(ability) for ability in FUNCTIONS[function].abilities):
                 results[function] = _run(functions, function, images)
             else:
                 assert getattr(functions, function) is None, function
@@ -156,7 +156,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
         else:
             assert value == outputs[1][key], key
     declared = {a for a in ABILITIES if family.can(a)}
-    used = {a for function in outputs[0] for a in abilities_of(function)}
+    used = {a for function in outputs[0] for a in FUNCTIONS[function].abilities}
     assert declared == used, f"declared abilities no predict function serves: {declared - used}"
 
 

@@ -122,7 +122,7 @@ def score_web(
     """Caption every web image and score web and synthetic captions with the filter, chunk by chunk;
     chunks already written are skipped, the rest are split across processes."""
     from vlp.convert import load_pretrained
-    from vlp.serve.predictors import predict_functions
+    from vlp.tasks import predict_functions
 
     folder.mkdir(parents=True, exist_ok=True)
     images = list(dict.fromkeys(path for path, _ in web))

@@ -40,7 +40,7 @@ class Range:
                 bounds.append(f"{'>' if self.exclusive_min else '>='} {self.min:g}")
             if self.max is not None:
                 bounds.append(f"{'<' if self.exclusive_max else '<='} {self.max:g}")
-            raise ConfigError(f"config key '{key}': {value!r} is out of range (must be {' and '.join(bounds)})")
+            raise ConfigError(f"{_where(key)}: {value!r} is out of range (must be {' and '.join(bounds)})")
 
 
 # The ranges most config values need.
@@ -49,6 +49,11 @@ NonNegativeInt = Annotated[int, Range(min=0)]
 PositiveFloat = Annotated[float, Range(min=0, exclusive_min=True)]
 NonNegativeFloat = Annotated[float, Range(min=0)]
 Fraction = Annotated[float, Range(min=0, max=1)]
+
+
+def _where(key: str) -> str:
+    """How an error names a value: a config key by its dotted name, a command-line flag as itself."""
+    return key if key.startswith("-") else f"config key '{key}'"
 
 
 def _type_name(tp: Any) -> str:
@@ -76,13 +81,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             if type(None) in options:
                 return None
-            raise ConfigError(f"config key '{key}': null is not allowed, expected {_type_name(tp)}")
+            raise ConfigError(f"{_where(key)}: null is not allowed, expected {_type_name(tp)}")
         tagged = {_kind(o): o for o in options if dataclasses.is_dataclass(o) and _kind(o) is not None}
         if tagged and isinstance(value, dict):
             # A union of configs is told apart by its `kind` key, defaulting to the first option.
             kind = value.get("kind", next(iter(tagged)))
             if kind not in tagged:
-                raise ConfigError(f"config key '{key}.kind': {kind!r} is not one of {', '.join(map(repr, tagged))}")
+                raise ConfigError(f"{_where(key + '.kind')}: {kind!r} is not one of {', '.join(map(repr, tagged))}")
             return from_dict(tagged[kind], value, prefix=key)
         candidates = [o for o in options if o is not type(None)]
         if len(candidates) == 1:  # an optional value: its own error (type or range) is the clearest
@@ -92,38 +97,38 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{key}': {value!r} does not fit {_type_name(tp)}")
+        raise ConfigError(f"{_where(key)}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(c) for c in get_args(tp))
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {choices}")
+            raise ConfigError(f"{_where(key)}: {value!r} is not one of {choices}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{_where(key)}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"{_where(key)}: expected a list, got {value!r}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+                raise ConfigError(f"{_where(key)}: expected {len(args)} values, got {len(value)}")
             return tuple(_convert(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         item_type = args[0] if args else Any
         items = [_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise ConfigError(f"{_where(key)}: expected a mapping, got {value!r}")
         args = get_args(tp)
         return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        raise ConfigError(f"{_where(key)}: expected true/false, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -133,20 +138,26 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        raise ConfigError(f"{_where(key)}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"{_where(key)}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        raise ConfigError(f"{_where(key)}: expected a string, got {value!r}")
     if isinstance(value, tp):
         return value
-    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{_where(key)}: expected {_type_name(tp)}, got {value!r}")
+
+
+def convert_value(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against type `tp` (ranges included) and converted; an error names `key` (a dotted
+    config key, or a flag such as `--k`)."""
+    return _convert(value, tp, key)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

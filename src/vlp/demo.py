@@ -6,11 +6,14 @@ import json
 import logging
 from pathlib import Path
 
+from vlp.convert import load_pretrained
 from vlp.data.sources import read_captions
-from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot, format_table
+from vlp.evals import EvalResult
 from vlp.report import metrics_table, plot_curves, plot_recall, plot_retrieval_grid, read_metrics
-from vlp.serve.predictors import DualEncoderPredictor
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.tasks import PredictFunctions, predict_functions
+from vlp.tasks.retrieval import RetrievalEvalConfig, evaluate_retrieval
+from vlp.tasks.zeroshot import ZeroShotEvalConfig, evaluate_zeroshot
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 
@@ -25,13 +28,15 @@ ZEROSHOT = {
 RETRIEVAL = {"retrieval_test": "captions_test.json", "retrieval_test_heldout": "captions_test_heldout.json"}
 
 
-def evaluate_all(predictor: DualEncoderPredictor, data: Path) -> dict[str, dict]:
+def evaluate_all(functions: PredictFunctions, data: Path) -> dict[str, EvalResult]:
+    """The demo's evaluations of a model's predict functions on a shapes world, by name."""
     results = {}
     for key, (csv_name, classnames) in ZEROSHOT.items():
-        results[key] = evaluate_zeroshot(predictor, data / "zeroshot" / csv_name, data / "zeroshot" / classnames,
-                                         data / "zeroshot" / "templates.txt")
+        z = data / "zeroshot"
+        config = ZeroShotEvalConfig(str(z / csv_name), str(z / classnames), str(z / "templates.txt"))
+        results[key] = evaluate_zeroshot(functions, config)
     for key, name in RETRIEVAL.items():
-        results[key] = evaluate_retrieval(predictor, data / name)
+        results[key] = evaluate_retrieval(functions, RetrievalEvalConfig(str(data / name)))
     return results
 
 
@@ -48,10 +53,10 @@ def run_demo(*, out: Path, data: Path, configs: Path, overrides: list[str] = ())
         runs[name] = out / name
         log.info("training %s (%s)", name, config)
         train(cfg, runs[name], resume="latest")  # a re-run continues or reuses a finished run
-        predictor = DualEncoderPredictor.from_checkpoint(runs[name])
-        results[name] = evaluate_all(predictor, data)
-        for result in results[name].values():
-            print(f"[{name}] {format_table(result)}")
+        evaluated = evaluate_all(predict_functions(load_pretrained(runs[name])), data)
+        for result in evaluated.values():
+            print(f"[{name}] {result.table()}")
+        results[name] = {key: result.to_dict() for key, result in evaluated.items()}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return write_report(out, data, runs, results)
 
@@ -62,9 +67,9 @@ def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str
     all_items = read_captions(str(data / "captions_test.json"))
     items = all_items[:8]
     texts = list(dict.fromkeys(c for item in all_items for c in item.captions))  # distinct captions
-    predictor = DualEncoderPredictor.from_checkpoint(runs["clip"])
-    image_features = predictor.embed_images([i.path for i in items])
-    scores = image_features @ predictor.embed_texts(texts).T  # [8, all test captions]
+    functions = predict_functions(load_pretrained(runs["clip"]))
+    image_features = functions.require("embed_images")([i.path for i in items])
+    scores = image_features @ functions.require("embed_texts")(texts).T  # [8, all test captions]
     top = [[texts[j] for j in row.topk(3).indices] for row in scores]
     plot_retrieval_grid([i.path for i in items], top, [i.captions for i in items], out / "retrieval_grid.png")
 

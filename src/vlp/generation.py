@@ -16,19 +16,21 @@ from typing import Annotated, Any, Literal
 import torch
 
 from vlp.config import NonNegativeInt, PositiveFloat, PositiveInt, Range
+from vlp.flags import option
 
 
 @dataclass
 class GenerationConfig:
-    method: Literal["greedy", "beam", "nucleus"] = "beam"
-    max_new_tokens: PositiveInt = 20
-    min_new_tokens: NonNegativeInt = 5  # end-of-text is not allowed before this many tokens
-    num_beams: PositiveInt = 3
-    top_p: Annotated[float, Range(min=0, max=1, exclusive_min=True)] = 0.9
-    temperature: PositiveFloat = 1.0
-    repetition_penalty: PositiveFloat = 1.0  # > 1 discourages tokens already in the sequence (CTRL's rule)
-    length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
-    seed: int | None = None
+    method: Literal["greedy", "beam", "nucleus"] = option("beam", help="how tokens are chosen")
+    max_new_tokens: PositiveInt = option(20, help="most tokens generated")
+    min_new_tokens: NonNegativeInt = option(5, help="end-of-text is not allowed before this many tokens")
+    num_beams: PositiveInt = option(3, flag="--beams", help="beams of beam search")
+    top_p: Annotated[float, Range(min=0, max=1, exclusive_min=True)] = option(0.9, help="nucleus sampling's mass")
+    temperature: PositiveFloat = option(1.0, help="sampling temperature")
+    repetition_penalty: PositiveFloat = option(
+        1.0, help="> 1 discourages tokens already in the sequence (CTRL's rule)")
+    length_penalty: float = option(1.0, help="beams are ranked by log-probability / length ** length_penalty")
+    seed: int | None = option(None, help="seed of nucleus sampling")
 
 
 # step(inputs, key_mask, cache, state) -> (next-token logits [B, V] of the last input, new cache): inputs are

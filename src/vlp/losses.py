@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 from vlp.distributed import Group, all_gather_with_grad, all_reduce_mean, local_sizes, rank, ring_shift, world_size
 from vlp.geometry import box_cxcywh_to_xyxy, generalized_box_iou
+from vlp.likelihood import next_token_targets, sequence_losses
 
 
 def _sum_over_row_chunks(
@@ -237,14 +238,6 @@ def itm_loss(logits: torch.Tensor, positives: int) -> tuple[torch.Tensor, torch.
     return classification_loss(logits, labels)
 
 
-def next_token_targets(text: torch.Tensor, text_mask: torch.Tensor, prompt_length: int = 0) -> torch.Tensor:
-    """Targets [B, L - 1] of teacher forcing: token i + 1 for position i; -100 (ignored) for padding and
-    the first `prompt_length` predicted tokens."""
-    targets = text[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
-    targets[:, :prompt_length] = -100
-    return targets
-
-
 def lm_loss(
     logits: torch.Tensor,
     text: torch.Tensor,
@@ -261,20 +254,6 @@ def lm_loss(
         ignore_index=-100,
         label_smoothing=label_smoothing,
     )
-
-
-def sequence_losses(
-    logits: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Per-sequence summed next-token cross-entropy [B] (the negative log-likelihood when not smoothed)."""
-    per_token = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2),
-        next_token_targets(text, text_mask),
-        ignore_index=-100,
-        label_smoothing=label_smoothing,
-        reduction="none",
-    )
-    return per_token.sum(dim=1)
 
 
 def token_mean_loss(sequence_loss: torch.Tensor, tokens: torch.Tensor, *, group: Group = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vlp.convert import ConversionError, export_pretrained, load_pretrained
-from vlp.serve.predictors import DetectionPredictor
+from vlp.tasks.detection import DetectionPredictor
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from vlp.data.instructions import (
+from vlp.data.instruction_batches import (
     InstructionCollate,
     InstructionDataConfig,
     MixtureBatchSampler,
+    mixture_probabilities,
+    training_records,
+)
+from vlp.data.instructions import (
     coco_caption_records,
     detection_records,
-    mixture_probabilities,
     nlvr_records,
     read_instructions,
     read_templates,
-    training_records,
     vqa_records,
     vqg_records,
 )
@@ -183,22 +185,24 @@ def test_the_suite_and_its_evaluation_refuse_bad_input_in_one_line(shapes_world,
     assert "is not a shapes world" in capsys.readouterr().err
     assert main(["data", "instructions", "--world", str(shapes_world), "--out", str(tmp_path / "s"),
                  "--per-task", "0"]) == 2
-    assert "--per-task 0" in capsys.readouterr().err
+    assert "--per-task: 0 is out of range (must be >= 1)" in capsys.readouterr().err
     assert main(["data", "instructions", "--world", str(shapes_world), "--out", str(tmp_path / "s"),
                  "--per-task", "4"]) == 0
     assert "10 test tasks (6 held out)" in capsys.readouterr().out
-    from vlp.evals.instructions import evaluate_instructions
+    from vlp.tasks import GivenFunctions
+    from vlp.tasks.instructions import InstructionsEvalConfig, evaluate_instructions
 
     def never(*_):
         raise AssertionError("not reached")
 
+    functions = GivenFunctions(answer=never, score_answers=never)
     with pytest.raises(DataError, match="has no task nope"):
-        evaluate_instructions(never, never, tmp_path / "s" / "tasks.json", tasks=["nope"])
+        evaluate_instructions(functions, InstructionsEvalConfig(str(tmp_path / "s" / "tasks.json"), task=["nope"]))
     suite = json.loads((tmp_path / "s" / "tasks.json").read_text())
     suite["tasks"]["vqa"]["metric"] = "bleu"
     (tmp_path / "s" / "bad.json").write_text(json.dumps(suite))
     with pytest.raises(DataError, match="task 'vqa' has metric 'bleu'"):
-        evaluate_instructions(never, never, tmp_path / "s" / "bad.json")
+        evaluate_instructions(functions, InstructionsEvalConfig(str(tmp_path / "s" / "bad.json")))
 
 
 def test_a_long_instruction_loses_its_start_not_the_question_at_its_end():

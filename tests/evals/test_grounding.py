@@ -47,7 +47,7 @@ def test_precision_at_1_counts_overlaps_of_at_least_half():
 def test_baselines_choose_among_the_annotated_regions(shapes_world):
     expressions = read_referring_expressions(shapes_world / "refcoco" / "refs(unc).p", split="test")
     result = evaluate_grounding(lambda es: [e.box for e in es], expressions, method="oracle", dataset="shapes")
-    metrics = result["metrics"]
+    metrics = result.metrics
     assert metrics["precision@1"] == 1.0
     # 1-3 objects per scene: a random region is right about half the time, never always.
     assert 0.3 < metrics["random_proposal_precision@1"] < 0.8

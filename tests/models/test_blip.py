@@ -14,12 +14,12 @@ from conftest import BLIP_TINY, free_port, tiny_run_overrides
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError
-from vlp.evals.captioning import evaluate_captioning
 from vlp.generation import GenerationConfig, generate
 from vlp.losses import identical_texts, itm_negatives, lm_loss, sample_negatives
 from vlp.models.blip import Blip, BlipConfig
 from vlp.objectives.blip import BlipObjective, BlipObjectiveConfig
-from vlp.serve.predictors import CaptionPredictor
+from vlp.tasks import GivenFunctions
+from vlp.tasks.captioning import CaptioningEvalConfig, CaptionPredictor, evaluate_captioning
 from vlp.towers import BertTextConfig, VisionConfig
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
@@ -266,7 +266,7 @@ def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, trained_bl
     untrained.model = Blip(untrained.config).eval()
     test = shapes_world / "captions_test.json"
     scores = [
-        evaluate_captioning(p.caption, test, meteor=False)["metrics"]
+        evaluate_captioning(GivenFunctions(caption=p.caption), CaptioningEvalConfig(str(test), meteor=False)).metrics
         for p in (trained, CaptionPredictor(untrained, generation=greedy))
     ]
     assert scores[0]["cider"] > 0.8 and scores[0]["cider"] > scores[1]["cider"] + 0.5, scores

@@ -242,7 +242,7 @@ def test_stage_one_learns_over_a_frozen_clip_tower_and_stage_two_starts_from_it(
     from conftest import tiny_run_overrides
     from vlp.checkpoint import load_checkpoint
     from vlp.evals.retrieval import zeroshot_retrieval
-    from vlp.serve.predictors import predict_functions
+    from vlp.tasks import predict_functions
     from vlp.train.config import load_run_config
     from vlp.train.loop import train
 
@@ -442,7 +442,7 @@ def test_stage_two_with_the_real_smollm2_learns_to_caption(shapes_world, tmp_pat
     train(load_run_config("configs/blip2-tiny.yaml", overrides), run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["lm_loss"] < 0.7 * records[0]["lm_loss"], [r["lm_loss"] for r in records]
-    from vlp.serve.predictors import CaptionPredictor
+    from vlp.tasks.captioning import CaptionPredictor
 
     captions = CaptionPredictor.from_checkpoint(run, generation=GenerationConfig(method="greedy", max_new_tokens=12),
                                                 device="cpu").caption(sorted((shapes_world / "images" / "test").iterdir())[:8])

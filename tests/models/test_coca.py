@@ -14,15 +14,15 @@ from conftest import free_port, tiny_run_overrides
 from vlp.checkpoint import load_checkpoint
 from vlp.cli import main
 from vlp.config import ConfigError
-from vlp.evals.captioning import evaluate_captioning
 from vlp.evals.probe import ProbeConfig, frozen_feature_probes
-from vlp.evals.runner import evaluate_zeroshot
 from vlp.generation import GenerationConfig, generate
 from vlp.layers import padding_mask
 from vlp.losses import lm_loss
 from vlp.models.coca import Coca, CocaConfig
 from vlp.objectives.coca import CocaObjective, CocaObjectiveConfig
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
+from vlp.tasks import GivenFunctions, predict_functions
+from vlp.tasks.captioning import CaptioningEvalConfig, CaptionPredictor, evaluate_captioning
+from vlp.tasks.zeroshot import ZeroShotEvalConfig, evaluate_zeroshot
 from vlp.towers import TextConfig, VisionConfig
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
@@ -279,9 +279,9 @@ def test_tiny_coca_learns_zero_shot_classification_and_captioning(shapes_world, 
     # Colour + shape, 30 classes (chance 0.033), through the dual encoder's predictor and evaluator.
     z = shapes_world / "zeroshot"
     accuracy = [
-        evaluate_zeroshot(
-            DualEncoderPredictor(p), z / "color_shape.csv", z / "color_shape_classnames.txt", z / "templates.txt"
-        )["metrics"]["acc1"]
+        evaluate_zeroshot(predict_functions(p), ZeroShotEvalConfig(
+            str(z / "color_shape.csv"), str(z / "color_shape_classnames.txt"), str(z / "templates.txt"))
+        ).metrics["acc1"]
         for p in (trained, untrained)
     ]
     assert accuracy[0] > 0.15 and accuracy[0] > accuracy[1] + 0.1, accuracy
@@ -290,8 +290,9 @@ def test_tiny_coca_learns_zero_shot_classification_and_captioning(shapes_world, 
     greedy = GenerationConfig(method="greedy", max_new_tokens=12, min_new_tokens=2)
     cider = [
         evaluate_captioning(
-            CaptionPredictor(p, generation=greedy).caption, shapes_world / "captions_test.json", meteor=False
-        )["metrics"]["cider"]
+            GivenFunctions(caption=CaptionPredictor(p, generation=greedy).caption),
+            CaptioningEvalConfig(str(shapes_world / "captions_test.json"), meteor=False),
+        ).metrics["cider"]
         for p in (trained, untrained)
     ]
     assert cider[0] > 0.8 and cider[0] > cider[1] + 0.5, cider

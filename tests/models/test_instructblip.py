@@ -103,7 +103,7 @@ def test_the_loss_is_the_language_models_cross_entropy_on_the_answer_alone():
 
 def test_ranking_picks_the_candidate_of_highest_likelihood(tmp_path):
     from vlp.checkpoint import load_checkpoint
-    from vlp.serve.predictors import VqaPredictor
+    from vlp.tasks.vqa import VqaPredictor
 
     checkpoint = _checkpoint(tmp_path)
     pretrained = load_checkpoint(checkpoint)
@@ -116,7 +116,7 @@ def test_ranking_picks_the_candidate_of_highest_likelihood(tmp_path):
     for question, options, row in zip(["what colour?", "is it red?"], candidates, scores, strict=True):
         ids, mask = tokenizer([question])
         qids, qmask = pretrained.assets.tokenizers[INSTRUCTION]([question])
-        pixels = predictor._pixels([image])
+        pixels = predictor.pixels([image])
         with torch.no_grad():
             states = model.encode_question(pixels, ids, mask, qids, qmask)
             for option, score in zip(options, row, strict=True):

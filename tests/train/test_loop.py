@@ -24,13 +24,15 @@ from vlp.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from vlp.config import ConfigError
 from vlp.data.sources import DataError
 from vlp.distributed import ParallelModel
 from vlp.errors import TrainingError
-from vlp.evals.runner import evaluate_zeroshot
 from vlp.objectives.recipes import recipe_of
 from vlp.registry import get_family
-from vlp.serve.predictors import DualEncoderPredictor
+from vlp.tasks import predict_functions
+from vlp.tasks.embedding import EmbeddingPredictor
+from vlp.tasks.zeroshot import ZeroShotEvalConfig, evaluate_zeroshot
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 from vlp.train.optim import make_optimizer, parameter_groups
@@ -60,11 +62,10 @@ VARIANTS = {"clip": CONVNET_48, "siglip": SIGLIP, "clip-vit": {"model.vision": T
 STEPS = {"clip": 300, "siglip": 300, "clip-vit": 150}
 
 
-def zeroshot_acc(predictor, world, task):
+def zeroshot_acc(functions, world, task):
     z = world / "zeroshot"
-    return evaluate_zeroshot(predictor, z / f"{task}.csv", z / f"{task}_classnames.txt", z / "templates.txt")[
-        "metrics"
-    ]["acc1"]
+    config = ZeroShotEvalConfig(str(z / f"{task}.csv"), str(z / f"{task}_classnames.txt"), str(z / "templates.txt"))
+    return evaluate_zeroshot(functions, config).metrics["acc1"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -77,12 +78,12 @@ def test_training_learns_zero_shot_classification(shapes_world, tmp_path, varian
     assert records[-1]["step"] == steps
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
 
-    trained = DualEncoderPredictor.from_checkpoint(run)
+    trained = predict_functions(load_checkpoint(run))
     untrained = load_checkpoint(last)
     family, model_cfg, _ = cfg.family_configs()
     torch.manual_seed(1)
     untrained.model = family.model_cls(model_cfg).eval()
-    untrained = DualEncoderPredictor(untrained)
+    untrained = predict_functions(untrained)
     # Colour + shape, 30 classes (chance 0.033): every variant learns colour within its steps.
     colour_shape, colour_shape_before = (zeroshot_acc(p, shapes_world, "color_shape") for p in (trained, untrained))
     assert colour_shape > 0.15 and colour_shape > colour_shape_before + 0.1, (colour_shape, colour_shape_before)
@@ -97,11 +98,11 @@ def test_training_learns_zero_shot_classification(shapes_world, tmp_path, varian
 def _check_predictor_batching_and_bf16(run):
     """Texts batched by length come back in their order, equal to one at a time; bf16 stays close."""
     texts = ["a red circle", "a small blue square on the left of a large green triangle", "x", "a yellow star"]
-    one_by_one = DualEncoderPredictor.from_checkpoint(run, batch_size=1)
-    batched = DualEncoderPredictor.from_checkpoint(run, batch_size=3)
+    one_by_one = EmbeddingPredictor.from_checkpoint(run, batch_size=1)
+    batched = EmbeddingPredictor.from_checkpoint(run, batch_size=3)
     expected = torch.cat([one_by_one.embed_texts([t]) for t in texts])
     torch.testing.assert_close(batched.embed_texts(texts), expected, atol=1e-5, rtol=1e-4)
-    bf16 = DualEncoderPredictor.from_checkpoint(run, precision="bf16")
+    bf16 = EmbeddingPredictor.from_checkpoint(run, precision="bf16")
     assert (bf16.embed_texts(texts) * expected).sum(dim=1).min() > 0.99
 
 
@@ -380,3 +381,40 @@ def test_a_fixed_thread_count_repeats_a_run_bit_for_bit(shapes_world, tmp_path):
     a, b = load_checkpoint(tmp_path / "a").model.state_dict(), load_checkpoint(tmp_path / "b").model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_evaluations_run_on_their_schedule_and_leave_the_training_as_it_was(shapes_world, tmp_path):
+    z = shapes_world / "zeroshot"
+    evals = {"shape": {"task": "zeroshot", "every": 10, "data": str(z / "shape.csv"),
+                       "classnames": str(z / "shape_classnames.txt"), "templates": str(z / "templates.txt")},
+             "recall": {"task": "retrieval", "data": str(shapes_world / "captions_test.json")}}
+    overrides = tiny_run_overrides(str(shapes_world / "train.csv"), steps=20, **{"train.log_every": 5})
+    train(load_run_config(None, overrides), tmp_path / "plain")
+    train(load_run_config(None, [*overrides, f"evals={json.dumps(evals)}"]), tmp_path / "evaluated")
+
+    def records(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    plain, evaluated = records(tmp_path / "plain"), records(tmp_path / "evaluated")
+    scores = [r for r in evaluated if any(k.startswith("eval/") for k in r)]
+    steps = [r for r in evaluated if "loss" in r]
+    assert [r["step"] for r in scores] == [10, 20]
+    assert "eval/shape/acc1" in scores[0] and "eval/recall/image_retrieval_recall@1" not in scores[0]
+    assert {"eval/shape/acc1", "eval/recall/image_retrieval_recall@1"} <= set(scores[1])
+    # Evaluating draws no random number of the training's: its losses are those of the run without them.
+    assert [r["loss"] for r in steps] == [r["loss"] for r in plain]
+    result = json.loads((tmp_path / "evaluated" / "evals" / "shape" / "step_00000020.json").read_text())
+    assert result["task"] == "zeroshot_classification" and result["metrics"]["acc1"] == scores[1]["eval/shape/acc1"]
+
+
+@pytest.mark.parametrize(("evals", "message"), [
+    ({"cap": {"task": "captioning", "data": "x.json"}}, "'evals.cap.task': a clip model cannot be evaluated on captioning"),
+    ({"z": {"task": "zeroshoot"}}, "'evals.z.task': unknown evaluation 'zeroshoot'"),
+    ({"z": {"task": "zeroshot", "data": "d", "classnames": "c"}}, "missing config key 'evals.z.templates'"),
+    ({"z": {"task": "retrieval", "data": "d", "rerank": 0}}, "'evals.z.rerank': 0 is out of range"),
+    ({"z": {"task": "retrieval", "data": "d", "every": 0}}, "'evals.z.every': 0 is out of range"),
+])
+def test_a_bad_evaluation_entry_is_refused_before_any_work(shapes_world, tmp_path, evals, message):
+    overrides = [*tiny_run_overrides(str(shapes_world / "train.csv"), steps=2), f"evals={json.dumps(evals)}"]
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)

@@ -94,3 +94,11 @@ class Assets:
             except ConfigError as err:
                 raise CheckpointError(f"{path}: {err}") from err
         return assets
+
+
+def read_tokenizer(path: str | Path, name: str = TEXT) -> Tokenizer:
+    """A tokenizer file, a folder holding one, or the tokenizer `name` of a run or checkpoint folder."""
+    path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file() and (path / TOKENIZERS_DIR / name).is_dir():
+        path = path / TOKENIZERS_DIR / name
+    return Tokenizer.from_file(path)

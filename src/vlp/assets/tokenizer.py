@@ -69,7 +69,7 @@ class TokenizerConfig:
     unk_token: str = "<unk>"
     # More special tokens the model writes itself, e.g. BLIP's [ENC] and [DEC]; ids follow the others.
     extra_tokens: tuple[str, ...] = ()
-    path: str | None = None  # an existing tokenizer.json or a folder holding one; None = train one
+    path: str | None = None  # a tokenizer.json, a folder holding one, or a run or checkpoint folder; None = train one
     clean: TextClean = "none"
 
 

@@ -28,6 +28,7 @@ from vlp.convert.hf import export_hf, load_hf
 from vlp.convert.hf_blip import export_hf_blip, load_hf_blip
 from vlp.convert.hf_blip2 import export_hf_blip2, load_hf_blip2
 from vlp.convert.hf_owlvit import export_hf_owlvit, load_hf_owlvit
+from vlp.convert.open_clip_export import export_open_clip
 from vlp.convert.tokenizers import tokenizer_from_path
 
 Format = Literal["vlp", "hf", "open_clip"]
@@ -58,8 +59,8 @@ EXPORTERS: dict[tuple[Format, str], Exporter] = {
     ("hf", "blip2_qformer"): export_hf_blip2,
     ("hf", "instructblip"): export_hf_blip2,
     ("hf", "owlvit"): export_hf_owlvit,
-    ("open_clip", "clip"): open_clip.export_open_clip,
-    ("open_clip", "coca"): open_clip.export_open_clip,
+    ("open_clip", "clip"): export_open_clip,
+    ("open_clip", "coca"): export_open_clip,
 }
 
 

@@ -46,10 +46,11 @@ from vlp.convert.common import (
 from vlp.convert.hf_blip import vit_rules
 from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, rule, to_vlp, weight_and_bias
 from vlp.convert.tokenizers import tokenizer_from_path
-from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig, FrozenImageConfig
+from vlp.models.blip2 import Blip2, Blip2Config, Blip2Qformer, Blip2QformerConfig
 from vlp.models.instructblip import InstructBlip, InstructBlipConfig
 from vlp.registry import FAMILIES
 from vlp.towers import VisionConfig
+from vlp.towers.frozen_image import FrozenImageConfig
 from vlp.towers.qformer import QFormerConfig
 
 log = logging.getLogger("vlp.convert")

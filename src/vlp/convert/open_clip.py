@@ -20,11 +20,10 @@ from typing import Any
 
 from vlp.assets import IMAGE, TEXT, Assets
 from vlp.assets.image import CLIP_MEAN, CLIP_STD, ImageConfig
-from vlp.assets.tokenizer import Tokenizer
-from vlp.checkpoint import CheckpointError, Pretrained, write_safetensors
-from vlp.convert.common import ConversionError, save_hf_tokenizer
-from vlp.convert.keymap import Rule, from_vlp, layer_rules, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
-from vlp.convert.tokenizers import find_open_clip_vocab, hf_tokenizer, open_clip_bpe, tokenizer_from_path
+from vlp.checkpoint import CheckpointError, Pretrained
+from vlp.convert.common import ConversionError
+from vlp.convert.keymap import Rule, layer_rules, prefixed, read_state_dict, rule, to_vlp, weight_and_bias
+from vlp.convert.tokenizers import open_clip_tokenizer
 from vlp.models.clip import DualEncoder, DualEncoderConfig
 from vlp.models.coca import Coca, CocaConfig
 from vlp.registry import FAMILIES
@@ -63,7 +62,7 @@ _TEXT_DEFAULTS = {
 }
 _POOL = {"argmax": "argmax", "eos": "eot", "last": "last", "first": "first"}
 # timm's SigLIP ViTs (big_vision's variant table): width, depth, heads, MLP width.
-_TIMM_SIGLIP = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096), "so400m": (1152, 27, 16, 4304)}
+TIMM_SIGLIP = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096), "so400m": (1152, 27, 16, 4304)}
 _TIMM_SIGLIP_NAME = re.compile(r"vit_(base|large|so400m)_patch(\d+)_siglip_(\d+)")
 
 
@@ -103,7 +102,7 @@ def _timm_siglip_vision(vision: dict[str, Any]) -> VisionConfig:
         )
     if vision.get("timm_pool", "avg") != "map" or vision.get("timm_proj", "linear") not in ("none", ""):
         raise ConversionError(f"open_clip timm tower '{name}' is supported with timm_pool: map and timm_proj: none")
-    width, depth, heads, mlp = _TIMM_SIGLIP[match.group(1)]
+    width, depth, heads, mlp = TIMM_SIGLIP[match.group(1)]
     return VisionConfig(
         image_size=vision.get("image_size", int(match.group(3))),
         patch_size=int(match.group(2)),
@@ -275,7 +274,7 @@ def open_clip_rules(cfg: DualEncoderConfig, custom_text: bool) -> list[Rule]:
     return rules
 
 
-def _coca_dims(cfg: CocaConfig) -> None:
+def check_coca_dims(cfg: CocaConfig) -> None:
     """open_clip's CoCa decoder reads the text states and the pooled image tokens at one width."""
     if not cfg.text.width == cfg.embed_dim:
         raise ConversionError(
@@ -328,7 +327,7 @@ def coca_config_from_open_clip(model_cfg: dict[str, Any]) -> CocaConfig:
         init_logit_bias=model_cfg.get("init_logit_bias"),
         pad_token_id=text.get("pad_id", 0),
     )
-    _coca_dims(cfg)
+    check_coca_dims(cfg)
     if multimodal.get("width", 512) != cfg.text.width:
         raise ConversionError(f"open_clip CoCa multimodal_cfg.width {multimodal.get('width', 512)} != text_cfg.width")
     return cfg
@@ -395,37 +394,6 @@ def image_config_from_open_clip(preprocess: dict[str, Any], image_size: int) -> 
     )
 
 
-def _tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: str | Path | None) -> Tokenizer:
-    text = model_cfg.get("text_cfg", {})
-    context_length = text.get("context_length", 77)
-    clean = (text.get("tokenizer_kwargs") or {}).get("clean")
-    if tokenizer is not None:
-        loaded = tokenizer_from_path(tokenizer, context_length=context_length)
-        return Tokenizer(loaded.backend, clean) if clean else loaded
-    if text.get("hf_tokenizer_name"):
-        name = Path(text["hf_tokenizer_name"])
-        for candidate in (name, folder / name if folder else None, folder):
-            if (
-                candidate is not None
-                and candidate.is_dir()
-                and any((candidate / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model"))
-            ):
-                loaded = hf_tokenizer(candidate, context_length=context_length, model_type="clip")
-                return Tokenizer(loaded.backend, clean or "whitespace")
-        raise CheckpointError(
-            f"open_clip text_cfg.hf_tokenizer_name '{name}' is not a local folder; pass the tokenizer "
-            "folder (tokenizer.json or vocab.json + merges.txt) with --tokenizer"
-        )
-    vocab = find_open_clip_vocab()
-    if vocab is None:
-        raise CheckpointError(
-            "this open_clip model uses the CLIP BPE tokenizer: pass its vocabulary with --tokenizer "
-            "(bpe_simple_vocab_16e6.txt.gz, or a Hugging Face CLIP folder with vocab.json + merges.txt), "
-            "or install open_clip_torch, which ships it"
-        )
-    return open_clip_bpe(vocab, context_length)
-
-
 def _locate(path: Path, config: str | Path | None) -> tuple[Path, Path, Path]:
     """(folder, model config file, weights file) of an open_clip folder or a state-dict file."""
     if path.is_dir():
@@ -455,7 +423,7 @@ def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: s
     else:
         cfg, family = config_from_open_clip(model_cfg), FAMILIES["clip"]
     state = read_state_dict(weights)
-    text_tokenizer = _tokenizer(model_cfg, folder, tokenizer)
+    text_tokenizer = open_clip_tokenizer(model_cfg, folder, tokenizer)
     if isinstance(cfg, CocaConfig):
         # Generation starts from the tokenizer's start token and stops at its end token.
         bos, eos = text_tokenizer.framing_ids()
@@ -467,198 +435,3 @@ def load_open_clip(path: Path, *, config: str | Path | None = None, tokenizer: s
     model.eval()
     image_config = image_config_from_open_clip(preprocess, cfg.vision.image_size)
     return Pretrained(family, cfg, model, Assets({TEXT: text_tokenizer}, {IMAGE: image_config}), path)
-
-
-def _norm_kwargs(eps: float) -> dict[str, Any]:
-    return {"norm_kwargs": {"eps": eps}} if eps != 1e-5 else {}
-
-
-def _act_kwargs(act: str) -> dict[str, Any]:
-    return {"act_kwargs": {"approximate": "tanh"}} if act == "gelu_tanh" else {}
-
-
-def _timm_siglip_config(cfg: DualEncoderConfig) -> dict[str, Any]:
-    """A MAP-pooled vlp ViT as the timm SigLIP tower open_clip builds, when it is one of timm's variants."""
-    v = cfg.vision
-    shape = (v.width, v.layers, v.heads, round(v.width * v.mlp_ratio))
-    variant = next((name for name, dims in _TIMM_SIGLIP.items() if dims == shape), None)
-    layout = (v.class_token, v.patch_bias, v.ln_pre, v.act, v.norm_eps, cfg.vision_projection)
-    if variant is None or layout != (False, True, False, "gelu", 1e-6, False):
-        raise ConversionError(
-            "a MAP-pooled image tower exports to open_clip only as timm's SigLIP ViT (base, large or so400m "
-            "widths and depths, no class token, patch bias, no ln_pre, exact GELU, eps 1e-6, no projection)"
-        )
-    return {
-        "image_size": v.image_size,
-        "timm_model_name": f"vit_{variant}_patch{v.patch_size}_siglip_{v.image_size}",
-        "timm_model_pretrained": False,
-        "timm_pool": "map",
-        "timm_proj": "none",
-    }
-
-
-def _builtin_vision_config(v: VisionConfig) -> dict[str, Any]:
-    return dict(
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        width=v.width,
-        layers=v.layers,
-        head_width=v.width // v.heads,
-        mlp_ratio=v.mlp_ratio,
-        no_ln_pre=not v.ln_pre,
-        pool_type="tok" if v.pool == "cls" else "avg",
-        **_norm_kwargs(v.norm_eps),
-        **_act_kwargs(v.act),
-    )
-
-
-def _text_config(t: TextConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    return dict(
-        context_length=t.context_length,
-        vocab_size=t.vocab_size,
-        width=t.width,
-        heads=t.heads,
-        layers=t.layers,
-        mlp_ratio=t.mlp_ratio,
-        pad_id=tokenizer.pad_id,
-        **_norm_kwargs(t.norm_eps),
-        **_act_kwargs(t.act),
-    )
-
-
-def _require_patch_vit(v: Any) -> None:
-    if not isinstance(v, VisionConfig):
-        raise ConversionError(f"the image tower is a {v.kind}; only ViT towers have an open_clip equivalent")
-    if v.stem_channels:
-        raise ConversionError("the ViT has a convolutional stem (vision.stem_channels); open_clip's have a "
-                              "patch projection")
-
-
-def open_clip_config_from_vlp(cfg: DualEncoderConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    v, t = cfg.vision, cfg.text
-    _require_patch_vit(v)
-    if v.pool == "map":
-        vision = _timm_siglip_config(cfg)
-    else:
-        needs = {
-            "vision.class_token": (v.class_token, True),
-            "vision.patch_bias": (v.patch_bias, False),
-            "vision_projection": (cfg.vision_projection, True),
-        }
-        wrong = [f"{k}={a} (needs {b})" for k, (a, b) in needs.items() if a != b]
-        if v.act != t.act:
-            wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip uses one activation)")
-        if wrong:
-            raise ConversionError("the model has no open_clip built-in layout: " + ", ".join(wrong))
-        vision = _builtin_vision_config(v)
-    pool = {"argmax": "argmax", "eot": "eos", "last": "last", "first": "first"}[t.pool]
-    text = dict(
-        **_text_config(t, tokenizer),
-        no_causal_mask=not t.causal,
-        pool_type=pool,
-        proj_bias=cfg.text_projection_bias,
-    )
-    if t.pool == "eot":
-        text["eos_id"] = t.eot_token_id if t.eot_token_id is not None else tokenizer.framing_ids()[1]
-    if t.mask_padding and not t.causal:
-        text["use_pad_mask"] = True
-    config: dict[str, Any] = {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
-    if v.pool == "map":
-        config["custom_text"] = True  # open_clip's SigLIP configs keep the text tower under `text.`
-    if t.act == "quick_gelu":
-        config["quick_gelu"] = True
-    if cfg.init_logit_bias is not None:
-        config["init_logit_bias"] = cfg.init_logit_bias
-    return config
-
-
-def coca_config_to_open_clip(cfg: CocaConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """A vlp CoCa as open_clip builds it, when it has open_clip's layout."""
-    v, t = cfg.vision, cfg.text
-    _require_patch_vit(v)
-    needs = {
-        "pooler": (cfg.pooler, "shared"),
-        # open_clip 3.3's configs cannot ask for the corrected mask: its towers always use the legacy one.
-        "cls_mask": (cfg.cls_mask, "legacy"),
-        "vision.class_token": (v.class_token, True),
-        "vision.patch_bias": (v.patch_bias, False),
-        "vision.ln_post": (v.ln_post, False),
-        "text.mlp_ratio": (t.mlp_ratio, 4.0),
-        "text.norm_eps": (t.norm_eps, 1e-5),
-    }
-    wrong = [f"{k}={a} (needs {b})" for k, (a, b) in needs.items() if a != b]
-    if v.act != t.act or t.act == "gelu_tanh":
-        wrong.append(f"vision.act={v.act} and text.act={t.act} (open_clip's CoCa uses one: gelu or quick_gelu)")
-    if wrong:
-        raise ConversionError("the model has no open_clip CoCa layout: " + ", ".join(wrong))
-    _coca_dims(cfg)
-    vision = {
-        **_builtin_vision_config(v),
-        "pool_type": "tok",
-        "attentional_pool": True,
-        "attn_pooler_queries": cfg.caption_queries,
-        "attn_pooler_heads": cfg.pooler_heads,
-        "output_tokens": True,
-    }
-    text = {**_text_config(t, tokenizer), "embed_cls": True, "output_tokens": True}
-    multimodal = {
-        "context_length": t.context_length,
-        "vocab_size": t.vocab_size,
-        "width": t.width,
-        "heads": cfg.multimodal_heads or t.heads,
-        "layers": cfg.multimodal_layers,
-    }
-    config: dict[str, Any] = {
-        "embed_dim": cfg.embed_dim,
-        "vision_cfg": vision,
-        "text_cfg": text,
-        "multimodal_cfg": multimodal,
-        "custom_text": True,
-    }
-    if t.act == "quick_gelu":
-        config["quick_gelu"] = True
-    if cfg.init_logit_bias is not None:
-        config["init_logit_bias"] = cfg.init_logit_bias
-    return config
-
-
-def export_open_clip(pretrained: Pretrained, out: Path, architecture: str | None = None) -> Path:
-    """Write open_clip's `save_for_hf` layout: open_clip_config.json + open_clip_model.safetensors (+ tokenizer).
-    open_clip has one architecture per model config: `architecture` is there for the exporters' common signature."""
-    cfg, tokenizer = pretrained.config, pretrained.tokenizer
-    if isinstance(cfg, DualEncoderConfig):
-        model_cfg = open_clip_config_from_vlp(cfg, tokenizer)
-        rules = open_clip_rules(cfg, custom_text=bool(model_cfg.get("custom_text")))
-    elif isinstance(cfg, CocaConfig):
-        model_cfg, rules = coca_config_to_open_clip(cfg, tokenizer), coca_rules(cfg)
-    else:
-        raise ConversionError(f"family '{pretrained.family.name}' has no open_clip export yet")
-    out.mkdir(parents=True, exist_ok=True)
-    # open_clip's own CLIP BPE needs no files; any other tokenizer travels as a Hugging Face tokenizer folder.
-    if not _is_open_clip_bpe(tokenizer):
-        save_hf_tokenizer(tokenizer, out)
-        model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
-        clean = tokenizer.clean if tokenizer.clean in ("whitespace", "lower", "canonicalize") else "whitespace"
-        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
-    state = from_vlp(pretrained.model.state_dict(), rules)
-    write_safetensors(state, out / WEIGHTS_FILES[0], metadata={"format": "pt"})
-    image = pretrained.image_config
-    preprocess = {
-        "size": image.size,
-        "mean": list(image.mean),
-        "std": list(image.std),
-        "interpolation": image.interpolation,
-        "resize_mode": image.resize_mode,
-    }
-    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=1))
-    return out
-
-
-def _is_open_clip_bpe(tokenizer: Tokenizer) -> bool:
-    backend = tokenizer.backend
-    return (
-        tokenizer.clean == "lower"
-        and backend.get_vocab_size() == 49408
-        and backend.token_to_id("<start_of_text>") == 49406
-        and backend.token_to_id("<end_of_text>") == 49407
-    )

@@ -13,11 +13,13 @@ import gzip
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from vlp.assets.tokenizer import TextClean, Tokenizer, fix_length
+from vlp.errors import CheckpointError
 
 # Words, single digits, runs of other symbols and English contractions: CLIP's pre-tokenisation.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -264,3 +266,36 @@ def tokenizer_from_path(path: str | Path, *, context_length: int, model_type: st
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path}")
     return Tokenizer.from_file(path)
+
+
+def open_clip_tokenizer(model_cfg: dict[str, Any], folder: Path | None, tokenizer: str | Path | None) -> Tokenizer:
+    """The tokenizer of an open_clip model config: the one given, its Hugging Face tokenizer folder, or the CLIP BPE
+    vocabulary open_clip ships."""
+    text = model_cfg.get("text_cfg", {})
+    context_length = text.get("context_length", 77)
+    clean = (text.get("tokenizer_kwargs") or {}).get("clean")
+    if tokenizer is not None:
+        loaded = tokenizer_from_path(tokenizer, context_length=context_length)
+        return Tokenizer(loaded.backend, clean) if clean else loaded
+    if text.get("hf_tokenizer_name"):
+        name = Path(text["hf_tokenizer_name"])
+        for candidate in (name, folder / name if folder else None, folder):
+            if (
+                candidate is not None
+                and candidate.is_dir()
+                and any((candidate / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model"))
+            ):
+                loaded = hf_tokenizer(candidate, context_length=context_length, model_type="clip")
+                return Tokenizer(loaded.backend, clean or "whitespace")
+        raise CheckpointError(
+            f"open_clip text_cfg.hf_tokenizer_name '{name}' is not a local folder; pass the tokenizer "
+            "folder (tokenizer.json or vocab.json + merges.txt) with --tokenizer"
+        )
+    vocab = find_open_clip_vocab()
+    if vocab is None:
+        raise CheckpointError(
+            "this open_clip model uses the CLIP BPE tokenizer: pass its vocabulary with --tokenizer "
+            "(bpe_simple_vocab_16e6.txt.gz, or a Hugging Face CLIP folder with vocab.json + merges.txt), "
+            "or install open_clip_torch, which ships it"
+        )
+    return open_clip_bpe(vocab, context_length)

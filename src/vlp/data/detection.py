@@ -29,7 +29,7 @@ from vlp.assets.image import ImageTransform, resize_with_pad
 from vlp.assets.tokenizer import Tokenizer
 from vlp.config import ConfigError, Fraction, PositiveInt
 from vlp.data.batches import DetectionBatch
-from vlp.data.pipeline import DataConfig, GoodBatches, check_training_data, map_style_batches
+from vlp.data.pipeline import DataConfig, GoodBatches, TrainingData, check_training_data, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, _resolve_image, load_image, skipped
 
 DEFAULT_PROMPTS = ("{}", "a photo of a {}", "a picture of a {}", "there is a {}", "a {} in the picture")
@@ -370,3 +370,7 @@ def detection_texts(cfg: DetectionDataConfig) -> Any:
     for name in (n for n in data.categories.values() if n not in excluded):
         for prompt in cfg.prompts:
             yield prompt.format(name)
+
+
+# Boxes with class names (COCO instances), queried by text.
+BOXES = TrainingData(detection_batches, detection_texts, DetectionDataConfig)

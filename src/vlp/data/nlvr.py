@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from vlp.assets.image import ImageTransform
 from vlp.assets.tokenizer import Tokenizer
 from vlp.data.batches import ImagePairBatch
-from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
+from vlp.data.pipeline import DataConfig, GoodBatches, TrainingData, map_style_batches
 from vlp.data.sources import BadSamples, DataError, load_image, skipped
 
 
@@ -119,3 +119,7 @@ def nlvr_batches(
 
 def nlvr_texts(cfg: DataConfig) -> Iterator[str]:
     yield from (item.sentence for item in read_nlvr(cfg.train, cfg.images))
+
+
+# Statements about image pairs, true or false (NLVR2).
+IMAGE_PAIR_STATEMENTS = TrainingData(nlvr_batches, nlvr_texts)

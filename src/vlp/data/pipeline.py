@@ -12,14 +12,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import braceexpand
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vlp.assets.image import ImageTransform
@@ -180,6 +179,8 @@ class WebDatasetStream(IterableDataset):
         random.Random(f"{self.seed}-{self.epoch}").shuffle(shards)  # alike on every process
         mine = shards[self.rank :: self.world_size][worker::workers]
         stream = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        import webdataset as wds  # imported here: only a shard stream needs it
+
         samples = wds.tariterators.tarfile_samples(({"url": url} for url in mine), handler=self._shard_error)
         samples = wds.filters._shuffle(samples, self.shuffle_buffer, initial=self.shuffle_buffer,
                                        rng=random.Random(stream))
@@ -366,6 +367,8 @@ def _warn_and_continue(err: Exception) -> bool:
 def training_captions(cfg: DataConfig, limit: int = 200_000) -> Iterator[str]:
     """Captions of the training data, for training a tokenizer."""
     if detect_format(cfg.train) == "webdataset":
+        import webdataset as wds
+
         dataset = wds.WebDataset(expand_shards(cfg.train), handler=_warn_and_continue, shardshuffle=False,
                                  empty_check=False)
         count = 0
@@ -379,3 +382,20 @@ def training_captions(cfg: DataConfig, limit: int = 200_000) -> Iterator[str]:
         return
     items = read_captions(cfg.train, images_dir=cfg.images, image_key=cfg.image_key, caption_key=cfg.caption_key)
     yield from (caption for _, caption in flatten_pairs(items)[:limit])
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A kind of training data, as a task reads it and a family's recipe trains on it: `batches(data config,
+    transform, tokenizer, batch_size=, seed=, start_step=, rank=, world_size=, bad=, position=, and
+    <name>_tokenizer= for each further tokenizer) -> GoodBatches`, the texts a new tokenizer is trained on,
+    and its data section's config (DataConfig, or a subclass with the kind's own settings)."""
+
+    batches: Callable[..., GoodBatches]
+    texts: Callable[[Any], Iterator[str]]
+    config: type[DataConfig] = DataConfig
+
+
+# Image-text pairs: CSV, COCO captions JSON or WebDataset shards.
+IMAGE_TEXT_PAIRS = TrainingData(train_batches, training_captions)
+

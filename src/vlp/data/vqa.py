@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from vlp.assets.image import ImageTransform
 from vlp.assets.tokenizer import Tokenizer, tokenize_trimmed
 from vlp.data.batches import VqaBatch
-from vlp.data.pipeline import DataConfig, GoodBatches, map_style_batches
+from vlp.data.pipeline import DataConfig, GoodBatches, TrainingData, map_style_batches
 from vlp.data.sources import BadSamples, DataError, Skipped, load_image
 from vlp.data.vqa_answers import normalize_answer
 
@@ -180,3 +180,7 @@ def vqa_texts(cfg: VqaDataConfig) -> Iterator[str]:
     for question in read_vqa(cfg.train, cfg.annotations, images_dir=cfg.images, image_pattern=cfg.image_pattern):
         yield question.question
         yield from question.answers
+
+
+# Questions about images with annotators' answers (VQAv2).
+VQA_ANSWERS = TrainingData(vqa_batches, vqa_texts, VqaDataConfig)

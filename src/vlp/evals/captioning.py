@@ -10,11 +10,8 @@ higher on such captions); results say which tokeniser made them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Literal
-
-from vlp.data.sources import read_captions
+from collections.abc import Sequence
+from typing import Literal
 
 CaptionTokenizer = Literal["ptb", "simple"]
 PROTOCOLS = {
@@ -63,21 +60,3 @@ def caption_metrics(
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
     scores["spice"] = None
     return scores
-
-
-def evaluate_captioning(
-    caption: Callable[[list[Path]], list[str]], data: str | Path, images_dir: str | Path | None = None, *,
-    meteor: bool = True, tokenizer: CaptionTokenizer = "ptb",
-) -> dict[str, Any]:
-    """Caption every image of a COCO-format (or CSV) caption file and score against its captions."""
-    items = read_captions(str(data), images_dir=images_dir)
-    candidates = caption([item.path for item in items])
-    metrics = caption_metrics([item.captions for item in items], candidates, meteor=meteor, tokenizer=tokenizer)
-    return {
-        "task": "captioning",
-        "dataset": str(data),
-        "protocol": PROTOCOLS[tokenizer],
-        "metrics": metrics,
-        "unavailable": {"spice": "needs Stanford CoreNLP, which its scorer downloads"},
-        "captions": [{"image": str(item.path), "caption": c} for item, c in zip(items, candidates, strict=True)],
-    }

@@ -1,7 +1,7 @@
 """Detection AP on COCO-format ground truth through pycocotools (2.0.x `COCOeval`, iouType "bbox"), the
-protocol of OWL-ViT's evaluator: every category name is a query (a prompt ensemble averages the logits
-over templates), the top `max_detections` (box, class) pairs of each image are kept over all tokens and
-classes (a box may carry several classes), no NMS, no score threshold.
+protocol of scenic's open-vocabulary detection evaluator: every category name is a query (a prompt ensemble
+averages the logits over templates), the top `max_detections` (box, class) pairs of each image are kept over
+all tokens and classes (a box may carry several classes), no NMS, no score threshold.
 
 Per-class AP is read from `eval["precision"]` (area "all", the last maxDets), averaged over the recall
 points that exist; "novel" classes (those whose boxes training never saw) are averaged apart from the rest.
@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from vlp.data.detection import canonical_label
-from vlp.data.sources import DataError, _resolve_image
+from vlp.data.sources import _resolve_image
+from vlp.errors import DataError
+from vlp.evals import EvalResult
 
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -110,7 +112,7 @@ def _image_paths(coco_gt: Any, gt_path: Path, images_dir: str | Path | None, lim
     return [(i, _resolve_image(coco_gt.imgs[i]["file_name"], roots)) for i in ids]
 
 
-def evaluate_detection(
+def evaluate_boxes(
     box_scores: Callable[[Sequence[Any], torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]],
     query_embeddings: torch.Tensor,
     ground_truth: str | Path,
@@ -119,7 +121,7 @@ def evaluate_detection(
     novel: Sequence[str] = (),
     max_detections: int = 100,
     limit: int | None = None,
-) -> dict[str, Any]:
+) -> EvalResult:
     """COCO AP of a detector's `box_scores(images, query_embeddings)` (per image: pixel xyxy boxes [P, 4],
     scores [P, C]) with one query (or one per template, [T, C, E]) per category of `ground_truth`, in its
     category-id order."""
@@ -137,9 +139,9 @@ def evaluate_detection(
             results += top_detections(boxes, scores, category_ids, image_id, max_detections)
     metrics = coco_metrics(_restricted(coco_gt, [i for i, _ in images]), results, novel_ids)
     per_class = metrics.pop("per_class_AP")
-    return {"task": "detection", "dataset": str(ground_truth), "images": len(images), "novel": list(novel),
-            "protocol": f"pycocotools COCOeval bbox, top {max_detections} (box, class) pairs per image, no NMS",
-            "metrics": metrics, "per_class_AP": per_class}
+    return EvalResult("detection", str(ground_truth), metrics,
+                      protocol=f"pycocotools COCOeval bbox, top {max_detections} (box, class) pairs per image, no NMS",
+                      details={"images": len(images), "novel": list(novel), "per_class_AP": per_class})
 
 
 def _restricted(coco_gt: Any, image_ids: list[int]) -> Any:

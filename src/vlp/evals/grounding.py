@@ -2,8 +2,8 @@
 the referred object's at IoU >= 0.5 (plain continuous IoU on xyxy boxes; MDETR counts GIoU >= 0.5 and
 ALBEF adds a pixel to widths, both slightly stricter). The unit is the expression, as in RefCOCO.
 
-Two ways to choose a box: a detector (OWL-ViT) takes the expression as its query and answers with the box
-of the token that scores it highest, no proposals needed; an image-text matching model (BLIP's ITM) scores
+Two ways to choose a box: an open-vocabulary detector takes the expression as its query and answers with the box
+of the token that scores it highest, no proposals needed; an image-text matching model (a matching head) scores
 each of the image's annotated regions, cropped, against the expression and answers with the best
 (ground-truth proposals, as MAttNet-style evaluations use). Two baselines use the same proposals: a random
 one, and the largest.
@@ -20,6 +20,7 @@ from PIL import Image
 
 from vlp.data.grounding import ReferringExpression
 from vlp.data.sources import load_image
+from vlp.evals import EvalResult
 from vlp.geometry import box_iou
 
 Box = tuple[float, float, float, float]
@@ -91,18 +92,16 @@ def region_scoring_grounding(match_probabilities: Callable[[Sequence[Any], Seque
 def evaluate_grounding(
     ground: Callable[[Sequence[ReferringExpression]], list[Box]], expressions: Sequence[ReferringExpression],
     *, method: str, dataset: str, seed: int = 0,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Precision@1 of `ground` and of the random-proposal and largest-proposal baselines."""
     truth = [e.box for e in expressions]
     rng = random.Random(seed)
     random_boxes = [rng.choice(e.candidates) for e in expressions]
     largest = [max(e.candidates, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])) for e in expressions]
-    return {
-        "task": "grounding", "dataset": dataset, "expressions": len(expressions),
-        "protocol": f"precision@1 at IoU >= 0.5 (continuous IoU, xyxy); {method}",
-        "metrics": {
-            "precision@1": precision_at_1(ground(expressions), truth),
-            "random_proposal_precision@1": precision_at_1(random_boxes, truth),
-            "largest_proposal_precision@1": precision_at_1(largest, truth),
-        },
+    metrics = {
+        "precision@1": precision_at_1(ground(expressions), truth),
+        "random_proposal_precision@1": precision_at_1(random_boxes, truth),
+        "largest_proposal_precision@1": precision_at_1(largest, truth),
     }
+    return EvalResult("grounding", dataset, metrics, protocol=f"precision@1 at IoU >= 0.5 (continuous IoU, xyxy); {method}",
+                      details={"expressions": len(expressions)})

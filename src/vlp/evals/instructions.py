@@ -1,4 +1,4 @@
-"""Instruction task suites (InstructBLIP's evaluation, spec §7.5 and §7.10): every task of a suite scored with
+"""Instruction task suites (the instruction-tuning evaluation, spec §7.5 and §7.10): every task of a suite scored with
 its own metric, open tasks by generation and closed ones by ranking their candidate answers.
 
 A suite is a `tasks.json` ({"tasks": {name: {"file", "method", "metric", "split", "category"}}}, as `vlp data
@@ -17,11 +17,11 @@ LAVIS's `predict_class`); a candidate with verbalizers (["yes", "true"]) scores 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlp.data.instructions import InstructionRecord, read_instructions
+from vlp.data.instructions import InstructionRecord
 from vlp.data.sources import DataError
 from vlp.data.vqa_answers import normalize_answer
 from vlp.evals.captioning import caption_metrics
@@ -87,57 +87,3 @@ def score_task(
     else:
         raise DataError(f"metric {metric!r} needs ranked candidates (method rank)")
     return {metric: sum(values) / len(values)}
-
-
-def evaluate_instructions(
-    answer: Callable[[list[Any], list[str]], list[str]],
-    score_answers: Callable[[list[Any], list[str], list[list[list[str]]]], list[list[float]]],
-    suite: str | Path,
-    *,
-    tasks: Sequence[str] | None = None,
-    split: str | None = None,
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """Run the chosen tasks of a suite (all; or those named; or one split, held_in / held_out) with a model's
-    `answer` and `score_answers` predict functions; `limit` caps the records per task."""
-    suite_tasks = read_suite(suite)
-    unknown = sorted(set(tasks or ()) - set(suite_tasks))
-    if unknown:
-        raise DataError(f"{suite} has no task {', '.join(unknown)} (tasks: {', '.join(suite_tasks)})")
-    chosen = {name: task for name, task in suite_tasks.items()
-              if (not tasks or name in tasks) and (split is None or task.get("split") == split)}
-    if not chosen:
-        raise DataError(f"{suite}: no task is in split {split!r}")
-    metrics: dict[str, float] = {}
-    predictions: dict[str, list[Any]] = {}
-    primary: dict[str, list[float]] = {}
-    for name, task in chosen.items():
-        records = read_instructions(task["file"])[:limit]
-        unwritten = next((r for r in records if r.instruction is None), None)
-        if unwritten is not None:
-            raise DataError(f"{task['file']}: evaluation records need their instruction written out (record "
-                            f"{unwritten.id or records.index(unwritten)} names template {unwritten.template!r})")
-        images = [r.images[0] if len(r.images) == 1 else r.images for r in records]
-        instructions = [r.instruction for r in records]
-        if task["method"] == "rank":
-            if any(r.candidates is None for r in records):
-                raise DataError(f"{task['file']}: ranked task '{name}' needs candidates in every record")
-            scores = score_answers(images, instructions, [r.candidates for r in records])
-            result = score_task(records, task["metric"], scores=scores)
-            predictions[name] = [r.candidates[max(range(len(s)), key=s.__getitem__)][0]
-                                 for r, s in zip(records, scores, strict=True)]
-        else:
-            predictions[name] = answer(images, instructions)
-            result = score_task(records, task["metric"], predictions=predictions[name])
-        metrics.update({f"{name}/{key}": value for key, value in result.items()})
-        primary.setdefault(task.get("split", "all"), []).append(next(iter(result.values())))
-    for group, values in sorted(primary.items()):
-        metrics[f"{group}/mean"] = sum(values) / len(values)
-    return {
-        "task": "instruction_tasks",
-        "dataset": str(suite),
-        "protocol": "open tasks generated, closed tasks ranked by summed log-likelihood (LAVIS predict_class); "
-                    "CIDEr by pycocoevalcap (PTB), VQA accuracy by the official 2021 revision",
-        "metrics": metrics,
-        "predictions": predictions,
-    }

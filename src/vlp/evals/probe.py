@@ -1,9 +1,9 @@
 """Frozen-feature classification: what a frozen image encoder's features support when only a small head
 is trained on them.
 
-- linear probe: logistic regression on the pooled image embedding, standardised (CLIP's linear probe);
+- linear probe: logistic regression on the pooled image embedding, standardised (the dual-encoder papers' linear probe);
 - attentional probe: a new attentional pooler (one learned query over the encoder's tokens) with a
-  LayerNorm and a linear classifier, CoCa's frozen-encoder protocol.
+  LayerNorm and a linear classifier, the frozen-encoder protocol of the captioning-contrastive papers.
 
 Features are computed once by the predict functions; only the heads train, on the cached features.
 """

@@ -57,7 +57,7 @@ def reranked_retrieval(
     k: int,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """BLIP's retrieval: each query's top-k candidates by embedding similarity [T, I] are re-scored with
+    """Re-ranked retrieval: each query's top-k candidates by embedding similarity [T, I] are re-scored with
     the image-text matching head, score = ITM match logit + similarity. The rest follow in their
     embedding order, below every re-scored one, so recall@K for K > k is that of the embeddings past
     the first k (LAVIS scores them all -100, in no order). match_logits(image_indices [P], text_indices [P])

@@ -8,7 +8,7 @@ normalisation changed over the years; vlp follows one revision of it at a time, 
   their answers and the prediction normalised (punctuation, number words to digits, articles dropped,
   apostrophe-less contractions restored); when all annotators agree, the prediction must equal their
   answer as written.
-- "2016": revision 458a8b2 of 2016-10-08, which LAVIS and BLIP copied: the prediction is always
+- "2016": revision 458a8b2 of 2016-10-08, which LAVIS copied: the prediction is always
   normalised; the annotators' answers only lose their punctuation, and only when they disagree.
 
 Both use the same punctuation list (which has `{ } - !` and not `:` or `'`) and the same hand-written
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from vlp.data.sources import DataError
-from vlp.data.vqa import VqaQuestion, annotation_answers, read_vqa
+from vlp.data.vqa import VqaQuestion, annotation_answers
 from vlp.data.vqa_answers import clean_answer, normalize_answer, process_punctuation
 
 OfficialVersion = Literal["2021", "2016"]
@@ -56,7 +56,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], version: OfficialVersi
 
 def frequent_answers(answers: Sequence[Sequence[str]], top: int = 3128) -> list[str]:
     """The `top` most frequent normalised answers over questions' annotator answers: the candidate list
-    for ranked inference (BLIP ranks 3,128 from VQAv2 train)."""
+    for ranked inference (LAVIS's VQA recipes rank 3,128 from VQAv2 train)."""
     counts = Counter(normalize_answer(a) for question in answers for a in question)
     return [answer for answer, _ in counts.most_common(top)]
 
@@ -81,30 +81,6 @@ def vqa_metrics(
     metrics = {"vqa_accuracy": sum(scores) / max(1, len(scores))}
     metrics.update({f"vqa_accuracy/{kind}": sum(v) / len(v) for kind, v in sorted(by_type.items())})
     return metrics
-
-
-def evaluate_vqa(
-    answer: Callable[[list[Path], list[str]], list[str]],
-    questions_file: str | Path,
-    annotations_file: str | Path,
-    images_dir: str | Path | None = None,
-    *,
-    image_pattern: str | None = None,
-    version: OfficialVersion = "2021",
-) -> dict[str, Any]:
-    """Answer every question of a VQAv2-format split and score it; predictions are kept in the official
-    results format ([{question_id, answer}])."""
-    questions = read_vqa(questions_file, annotations_file, images_dir=images_dir, image_pattern=image_pattern)
-    predictions = answer([q.image for q in questions], [q.question for q in questions])
-    return {
-        "task": "vqa",
-        "dataset": str(questions_file),
-        "protocol": f"official VQA evaluation (GT-Vision-Lab/VQA vqaEval.py), {version} revision",
-        "metrics": vqa_metrics(questions, predictions, version),
-        "predictions": [
-            {"question_id": q.question_id, "answer": a} for q, a in zip(questions, predictions, strict=True)
-        ],
-    }
 
 
 def read_answer_list(path: str | Path, top: int = 3128) -> list[str]:

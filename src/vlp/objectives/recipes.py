@@ -8,18 +8,18 @@ reads a family's recipe and knows no family by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vlp.assets import INSTRUCTION
 from vlp.assets.tokenizer import Tokenizer
 from vlp.config import ConfigError, from_dict
-from vlp.data.detection import DetectionDataConfig, detection_batches, detection_texts
-from vlp.data.instructions import InstructionDataConfig, instruction_batches, instruction_texts
-from vlp.data.nlvr import nlvr_batches, nlvr_texts
-from vlp.data.pipeline import DataConfig, GoodBatches, train_batches, training_captions
-from vlp.data.vqa import VqaDataConfig, vqa_batches, vqa_texts
+from vlp.data.detection import BOXES
+from vlp.data.instruction_batches import INSTRUCTION_RECORDS
+from vlp.data.nlvr import IMAGE_PAIR_STATEMENTS
+from vlp.data.pipeline import IMAGE_TEXT_PAIRS, DataConfig, TrainingData
+from vlp.data.vqa import VQA_ANSWERS
 from vlp.objectives.blip import (
     BlipObjective,
     BlipObjectiveConfig,
@@ -56,12 +56,8 @@ class TokenizerAsset:
 class Recipe:
     objective_config_cls: type
     objective_cls: Callable[[Any, Any], Any]
-    # The training data it reads: batches(data config, transform, tokenizer, batch_size=, seed=, start_step=,
-    # rank=, world_size=, bad=, position=) -> GoodBatches, and the texts a new tokenizer is trained on; its
-    # data section's config (DataConfig, or a task's subclass with the task's own settings).
-    batches: Callable[..., GoodBatches] = train_batches
-    texts: Callable[[Any], Iterator[str]] = training_captions
-    data_config_cls: type[DataConfig] = DataConfig
+    # The training data it reads (the kinds of `vlp.data`, which the tasks read too).
+    data: TrainingData = IMAGE_TEXT_PAIRS
     # Other families whose checkpoints `train.init_from` may start it from, through the model's
     # `init_from(pretrained model) -> tensors left at initialisation` (BLIP-VQA and BLIP-NLVR from BLIP).
     starts_from: tuple[str, ...] = ()
@@ -73,16 +69,15 @@ RECIPES: dict[str, Recipe] = {
     "clip": Recipe(ContrastiveObjectiveConfig, ContrastiveObjective),
     "blip": Recipe(BlipObjectiveConfig, BlipObjective),
     "coca": Recipe(CocaObjectiveConfig, CocaObjective),
-    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, vqa_batches, vqa_texts, VqaDataConfig, starts_from=("blip",)),
-    "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, nlvr_batches, nlvr_texts, starts_from=("blip",)),
+    "blip_vqa": Recipe(VqaObjectiveConfig, VqaObjective, VQA_ANSWERS, starts_from=("blip",)),
+    "blip_nlvr": Recipe(NlvrObjectiveConfig, NlvrObjective, IMAGE_PAIR_STATEMENTS, starts_from=("blip",)),
     "blip2_qformer": Recipe(Blip2QformerObjectiveConfig, Blip2QformerObjective,
                             starts_from=("clip", "blip", "coca")),
     "blip2": Recipe(Blip2ObjectiveConfig, Blip2Objective, starts_from=("blip2_qformer", "clip", "blip", "coca")),
-    "instructblip": Recipe(InstructBlipObjectiveConfig, InstructBlipObjective, instruction_batches, instruction_texts,
-                           InstructionDataConfig, starts_from=("blip2", "blip2_qformer"),
+    "instructblip": Recipe(InstructBlipObjectiveConfig, InstructBlipObjective, INSTRUCTION_RECORDS,
+                           starts_from=("blip2", "blip2_qformer"),
                            tokenizers=(TokenizerAsset(INSTRUCTION, "qformer", instruction_tokenizer),)),
-    "owlvit": Recipe(OwlVitObjectiveConfig, OwlVitObjective, detection_batches, detection_texts, DetectionDataConfig,
-                     starts_from=("clip",)),
+    "owlvit": Recipe(OwlVitObjectiveConfig, OwlVitObjective, BOXES, starts_from=("clip",)),
 }
 
 
@@ -100,4 +95,4 @@ def parse_objective_config(family: Family, data: dict[str, Any]) -> Any:
 def parse_data_config(family: Family, data: Any) -> DataConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config key 'data': expected a mapping, got {data!r}")
-    return from_dict(recipe_of(family).data_config_cls, data, prefix="data")
+    return from_dict(recipe_of(family).data.config, data, prefix="data")

@@ -88,7 +88,7 @@ def load_sources(model: nn.Module, model_cfg: Any) -> None:
     if sources is None:
         return
     if sources.image_encoder is not None:
-        from vlp.models.blip2 import load_image_tower
+        from vlp.towers.frozen_image import load_image_tower
 
         load_image_tower(model.image_encoder, _pretrained(sources.image_encoder).model)
         log.info("image tower from %s (frozen)", sources.image_encoder)

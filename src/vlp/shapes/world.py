@@ -24,11 +24,12 @@ import math
 import pickle
 import random
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from vlp.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range
+from vlp.flags import option
 from vlp.shapes.language import (
     JUNK_ALT_TEXT,
     TEMPLATES,
@@ -105,30 +106,31 @@ def _write_shards(folder: Path, prefix: str, samples: list[tuple[str, bytes, str
 
 @dataclass
 class ShapesWorldConfig:
-    seed: NonNegativeInt = 0
-    image_size: Annotated[int, Range(min=16)] = 64  # smaller scenes leave no room for three shapes
-    train: PositiveInt = 5000
-    test: PositiveInt = 1000
-    web: PositiveInt = 3000
-    classify: PositiveInt = 1000
-    train_captions: PositiveInt = 3
-    test_captions: PositiveInt = 5
-    web_noise: Fraction = 0.4  # share of web captions replaced by alt-text junk or another image's caption
-    # Share of web captions (taken from the clean ones) with one colour or shape word changed to one the
-    # image does not hold: near misses, which only matching colours and shapes to objects can flag.
-    web_near_miss: Fraction = 0.0
-    # Share of web captions (taken from the clean ones) cut to true but vague alt-text that names no
-    # object's colour and shape together ("a star", "three shapes"): web text that is not wrong, only poor,
-    # which a captioner can improve on (CapFilt's C).
-    web_vague: Fraction = 0.0
-    shards: PositiveInt = 8
-    shapes: list[str] = field(default_factory=lambda: list(SHAPES))  # any of SHAPE_CATALOG
-    min_objects: Annotated[int, Range(min=1, max=9)] = 1
-    max_objects: Annotated[int, Range(min=1, max=9)] = 3
-    object_scale: PositiveFloat = 1.0  # object radii as a multiple of 0.14 / 0.22 of the image side
-    backgrounds: Literal["light", "varied"] = "light"  # varied: half of them dark, tinted, striped or checked
-    zeroshot_templates: Literal["seen", "unseen"] = "seen"  # unseen: prompts in words no caption uses
-    nlvr_per_image: PositiveInt = 1  # NLVR statements per image of a split, each about a fresh random pair
+    seed: NonNegativeInt = option(0, help="the world's seed: the same seed writes the same files")
+    # Smaller scenes leave no room for three shapes.
+    image_size: Annotated[int, Range(min=16)] = option(64, help="image side in pixels")
+    train: PositiveInt = option(5000, help="number of train images")
+    test: PositiveInt = option(1000, help="number of test images")
+    web: PositiveInt = option(3000, help="number of web images (noisy captions)")
+    classify: PositiveInt = option(1000, help="number of zero-shot classification images")
+    train_captions: PositiveInt = option(3, help="captions per train image")
+    test_captions: PositiveInt = option(5, help="captions per test image")
+    web_noise: Fraction = option(0.4, help="share of web captions replaced by alt-text junk or another image's caption")
+    # Taken from the clean ones: near misses, which only matching colours and shapes to objects can flag.
+    web_near_miss: Fraction = option(0.0, help="share of web captions with one colour or shape word changed")
+    # Taken from the clean ones: web text that is not wrong, only poor, which a captioner can improve on.
+    web_vague: Fraction = option(0.0, help="share of web captions cut to true but vague alt-text, e.g. 'a star'")
+    shards: PositiveInt = option(8, help="WebDataset shards per split")
+    shapes: list[str] = option(default_factory=lambda: list(SHAPES), metavar="SHAPE",
+                               help=f"shapes drawn, of {' '.join(SHAPE_CATALOG)}")
+    min_objects: Annotated[int, Range(min=1, max=9)] = option(1, help="fewest objects per scene")
+    max_objects: Annotated[int, Range(min=1, max=9)] = option(3, help="most objects per scene")
+    object_scale: PositiveFloat = option(1.0, help="object size as a multiple of the default")
+    backgrounds: Literal["light", "varied"] = option(
+        "light", help="varied: half the backgrounds dark, tinted, striped or checked")
+    zeroshot_templates: Literal["seen", "unseen"] = option(
+        "seen", help="unseen: zero-shot prompts in wording no training caption uses")
+    nlvr_per_image: PositiveInt = option(1, help="NLVR statements per image of a split, each about a fresh random pair")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.shapes) - set(SHAPE_CATALOG))

@@ -31,6 +31,7 @@ from vlp.errors import CheckpointError
 from vlp.objectives.recipes import parse_data_config, parse_objective_config
 from vlp.precision import Precision
 from vlp.registry import Family, parse_model_config
+from vlp.train.evals import parse_evals
 
 log = logging.getLogger("vlp.train")
 
@@ -45,7 +46,7 @@ class TrainConfig:
     # >1: the contrastive loss still sees the whole batch; micro-batch features are cached and recomputed.
     accum_steps: PositiveInt = 1
     lr: NonNegativeFloat = 5e-4
-    # Parameter-name prefix -> multiple of `lr` ({text: 0.01}: OWL-ViT's text tower and projection; 0 freezes).
+    # Parameter-name prefix -> multiple of `lr` ({text: 0.01}: a detector's text tower and projection; 0 freezes).
     lr_scales: dict[str, NonNegativeFloat] = field(default_factory=dict)
     weight_decay: NonNegativeFloat = 0.2
     betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.98)
@@ -64,7 +65,7 @@ class TrainConfig:
     # by thread count, so a fixed count is what makes a CPU run repeat bit for bit on another machine.
     threads: PositiveInt | None = None
     # A checkpoint (vlp, Hugging Face or open_clip folder) to start from: its weights, and its tokenizer
-    # unless tokenizer.path is set. Another family starts through the model's `init_from` (BLIP -> VQA).
+    # unless tokenizer.path is set. Another family starts through the model's `init_from` (a VQA model from a captioner).
     init_from: str | None = None
     log_every: PositiveInt = 10
     save_every: PositiveInt = 500
@@ -89,6 +90,8 @@ class RunConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Evaluations during training and after the last step, by name (`vlp.train.evals`).
+    evals: dict[str, Any] = field(default_factory=dict)
 
     def family_configs(self) -> tuple[Family, Any, Any]:
         """Validate the family-specific sections: (family, model config, objective config)."""
@@ -117,6 +120,7 @@ def load_run_config(
     cfg = from_dict(RunConfig, sections)
     family, _, _ = cfg.family_configs()
     cfg.data = parse_data_config(family, data_section)  # the family's data task may add its own settings
+    parse_evals(cfg.evals, family, cfg.train.strategy)
     return cfg
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from vlp.distributed import all_processes_agree, process_group, rank, world_size
 from vlp.errors import CheckpointError, ConfigError, TrainingError
 from vlp.train.config import RunConfig, find_resume
+from vlp.train.evals import due, parse_evals, run_evals
 from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock
 from vlp.train.setup import Run, device_for, setup
 from vlp.train.state import IntervalMetrics, skipped_totals, write_checkpoint
@@ -66,6 +67,7 @@ def _loop(run: Run, last: Path | None) -> Path:
     skipped_steps = run.saved_state.get("skipped_steps", 0)
     nonfinite_in_a_row = 0
     interval = IntervalMetrics(run)
+    scheduled = parse_evals(run.cfg.evals, run.family, tc.strategy)
     # Redrawn less often when stderr is a log file rather than a terminal.
     bar = tqdm(total=tc.steps, initial=run.start_step, disable=not (tc.progress and is_main), unit="step",
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
@@ -106,6 +108,11 @@ def _loop(run: Run, last: Path | None) -> Path:
                 last = write_checkpoint(run, step, carried=carried, skipped_steps=skipped_steps, last=last)
             elif step % tc.save_every == 0:
                 log.warning("step %d: no checkpoint while steps are skipped for a non-finite loss", step)
+            evaluations = due(scheduled, step, tc.steps)
+            if evaluations and not nonfinite_in_a_row:
+                results = run_evals(run, evaluations, step)
+                if is_main:
+                    _write_record(metrics_file, metrics_path, {"step": step, **results})
     bar.close()
     if last is None:
         raise CheckpointError(f"no training steps were run: train.steps is {tc.steps}")

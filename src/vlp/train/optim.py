@@ -19,7 +19,7 @@ def _scale_of(name: str, lr_scales: dict[str, float]) -> float:
 
 def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Weight matrices decay, the rest not; parameters whose names start with a prefix of `lr_scales` get
-    that multiple of the learning rate (OWL-ViT's text tower at 1/100 of the image side's), kept in
+    that multiple of the learning rate (a detector's text tower at 1/100 of the image side's), kept in
     each group's `lr_scale`."""
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from vlp.assets import IMAGE, TEXT, TOKENIZERS_DIR, Assets
+from vlp.assets import IMAGE, TEXT, TOKENIZERS_DIR, Assets, read_tokenizer
 from vlp.assets.image import ImageTransform
 from vlp.assets.tokenizer import Tokenizer, train_tokenizer
 from vlp.checkpoint import (
@@ -93,7 +93,7 @@ def _text_tokenizer(cfg: RunConfig, recipe: Recipe, model_cfg: Any, out: Path, i
             # Tokens the model writes itself that the folder's tokenizer lacks (a decoder's start token).
             tokenizer.backend.add_special_tokens([t for t in cfg.tokenizer.extra_tokens if tokenizer.token_id(t) is None])
             return tokenizer
-        return Tokenizer.from_file(path)
+        return read_tokenizer(path)
     if initial is not None:
         tokenizer = initial.tokenizer
         context = getattr(getattr(model_cfg, "text", None), "context_length", None)
@@ -105,7 +105,7 @@ def _text_tokenizer(cfg: RunConfig, recipe: Recipe, model_cfg: Any, out: Path, i
     if rank() == 0:
         log.info("training a %s tokenizer on the training texts", cfg.tokenizer.kind)
         folder.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(recipe.texts(cfg.data), cfg.tokenizer).save(folder)
+        train_tokenizer(recipe.data.texts(cfg.data), cfg.tokenizer).save(folder)
     barrier()
     return Tokenizer.from_file(folder)
 
@@ -269,7 +269,7 @@ def setup(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, ou
     bad = bad_samples(cfg.data)
     positions = saved_state.get("data_position")
     extra = {f"{asset.name}_tokenizer": assets.tokenizers[asset.name] for asset in recipe.tokenizers}
-    batches = recipe.batches(cfg.data, ImageTransform(cfg.image, train=True), assets.tokenizers[TEXT],
+    batches = recipe.data.batches(cfg.data, ImageTransform(cfg.image, train=True), assets.tokenizers[TEXT],
                              batch_size=tc.batch_size // world, seed=tc.seed, start_step=start_step, rank=rank(),
                              world_size=world, bad=bad,
                              position=positions[rank()] if positions and len(positions) == world else None, **extra)

@@ -110,7 +110,7 @@ class TrainStep:
             loss = total_loss(values, self.family)
             loss.backward()
         self.parallel.sync_gradients()
-        # The total norm is always measured (an infinite clip leaves the gradients as they are): it decides
+        # The total norm is always measured (an infinite threshold leaves the gradients as they are): it decides
         # whether the step is taken.
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip or math.inf)
         finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))

@@ -1,1 +1,0 @@
-"""Serving: predict functions built from checkpoints."""
