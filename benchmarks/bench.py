@@ -23,7 +23,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine, matmul_peak, shapes_pairs
+from common import matmul_peak, shapes_pairs
+
+from vlp.report import machine
 
 
 def train_section(data: Path, quick: bool, device: torch.device) -> dict[str, Any]:

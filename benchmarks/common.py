@@ -1,9 +1,8 @@
-"""What every benchmark shares: the machine's description, the shapes world as real inputs, timing."""
+"""What every benchmark shares: the shapes world as real inputs, timing, the matmul ceiling (the machine's
+description is `vlp.report.machine`)."""
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 import statistics
 import time
@@ -15,28 +14,7 @@ from PIL import Image
 
 from vlp.assets.image import ImageConfig, ImageTransform
 from vlp.data.sources import read_csv
-from vlp.precision import has_native_bf16
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
-
-
-def machine() -> dict[str, object]:
-    model = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        # without it a CPU's bf16 columns time emulation: not the speed a user with bf16 hardware gets
-        "native_bf16": has_native_bf16("cpu"),
-    }
 
 
 def shapes_pairs(root: Path, count: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
@@ -73,14 +51,6 @@ def interleaved_times(runners: dict[str, Callable[[int], None]], steps: int, war
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def mean_range(values: list[float]) -> str:
-    """A figure over seeds as the README states it: the mean, then the range when there is more than one."""
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:

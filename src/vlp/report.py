@@ -1,7 +1,11 @@
-"""The demo report: a Markdown page with metric tables and plots (matplotlib, Agg backend)."""
+"""Reports: the demo's Markdown page with metric tables and plots (matplotlib, Agg backend), and what every
+recorded figure carries: the machine it was measured on and its spread over seeds."""
 
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -10,8 +14,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 from PIL import Image
 
+from vlp.precision import has_native_bf16
 from vlp.train.run_folder import METRICS_FILE
 from vlp.train.run_folder import read_metrics as read_metrics_file
 
@@ -84,3 +90,32 @@ def metrics_table(results: dict[str, dict[str, dict]], key: str, names: list[str
         lines.append(f"| {model} | " + " | ".join("n/a" if metrics[n] is None else f"{metrics[n]:.3f}" for n in names)
                      + " |")
     return "\n".join(lines)
+
+
+def machine() -> dict[str, object]:
+    """The machine a figure is measured on: CPU, cores, threads, memory, versions, and native bf16."""
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        # without it a CPU's bf16 columns time emulation: not the speed a user with bf16 hardware gets
+        "native_bf16": has_native_bf16("cpu"),
+    }
+
+
+def mean_range(values: list[float]) -> str:
+    """A figure over seeds as the README states it: the mean, then the range when there is more than one."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"

@@ -20,7 +20,7 @@ zero-shot, held-in ones on their test records.
         --set train.init_from=runs/ib-base/stage1 --set model.sources.language_model=models/smollm2 \
         --set tokenizer.path=models/smollm2 --set model.lm_precision=bf16 --set train.batch_size=32 \
         --set train.steps=200 --set tokenizer.context_length=64
-    .venv/bin/python benchmarks/instructblip_claims.py --base runs/ib-base --suite data/shapes/instruct \
+    .venv/bin/python experiments/instructblip_claims.py --base runs/ib-base --suite data/shapes/instruct \
         --lm models/smollm2 --out runs/instructblip-claims --seeds 0 1 2
 
 `--base` holds BLIP-2's `stage1` and `stage2` runs (as above: stage 2's tokenizer keeps 64 tokens, so the
@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from blip2_claims import _train  # a run trained once, reused (or resumed) when the script runs again
-from vlp.serve.predictors import VqaPredictor
 
-from vlp.evals.instructions import evaluate_instructions
 from vlp.generation import GenerationConfig
+from vlp.tasks import GivenFunctions
+from vlp.tasks.instructions import InstructionsEvalConfig, evaluate_instructions
+from vlp.tasks.vqa import VqaPredictor
 
 log = logging.getLogger("instructblip_claims")
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "instructblip-tiny.yaml"
@@ -58,9 +59,10 @@ def _evaluate(checkpoint: Path, suite: Path, result: Path, limit: int) -> dict[s
     generation = GenerationConfig(method="greedy", max_new_tokens=20, min_new_tokens=1)
     predictor = VqaPredictor.from_checkpoint(checkpoint, generation=generation, question_template="{}", device="cpu",
                                              batch_size=16)
-    evaluation = evaluate_instructions(predictor.answer, predictor.score_answers, suite / "tasks.json", limit=limit)
-    result.write_text(json.dumps(evaluation, indent=1))
-    return evaluation["metrics"]
+    functions = GivenFunctions(answer=predictor.answer, score_answers=predictor.score_answers)
+    evaluation = evaluate_instructions(functions, InstructionsEvalConfig(str(suite / "tasks.json"), limit=limit))
+    result.write_text(json.dumps(evaluation.to_dict(), indent=1))
+    return evaluation.metrics
 
 
 def _summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:

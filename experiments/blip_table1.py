@@ -17,7 +17,7 @@ precision and recall at flagging the noisy web captions come from `web_truth.jso
 row (pre-training init and data order, both fine-tunes, nucleus sampling) on the same world; the table
 gives each cell's mean and range over seeds. Runs on disk are reused, a killed one resumed.
 
-    .venv/bin/python benchmarks/blip_table1.py --out runs/blip-table1 --seeds 0 1 2
+    .venv/bin/python experiments/blip_table1.py --out runs/blip-table1 --seeds 0 1 2
         (~25 min per seed on 2 CPU cores; --filter-negatives hard trains the filter as BLIP does)
 """
 
@@ -31,15 +31,15 @@ import logging
 import re
 from pathlib import Path
 
-from common import mean_range
-from vlp.evals.runner import evaluate_retrieval
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
-
 from vlp.capfilt import CapFiltConfig, run_capfilt
 from vlp.config import ConfigError, from_dict
-from vlp.evals.captioning import evaluate_captioning
+from vlp.convert import load_pretrained
 from vlp.generation import GenerationConfig
+from vlp.report import mean_range
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.tasks import GivenFunctions, predict_functions
+from vlp.tasks.captioning import CaptioningEvalConfig, CaptionPredictor, evaluate_captioning
+from vlp.tasks.retrieval import RetrievalEvalConfig, evaluate_retrieval
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 
@@ -130,11 +130,12 @@ def synthetic_accuracy(records: list[dict], world: Path, threshold: float) -> di
 
 def _score(run: Path, world: Path) -> dict[str, float]:
     test = world / "captions_test.json"
-    retrieval = evaluate_retrieval(DualEncoderPredictor.from_checkpoint(run), test)["metrics"]
+    retrieval = evaluate_retrieval(predict_functions(load_pretrained(run)), RetrievalEvalConfig(str(test))).metrics
     greedy = GenerationConfig(method="greedy", max_new_tokens=20, min_new_tokens=2)
     captioning = evaluate_captioning(
-        CaptionPredictor.from_checkpoint(run, generation=greedy).caption, test, meteor=False
-    )["metrics"]
+        GivenFunctions(caption=CaptionPredictor.from_checkpoint(run, generation=greedy).caption),
+        CaptioningEvalConfig(str(test), meteor=False),
+    ).metrics
     return {
         "text_to_image_r1": retrieval["image_retrieval_recall@1"],
         "image_to_text_r1": retrieval["text_retrieval_recall@1"],
@@ -241,7 +242,7 @@ def main() -> None:
                         help="share of web captions cut to true but vague alt-text (a world of its own: use "
                              "another --out)")  # fmt: skip
     parser.add_argument("--results", type=Path,
-                        help="default: benchmarks/results-blip-table1.json, -vague.json with --web-vague")
+                        help="default: experiments/results-blip-table1.json, -vague.json with --web-vague")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Checked as the CLI checks it (a threshold outside [0, 1] is refused) before anything is trained.

@@ -9,7 +9,7 @@ Each seed (`train.seed`: initialisation, data order, augmentation) trains the th
 world; the table gives each cell's mean and range over seeds. Runs on disk are reused, a killed one
 resumed.
 
-    .venv/bin/python benchmarks/coca_quality.py --out runs/coca-quality --seeds 0 1   (~25 min a seed)
+    .venv/bin/python experiments/coca_quality.py --out runs/coca-quality --seeds 0 1   (~25 min a seed)
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import logging
 import time
 from pathlib import Path
 
-from common import mean_range
-from vlp.evals.runner import evaluate_retrieval, evaluate_zeroshot
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor
-
 from vlp.config import ConfigError
-from vlp.evals.captioning import evaluate_captioning
+from vlp.convert import load_pretrained
 from vlp.generation import GenerationConfig
+from vlp.report import mean_range
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
+from vlp.tasks import GivenFunctions, predict_functions
+from vlp.tasks.captioning import CaptioningEvalConfig, CaptionPredictor, evaluate_captioning
+from vlp.tasks.retrieval import RetrievalEvalConfig, evaluate_retrieval
+from vlp.tasks.zeroshot import ZeroShotEvalConfig, evaluate_zeroshot
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 
@@ -39,19 +40,19 @@ METRICS = {"shape_acc1": "shape acc1 (5)", "color_shape_acc1": "colour+shape acc
 
 
 def evaluate(checkpoint: Path, data: Path, captions: bool) -> dict[str, float]:
-    embedder = DualEncoderPredictor.from_checkpoint(checkpoint)
+    embedder = predict_functions(load_pretrained(checkpoint))
     zeroshot = data / "zeroshot"
     metrics = {}
     for task in ("shape", "color_shape"):
-        result = evaluate_zeroshot(
-            embedder, zeroshot / f"{task}.csv", zeroshot / f"{task}_classnames.txt", zeroshot / "templates.txt"
-        )
-        metrics[f"{task}_acc1"] = result["metrics"]["acc1"]
-    retrieval = evaluate_retrieval(embedder, data / "test.csv")["metrics"]
+        result = evaluate_zeroshot(embedder, ZeroShotEvalConfig(
+            str(zeroshot / f"{task}.csv"), str(zeroshot / f"{task}_classnames.txt"), str(zeroshot / "templates.txt")))
+        metrics[f"{task}_acc1"] = result.metrics["acc1"]
+    retrieval = evaluate_retrieval(embedder, RetrievalEvalConfig(str(data / "test.csv"))).metrics
     metrics.update({k: v for k, v in retrieval.items() if k.endswith("recall@1")})
     if captions:
         captioner = CaptionPredictor.from_checkpoint(checkpoint, generation=GenerationConfig(method="greedy"))
-        scores = evaluate_captioning(captioner.caption, data / "captions_test.json", meteor=False)["metrics"]
+        scores = evaluate_captioning(GivenFunctions(caption=captioner.caption),
+                                     CaptioningEvalConfig(str(data / "captions_test.json"), meteor=False)).metrics
         metrics.update({"bleu4": scores["bleu4"], "cider": scores["cider"]})
     return metrics
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--results", default="benchmarks/results-coca-quality.json")
+    parser.add_argument("--results", default="experiments/results-coca-quality.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """How often the bad-data rule stops a run, by true share of bad samples: BadSamples itself, fed batches
 whose bad samples are drawn at random (2,000 simulated runs of 200,000 samples each, batches of 128).
 
-    .venv/bin/python benchmarks/bad_fraction_rule.py   # ~30 s; writes results-bad-fraction-rule.json
+    .venv/bin/python experiments/bad_fraction_rule.py   # ~30 s; writes results-bad-fraction-rule.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SigLIP's headline on the shapes world: the sigmoid loss against the softmax one at small batch sizes.
 
     .venv/bin/vlp data shapes --out data/shapes
-    .venv/bin/python benchmarks/siglip_batch.py --world data/shapes --runs runs/siglip-batch \
+    .venv/bin/python experiments/siglip_batch.py --world data/shapes --runs runs/siglip-batch \
         --batch-sizes 16 32 64 128 --seeds 0 1 2
 
 Both arms are `configs/clip-tiny.yaml`'s towers, pooling, tokenizer and schedule; the only differences are
@@ -9,7 +9,7 @@ the loss and what it learns besides the towers (CLIP: the log-temperature from l
 log-temperature from log 10 and the bias, as `configs/siglip-tiny.yaml` sets them). Every run sees the same
 number of training pairs (`--examples`), so a smaller batch takes more steps; warm-up is the same share
 of the steps. Scored by zero-shot shape accuracy (5 classes) on the test images. A run already on disk is
-evaluated again, not retrained. Writes benchmarks/results-siglip-batch.json.
+evaluated again, not retrained. Writes experiments/results-siglip-batch.json.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
     parser.add_argument("--examples", type=int, default=64_000,
                         help="training pairs every run sees (default: the demo's 500 steps x 128)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-siglip-batch.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results-siglip-batch.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for seed in args.seeds:

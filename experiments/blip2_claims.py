@@ -10,7 +10,7 @@ B. Stage 2 with the real frozen SmolLM2-135M-Instruct: zero-shot captioning CIDE
    image) and against stage 2 started without stage 1 (the paper's Figure 5), the image tower the same;
    for each seed, stage 2 starts from that seed's stage-1 run of part A.
 
-    .venv/bin/python benchmarks/blip2_claims.py --data data/shapes --out runs/blip2-claims --seeds 0 1 2
+    .venv/bin/python experiments/blip2_claims.py --data data/shapes --out runs/blip2-claims --seeds 0 1 2
 
 Runs whose final checkpoint exists are reused, so a stopped run continues where it was.
 """
@@ -26,15 +26,16 @@ from typing import Any
 
 import torch
 import yaml
-from common import machine
-from vlp.evals.runner import evaluate_retrieval
-from vlp.serve.predictors import CaptionPredictor, DualEncoderPredictor, VqaPredictor
 
 from vlp.checkpoint import list_checkpoints, load_checkpoint
+from vlp.convert import load_pretrained
 from vlp.convert.tokenizers import tokenizer_from_path
-from vlp.evals.captioning import evaluate_captioning
-from vlp.evals.vqa import evaluate_vqa
 from vlp.generation import GenerationConfig, generate
+from vlp.report import machine
+from vlp.tasks import GivenFunctions, predict_functions
+from vlp.tasks.captioning import CaptioningEvalConfig, CaptionPredictor, evaluate_captioning
+from vlp.tasks.retrieval import RetrievalEvalConfig, evaluate_retrieval
+from vlp.tasks.vqa import VqaEvalConfig, VqaPredictor, evaluate_vqa
 from vlp.train.config import load_run_config
 from vlp.train.loop import train
 
@@ -70,8 +71,9 @@ def _trainable(run: Path) -> int:
 
 
 def _recall(checkpoint: Path, data: Path) -> float:
-    predictor = DualEncoderPredictor.from_checkpoint(checkpoint, device="cpu")
-    return evaluate_retrieval(predictor, data / "captions_test.json")["metrics"]["image_retrieval_recall@1"]
+    functions = predict_functions(load_pretrained(checkpoint), device="cpu")
+    return evaluate_retrieval(functions, RetrievalEvalConfig(str(data / "captions_test.json"))).metrics[
+        "image_retrieval_recall@1"]
 
 
 def part_a(data: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
@@ -126,9 +128,11 @@ def _captions_subset(data: Path, out: Path, images: int) -> Path:
 
 
 def _score(caption, answer, captions: Path, questions: Path, annotations: Path, data: Path) -> dict[str, float]:
-    cider = evaluate_captioning(caption, captions, data, meteor=False)["metrics"]["cider"]
-    vqa = evaluate_vqa(answer, questions, annotations, data / "images" / "test", image_pattern="{image_id:06d}.png")
-    return {"cider": cider, "vqa_accuracy": vqa["metrics"]["vqa_accuracy"]}
+    functions = GivenFunctions(caption=caption, answer=answer)
+    cider = evaluate_captioning(functions, CaptioningEvalConfig(str(captions), str(data), meteor=False)).metrics["cider"]
+    vqa = evaluate_vqa(functions, VqaEvalConfig(questions=str(questions), annotations=str(annotations),
+                                                images=str(data / "images" / "test"), image_pattern="{image_id:06d}.png"))
+    return {"cider": cider, "vqa_accuracy": vqa.metrics["vqa_accuracy"]}
 
 
 def part_b(data: Path, out: Path, lm: Path, seeds: list[int], steps: int, images: int,

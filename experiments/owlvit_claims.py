@@ -3,14 +3,14 @@ fine-tuned for detection without any box of one class, finds that class by name.
 
     .venv/bin/vlp data shapes --out data/shapes
     .venv/bin/vlp train --config configs/clip-tiny.yaml --data data/shapes/train.csv --out runs/clip-tiny
-    .venv/bin/python benchmarks/owlvit_claims.py --world data/shapes --clip runs/clip-tiny --runs runs/owl-claims
+    .venv/bin/python experiments/owlvit_claims.py --world data/shapes --clip runs/clip-tiny --runs runs/owl-claims
 
 Classes are the 30 colour-shape pairs (`instances_pairs_*.json`). "yellow star" is never boxed: its boxes
 and the images holding one are dropped (`data.exclude_classes`, `data.exclude_images`), and its name is
 never a query. The five held-out pairs (blue circle, yellow square, red triangle, green star, purple cross)
 are in neither the CLIP's captions nor the detection training images: they are never-seen compositions.
 Each arm is `configs/owlvit-tiny.yaml` with the overrides below; a run already on disk is evaluated again,
-not retrained. Writes benchmarks/results-owlvit-claims.json.
+not retrained. Writes experiments/results-owlvit-claims.json.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/owl-claims"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help="arm names (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-owlvit-claims.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results-owlvit-claims.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.arms:
