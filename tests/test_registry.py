@@ -145,7 +145,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
         results = {}
         for function in FUNCTIONS:
             if all(family.can(ability) for ability in FUNCTIONS[function].abilities):
-                results[function] = _run(functions, function, images)
+                results[function] = FUNCTIONS[function].example(functions, images)
             else:
                 assert getattr(functions, function) is None, function
         outputs.append(results)
@@ -158,44 +158,6 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
     declared = {a for a in ABILITIES if family.can(a)}
     used = {a for function in outputs[0] for a in FUNCTIONS[function].abilities}
     assert declared == used, f"declared abilities no predict function serves: {declared - used}"
-
-
-def _run(functions, name: str, images: list) -> object:
-    """Call one predict function on small inputs; its result, to compare across save and load."""
-    texts = ["a red circle", "two blue squares", "yes"]
-    if name == "embed_images":
-        return functions.embed_images(images)
-    if name == "embed_texts":
-        return functions.embed_texts(texts)
-    if name == "embed_image_tokens":
-        return functions.embed_image_tokens(images)
-    if name == "zeroshot_classifier":
-        return functions.zeroshot_classifier(["circle", "square"], ["a {}."])(images)
-    if name == "caption":
-        return functions.caption(images)
-    if name == "match_probabilities":
-        return functions.match_probabilities(images, texts)
-    if name == "matcher":
-        return functions.matcher(images, texts)(torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0]))
-    if name == "answer":
-        return functions.answer(images, ["what color?", "how many?", "is it red?"])
-    if name == "score_answers":
-        return functions.score_answers(images, ["what color?", "how many?", "is it red?"],
-                                       [["red", "blue"], ["one", "two", "three"], [["yes", "true"], ["no", "false"]]])
-    if name == "follow_instructions":
-        return functions.follow_instructions(images, ["describe it.", "count the shapes.", "is it red?"])
-    if name == "true_probability":
-        return functions.true_probability(images, images[::-1], texts)
-    if name == "embed_queries":
-        return functions.embed_queries(texts, ["{}", "a {}."])
-    if name == "embed_image_queries":
-        return functions.embed_image_queries(images[:2], [(4, 4, 30, 30), (10, 20, 60, 50)])
-    if name == "box_scores":
-        return torch.cat([torch.cat(pair, dim=1) for pair in functions.box_scores(images, functions.embed_queries(texts))])
-    if name == "detect":
-        found = functions.detect(images, texts, threshold=0.0, top_k=5)
-        return [[(d.box, d.score, d.label) for d in image] for image in found]
-    raise AssertionError(f"the sweep does not know predict function {name}")
 
 
 def test_the_reference_presets_are_what_the_converters_make_of_the_reference_configs():

@@ -120,4 +120,5 @@ class GivenFunctions:
         return function
 
 
-__all__ = ["EVALUATIONS", "FUNCTIONS", "TASKS", "GivenFunctions", "PredictFunctions", "get_evaluation", "predict_functions"]
+__all__ = ["EVALUATIONS", "FUNCTIONS", "TASKS", "GivenFunctions", "PredictFunctions", "get_evaluation",
+           "predict_functions"]

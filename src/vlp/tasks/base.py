@@ -117,10 +117,13 @@ class Predictor:
 @dataclass(frozen=True)
 class PredictFunction:
     """A predict function: the method `name` of a predictor, and the abilities it needs beyond the
-    predictor's (`vlp.abilities`)."""
+    predictor's (`vlp.abilities`). `example(functions, images)` calls it on a few images and texts of its
+    own: what the registry sweep runs for every family that can (a saved and reloaded model must give the
+    same output), and a usage example."""
 
     name: str
     predictor: type[Predictor]
+    example: Callable[[Any, list[Image.Image]], Any]
     extra_abilities: tuple[type[Ability], ...] = ()
 
     @property

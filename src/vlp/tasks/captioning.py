@@ -109,7 +109,7 @@ def evaluate_captioning(functions: Any, cfg: CaptioningEvalConfig) -> EvalResult
 TASK = Task(
     name="captioning",
     abilities=((CaptionsImages,),),
-    functions=(PredictFunction("caption", CaptionPredictor),),
+    functions=(PredictFunction("caption", CaptionPredictor, lambda f, images: f.caption(images)),),
     request=CaptionRequest,
     response=CaptionResponse,
     answer=caption,

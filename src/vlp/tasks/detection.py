@@ -34,6 +34,7 @@ from vlp.tasks.base import (
     batch_starts,
     open_image,
 )
+from vlp.tasks.embedding import EXAMPLE_TEXTS
 
 
 @dataclass
@@ -176,7 +177,8 @@ def detect(functions: Any, request: DetectRequest) -> DetectResponse:
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
-def draw_detections(images: Sequence[str | Path], detections: Sequence[Sequence[Any]], folder: str | Path) -> list[Path]:
+def draw_detections(images: Sequence[str | Path], detections: Sequence[Sequence[Any]], folder: str | Path
+                    ) -> list[Path]:
     """Each image with its boxes, query and score drawn, written as `<name>.detections.png` in `folder`
     (a new name, so no input image is ever overwritten). Returns the files written."""
     folder = Path(folder)
@@ -280,8 +282,17 @@ def evaluate_detection(functions: Any, cfg: DetectionEvalConfig) -> EvalResult:
 TASK = Task(
     name="detection",
     abilities=((DetectsBoxes,),),
-    functions=tuple(PredictFunction(name, DetectionPredictor)
-                    for name in ("detect", "embed_queries", "embed_image_queries", "box_scores")),
+    functions=(
+        PredictFunction("detect", DetectionPredictor, lambda f, images: [
+            [(d.box, d.score, d.label) for d in found]
+            for found in f.detect(images, EXAMPLE_TEXTS, threshold=0.0, top_k=5)]),
+        PredictFunction("embed_queries", DetectionPredictor,
+                        lambda f, _: f.embed_queries(EXAMPLE_TEXTS, ["{}", "a {}."])),
+        PredictFunction("embed_image_queries", DetectionPredictor, lambda f, images: f.embed_image_queries(
+            images[:2], [(4, 4, 30, 30), (10, 20, 60, 50)])),
+        PredictFunction("box_scores", DetectionPredictor, lambda f, images: torch.cat(
+            [torch.cat(pair, dim=1) for pair in f.box_scores(images, f.embed_queries(EXAMPLE_TEXTS))])),
+    ),
     request=DetectRequest,
     response=DetectResponse,
     answer=detect,

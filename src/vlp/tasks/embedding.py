@@ -31,6 +31,7 @@ from vlp.tasks.base import (
     batch_starts,
 )
 
+EXAMPLE_TEXTS = ["a red circle", "two blue squares", "yes"]
 OpenFraction = Annotated[float, Range(min=0, max=1, exclusive_min=True, exclusive_max=True)]
 
 
@@ -165,9 +166,10 @@ TASK = Task(
     name="embedding",
     abilities=((EmbedsImages, EmbedsTexts),),
     functions=(
-        PredictFunction("embed_images", EmbeddingPredictor),
-        PredictFunction("embed_texts", EmbeddingPredictor),
-        PredictFunction("embed_image_tokens", EmbeddingPredictor, (GivesImageTokens,)),
+        PredictFunction("embed_images", EmbeddingPredictor, lambda f, images: f.embed_images(images)),
+        PredictFunction("embed_texts", EmbeddingPredictor, lambda f, _: f.embed_texts(EXAMPLE_TEXTS)),
+        PredictFunction("embed_image_tokens", EmbeddingPredictor, lambda f, images: f.embed_image_tokens(images),
+                        (GivesImageTokens,)),
     ),
     request=EmbedRequest,
     response=EmbedResponse,

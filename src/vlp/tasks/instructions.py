@@ -104,8 +104,13 @@ def evaluate_instructions(functions: Any, cfg: InstructionsEvalConfig) -> EvalRe
 TASK = Task(
     name="instructions",
     abilities=((AnswersQuestions,),),
-    functions=(PredictFunction("score_answers", VqaPredictor),
-               PredictFunction("follow_instructions", VqaPredictor, (FollowsInstructions,))),
+    functions=(
+        PredictFunction("score_answers", VqaPredictor, lambda f, images: f.score_answers(
+            images[:3], ["what color?", "how many?", "is it red?"],
+            [["red", "blue"], ["one", "two", "three"], [["yes", "true"], ["no", "false"]]])),
+        PredictFunction("follow_instructions", VqaPredictor, lambda f, images: f.follow_instructions(
+            images[:3], ["describe it.", "count the shapes.", "is it red?"]), (FollowsInstructions,)),
+    ),
     request=InstructRequest,
     response=InstructResponse,
     answer=instruct,

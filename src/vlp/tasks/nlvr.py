@@ -77,7 +77,8 @@ def evaluate_nlvr(functions: Any, cfg: NlvrEvalConfig) -> EvalResult:
 TASK = Task(
     name="nlvr",
     abilities=((JudgesImagePairs,),),
-    functions=(PredictFunction("true_probability", NlvrPredictor),),
+    functions=(PredictFunction("true_probability", NlvrPredictor, lambda f, images: f.true_probability(
+        images, images[::-1], ["a red circle", "two blue squares", "yes"][: len(images)])),),
     request=JudgeRequest,
     response=JudgeResponse,
     answer=judge,

@@ -1,6 +1,6 @@
 """Image-text retrieval: texts ranked against images by embedding similarity, and, for a model with an
-image-text matching head, each query's top K re-scored by that head, as the matching-head papers report it. Evaluated with
-CLIP_benchmark's recall@K names (`vlp.evals.retrieval`)."""
+image-text matching head, each query's top K re-scored by that head, as the matching-head papers report it.
+Evaluated with CLIP_benchmark's recall@K names (`vlp.evals.retrieval`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from vlp.evals import image_text_similarity
 from vlp.evals.retrieval import reranked_retrieval, zeroshot_retrieval
 from vlp.flags import option
 from vlp.tasks.base import EvalResult, Evaluation, ImageInput, PredictFunction, Task, batch_starts
-from vlp.tasks.embedding import EmbeddingPredictor
+from vlp.tasks.embedding import EXAMPLE_TEXTS, EmbeddingPredictor
 
 
 class MatchingPredictor(EmbeddingPredictor):
@@ -123,8 +123,12 @@ def evaluate_retrieval(functions: Any, cfg: RetrievalEvalConfig) -> EvalResult:
 TASK = Task(
     name="retrieval",
     abilities=((EmbedsImages, EmbedsTexts),),
-    functions=(PredictFunction("match_probabilities", MatchingPredictor),
-               PredictFunction("matcher", MatchingPredictor)),
+    functions=(
+        PredictFunction("match_probabilities", MatchingPredictor,
+                        lambda f, images: f.match_probabilities(images, EXAMPLE_TEXTS[: len(images)])),
+        PredictFunction("matcher", MatchingPredictor, lambda f, images: f.matcher(images, EXAMPLE_TEXTS)(
+            torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0]))),
+    ),
     request=RetrieveRequest,
     response=RetrieveResponse,
     answer=retrieve,

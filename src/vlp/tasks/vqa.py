@@ -255,7 +255,8 @@ def evaluate_vqa(functions: Any, cfg: VqaEvalConfig) -> EvalResult:
 TASK = Task(
     name="vqa",
     abilities=((AnswersQuestions,),),
-    functions=(PredictFunction("answer", VqaPredictor),),
+    functions=(PredictFunction("answer", VqaPredictor, lambda f, images: f.answer(
+        images[:3], ["what color?", "how many?", "is it red?"][: len(images)])),),
     request=AskRequest,
     response=AskResponse,
     answer=ask,

@@ -28,7 +28,8 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 class ZeroShotPredictor(EmbeddingPredictor):
     task = "classify images zero-shot"
 
-    def zeroshot_classifier(self, classnames: list[str], templates: list[str]) -> Callable[[Sequence[ImageInput]], torch.Tensor]:
+    def zeroshot_classifier(self, classnames: list[str], templates: list[str]
+                            ) -> Callable[[Sequence[ImageInput]], torch.Tensor]:
         """A function of images -> class probabilities [N, C], from the logits the zero-shot evaluation scores."""
         logits = zeroshot_classifier(self.embed_images, self.embed_texts, classnames, templates)
         return lambda images: logits(images).softmax(dim=-1)
@@ -93,7 +94,8 @@ def evaluate_zeroshot(functions: Any, cfg: ZeroShotEvalConfig) -> EvalResult:
 TASK = Task(
     name="zeroshot",
     abilities=((EmbedsImages, EmbedsTexts),),
-    functions=(PredictFunction("zeroshot_classifier", ZeroShotPredictor),),
+    functions=(PredictFunction("zeroshot_classifier", ZeroShotPredictor,
+                               lambda f, images: f.zeroshot_classifier(["circle", "square"], ["a {}."])(images)),),
     request=ClassifyRequest,
     response=ClassifyResponse,
     answer=classify,
