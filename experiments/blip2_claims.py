@@ -1,4 +1,4 @@
-"""BLIP-2's claims on the shapes world, as the README reports them.
+"""BLIP-2's claims on the shapes world, as docs/results/blip2.md reports them.
 
 A. Frozen towers + a small Q-Former reach most of an end-to-end model (the paper's central claim): BLIP-2
    stage 1 over the frozen image tower of a tiny CLIP trained first, against an end-to-end tiny BLIP
@@ -81,7 +81,7 @@ def part_a(data: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     rows = []
     for seed in seeds:
         common = [f"data.train={data / 'train.csv'}", f"train.seed={seed}"]
-        # 500 steps, the budget the README's table was measured at (blip-tiny now trains 1,500): the claim is
+        # 500 steps, the budget the results page's table was measured at (blip-tiny now trains 1,500): the claim is
         # about the same wall time, which the stage-1 checkpoint chosen below follows.
         blip = _train("blip-tiny.yaml", out / f"blip-{seed}", [*common, "train.steps=500"])
         wall = _seconds(blip, _records(blip)[-1]["step"])

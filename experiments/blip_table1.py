@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="pre-training steps of every row")
     parser.add_argument("--capfilt-steps", type=int, default=300, help="fine-tuning steps of captioner and filter")
     # Uniform: on this world BLIP's similarity-drawn negatives are often true of the text (captions name
-    # some of a scene's objects), and a filter this small trained on them flags most captions (README).
+    # some of a scene's objects), and a filter this small trained on them flags most captions (docs/results/blip.md).
     parser.add_argument("--filter-negatives", choices=("hard", "uniform"), default="uniform",
                         help="the filter's ITM negatives while it is fine-tuned")  # fmt: skip
     parser.add_argument("--threshold", type=float, default=0.5, help="the filter's p(match) to keep a caption")

@@ -1,4 +1,4 @@
-"""InstructBLIP's claims on the shapes world's instruction suite, as the README reports them.
+"""InstructBLIP's claims on the shapes world's instruction suite, as docs/results/instructblip.md reports them.
 
 Every arm starts from the same BLIP-2 (stage 1 over a frozen tiny-CLIP tower, stage 2 with the real frozen
 SmolLM2-135M-Instruct) and is scored on the suite's tasks (`vlp data instructions`): held-out formats

@@ -79,7 +79,7 @@ def trained_blip(shapes_world, tmp_path_factory):
     """A tiny BLIP pre-trained for 400 steps on the shapes world (~30 s), shared by the BLIP, VQA and
     CapFilt tests. Its ITM negatives are drawn uniformly (the paper's ablation): with BLIP's hard
     negatives a model this small stays at the always-"no" 2/3 for its first ~1,000 steps here (the
-    1,500-step `configs/blip-tiny.yaml` run in the README learns them), and the CapFilt tests need a
+    1,500-step `configs/blip-tiny.yaml` run in docs/results/blip.md learns them), and the CapFilt tests need a
     filter that already tells captions apart."""
     from vlp.train.config import load_run_config
     from vlp.train.loop import train

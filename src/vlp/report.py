@@ -114,7 +114,7 @@ def machine() -> dict[str, object]:
 
 
 def mean_range(values: list[float]) -> str:
-    """A figure over seeds as the README states it: the mean, then the range when there is more than one."""
+    """A figure over seeds as the results pages state it: the mean, then the range when there is more than one."""
     mean = statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.3f}"

@@ -278,7 +278,7 @@ def test_tiny_blip_learns_all_three_losses_and_captions(shapes_world, trained_bl
     assert printed.startswith(f"{image}: ") and any(
         s in printed for s in ("circle", "square", "triangle", "star", "cross")
     )
-    # ITM re-ranking runs end to end (at this size it ranks worse than the embeddings: see the README).
+    # ITM re-ranking runs end to end (at this size it ranks worse than the embeddings: see docs/results/blip.md).
     out = tmp_path / "rerank.json"
     assert (
         main(["eval", "retrieval", "--checkpoint", str(run), "--data", str(test), "--rerank", "8", "--out", str(out)])

@@ -82,7 +82,7 @@ def test_fine_tuned_from_blip_learns_the_pair_statements(shapes_world, trained_b
     records = _fine_tune(shapes_world, trained_blip, run, steps=500)
     # Measured: training accuracy 0.49 -> 0.71 over 500 steps (0.64 after 300), 0.69 to 0.72 on 200 training
     # pairs; 0.53 to 0.55 on the 100 held-out pairs between identical runs (majority 0.50), which differ by
-    # float rounding. Comparing counts across two images generalises poorly at this size (see the README),
+    # float rounding. Comparing counts across two images generalises poorly at this size (see docs/results/blip.md),
     # so held-out accuracy is evaluated, not asserted; the eval command is checked on training pairs, which
     # the model has learned.
     assert records[-1]["nlvr_accuracy"] > 0.65 and records[0]["nlvr_accuracy"] < 0.6, records[-1]

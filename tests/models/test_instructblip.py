@@ -201,7 +201,7 @@ def test_from_blip2_stages_to_instruction_tuning_evaluation_and_ask(shapes_world
     tuned = run("instructblip-tiny.yaml", "tuned", 60, str(suite / "train.jsonl"), f"train.init_from={stage2}",
                 f"model.sources.qformer={stage1}", "train.lr=2e-3", "train.save_every=30", "train.keep_checkpoints=3")
     records = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
-    # The tiny LM is random and frozen: the soft prompt moves its loss only a little (the README's runs on the
+    # The tiny LM is random and frozen: the soft prompt moves its loss only a little (docs/results/instructblip.md's runs on the
     # real SmolLM2 measure what instruction tuning reaches).
     assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 0.05, records
     loaded = load_checkpoint(tuned)

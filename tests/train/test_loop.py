@@ -89,7 +89,7 @@ def test_training_learns_zero_shot_classification(shapes_world, tmp_path, varian
     assert colour_shape > 0.15 and colour_shape > colour_shape_before + 0.1, (colour_shape, colour_shape_before)
     if variant == "clip":
         # Shape alone, 5 classes (chance 0.2): the ConvNet CLIP learns shape too; the tiny ViT and the
-        # SigLIP text tower take far longer (see the README's demo figures).
+        # SigLIP text tower take far longer (see docs/results/clip.md).
         shape, shape_before = (zeroshot_acc(p, shapes_world, "shape") for p in (trained, untrained))
         assert shape > 0.6 and shape > shape_before + 0.3, (shape, shape_before)
         _check_predictor_batching_and_bf16(run)
@@ -273,7 +273,7 @@ def test_resume_reuses_the_saved_configuration_and_says_what_changed(shapes_worl
     assert main(["train", "--config", str(config), "--out", str(run), "--resume", "latest",
                  "--set", "train.batch_size=0"]) == 2
     assert (run / "run.yaml").read_text() == saved
-    # The README's resume command: no --data; the saved run's data and settings are reused.
+    # The documented resume command (docs/usage.md): no --data; the saved run's data and settings are reused.
     assert main(["train", "--config", str(config), "--out", str(run), "--resume", "latest",
                  "--set", "train.steps=6", "--set", "train.lr=0.001"]) == 0
     assert yaml.safe_load((run / "run.yaml").read_text())["data"]["train"] == str(shapes_world / "train.csv")
