@@ -3,6 +3,7 @@ a repeated batch), saves and loads to identical outputs, and every ability it de
 predictors. The sweep runs every shipped run config (configs/*.yaml, each naming a tiny preset and its
 tokenizer), so a new family gets all of this from its registry entry and its run config."""
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from vlp.data.pipeline import IMAGE_TEXT_PAIRS, Collate
 from vlp.data.vqa import VQA_ANSWERS, VqaCollate
 from vlp.objectives.recipes import RECIPES, recipe_of
 from vlp.registry import FAMILIES, create_model, list_presets, parse_model_config, read_preset
-from vlp.tasks import FUNCTIONS, predict_functions
+from vlp.tasks import FUNCTIONS, TASKS, predict_functions
 from vlp.train.optim import make_optimizer
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -38,7 +39,7 @@ def _image(rng: random.Random, size: int) -> Image.Image:
     return Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
 
 
-# One collate and one sample maker per data task: a new family on an existing task needs nothing here.
+# One collate and one sample maker per kind of training data: a new family on an existing kind needs nothing here.
 def _caption_items(rng, tensor):
     return [{"image": tensor(), "caption": _caption(rng)} for _ in range(8)]
 
@@ -61,7 +62,7 @@ def _detection_items(rng, tensor):
              "labels": [[0], [1]], "queries": [_caption(rng), _caption(rng), _caption(rng)]} for _ in range(8)]
 
 
-TASKS = {IMAGE_TEXT_PAIRS: (Collate, _caption_items), VQA_ANSWERS: (VqaCollate, _vqa_items),
+DATA_KINDS = {IMAGE_TEXT_PAIRS: (Collate, _caption_items), VQA_ANSWERS: (VqaCollate, _vqa_items),
          IMAGE_PAIR_STATEMENTS: (NlvrCollate, _pair_items), INSTRUCTION_RECORDS: (InstructionCollate, _instruction_items),
          BOXES: (DetectionCollate, _detection_items)}  # fmt: skip
 # The Q-Former's own tokenizer, for families that read instructions there (the tiny presets' special ids).
@@ -98,7 +99,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
     image_cfg = from_dict(ImageConfig, run.get("image", {}))
     rng = random.Random(0)
     transform = ImageTransform(image_cfg, train=False)
-    collate, items = TASKS[recipe.data]
+    collate, items = DATA_KINDS[recipe.data]
     samples = items(rng, lambda: transform(_image(rng, 64)))
     texts = [s.get("caption") or s.get("sentence") or s.get("question") or s.get("instruction") or " ".join(s["queries"])
              for s in samples] + WORDS
@@ -139,6 +140,9 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
     assert type(loaded.model) is type(model) and loaded.config == model_cfg
 
     images = [_image(rng, 64) for _ in range(3)]
+    files = [str(tmp_path / f"{i}.png") for i in range(len(images))]
+    for image, file in zip(images, files, strict=True):
+        image.save(file)
     outputs = []
     for which in (pretrained, loaded):
         functions = predict_functions(which, device="cpu")
@@ -148,6 +152,14 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
                 results[function] = FUNCTIONS[function].example(functions, images)
             else:
                 assert getattr(functions, function) is None, function
+        # Every task it can do answers its typed request with its typed response.
+        for task in TASKS:
+            if task.can(family) and task.respond is not None:
+                request = task.example_request(files)
+                task_functions = predict_functions(which, options=task.request_options(request), device="cpu")
+                response = task.respond(task_functions, request)
+                assert isinstance(response, task.response), task.name
+                results[f"task {task.name}"] = dataclasses.asdict(response)
         outputs.append(results)
     assert outputs[0], f"{name} declares no ability a predictor uses"
     for key, value in outputs[0].items():
@@ -156,7 +168,7 @@ def test_family_builds_learns_saves_loads_and_runs_its_abilities(config, tmp_pat
         else:
             assert value == outputs[1][key], key
     declared = {a for a in ABILITIES if family.can(a)}
-    used = {a for function in outputs[0] for a in FUNCTIONS[function].abilities}
+    used = {a for function in outputs[0] if function in FUNCTIONS for a in FUNCTIONS[function].abilities}
     assert declared == used, f"declared abilities no predict function serves: {declared - used}"
 
 

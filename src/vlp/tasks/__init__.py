@@ -1,9 +1,9 @@
 """The task table: one module per task, each declaring its abilities, predict functions, typed request and
 response, evaluation, commands and training data (`vlp.tasks.base.Task`). A new task is a module and a row
-here; the command line, the trainer's evaluations and the service find it in `TASKS`.
+here; the command line and the trainer's evaluations find it in `TASKS`.
 
 `predict_functions(pretrained)` gives every predict function a checkpoint's abilities allow, in one object:
-what the command line, the evaluators, CapFilt and the service call, never the model.
+what the command line, the evaluators and CapFilt call, never the model.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """What every task module declares, and what its predict functions share.
 
 A task (`Task`) declares the abilities a model needs for it, its predict functions, its typed request and
-response (the HTTP service's schemas) with the function that answers one, its evaluation (`vlp eval NAME`
+response (what an HTTP route takes and gives) with the function that answers one, its evaluation (`vlp eval NAME`
 and a run config's `evals:` entries: a config dataclass whose fields are the flags, and
 `evaluate(functions, config) -> EvalResult`), its predict commands (`vlp NAME ...`), and the kind of
-training data it reads. The command line, the trainer's evaluations and the service loop over the task
-table (`vlp.tasks.TASKS`); none of them knows a task or a family by name.
+training data it reads. The command line and the trainer's evaluations loop over the task table
+(`vlp.tasks.TASKS`); neither knows a task or a family by name.
 
 Predict functions are methods of predictors: a `Predictor` holds the model on its device in eval mode,
 its named assets, batching, bf16 autocast as an option and progress bars as another.
@@ -163,15 +163,19 @@ class Command:
 @dataclass(frozen=True)
 class Task:
     """One task, declared once. A model can do it when its family declares every ability of one of the sets
-    in `abilities`. `request` / `response` are its typed request and response, and `answer(functions,
-    request) -> response` answers one; `training` is the kind of training data it reads."""
+    in `abilities`. `request` / `response` are its typed request and response: `respond(functions, request)
+    -> response` answers one, with functions made with `request_options(request)` (the predictor options a
+    request sets); `training` is the kind of training data it reads."""
 
     name: str
     abilities: tuple[tuple[type[Ability], ...], ...]
     functions: tuple[PredictFunction, ...] = ()
     request: type | None = None
     response: type | None = None
-    answer: Callable[[Any, Any], Any] | None = None
+    respond: Callable[[Any, Any], Any] | None = None
+    request_options: Callable[[Any], dict[type[Predictor], dict[str, Any]]] = lambda request: {}
+    # A request about the given image files: what the registry sweep answers for every family that can.
+    example_request: Callable[[list[str]], Any] | None = None
     evaluation: Evaluation | None = None
     commands: tuple[Command, ...] = ()
     training: TrainingData | None = None

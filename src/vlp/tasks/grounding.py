@@ -78,7 +78,9 @@ TASK = Task(
     abilities=((DetectsBoxes,), (MatchesImageText,)),
     request=GroundRequest,
     response=GroundResponse,
-    answer=ground,
+    respond=ground,
+    example_request=lambda images: GroundRequest(images[0], ["the red circle", "the blue square"],
+                                                 [[2.0, 2.0, 30.0, 30.0], [20.0, 20.0, 60.0, 60.0]]),
     evaluation=Evaluation("grounding", "referring expressions: precision@1 (IoU >= 0.5) of a detector, or of an "
                           "image-text matching model over the annotated regions", GroundingEvalConfig, evaluate),
 )

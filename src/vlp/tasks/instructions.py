@@ -113,7 +113,8 @@ TASK = Task(
     ),
     request=InstructRequest,
     response=InstructResponse,
-    answer=instruct,
+    respond=instruct,
+    example_request=lambda images: InstructRequest(images[:2], ["describe it.", "is it red?"]),
     evaluation=Evaluation("instructions", "instruction task suites: each task by its metric, open ones generated, "
                           "closed ones ranked", InstructionsEvalConfig, evaluate_instructions, _options),
     training=INSTRUCTION_RECORDS,

@@ -81,7 +81,8 @@ TASK = Task(
         images, images[::-1], ["a red circle", "two blue squares", "yes"][: len(images)])),),
     request=JudgeRequest,
     response=JudgeResponse,
-    answer=judge,
+    respond=judge,
+    example_request=lambda images: JudgeRequest(images, images[::-1], ["yes"] * len(images)),
     evaluation=Evaluation("nlvr", "statements about image pairs (NLVR2): accuracy", NlvrEvalConfig, evaluate_nlvr),
     training=IMAGE_PAIR_STATEMENTS,
 )

@@ -131,6 +131,7 @@ TASK = Task(
     ),
     request=RetrieveRequest,
     response=RetrieveResponse,
-    answer=retrieve,
+    respond=retrieve,
+    example_request=lambda images: RetrieveRequest(EXAMPLE_TEXTS, images, k=2),
     evaluation=Evaluation("retrieval", "image-text retrieval", RetrievalEvalConfig, evaluate_retrieval),
 )

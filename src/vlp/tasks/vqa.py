@@ -192,7 +192,7 @@ def _predictor_options(method: str, answer_list: Sequence[str], k: int, question
 
 
 def ask(functions: Any, request: AskRequest) -> AskResponse:
-    """Answers to the request's questions by a model made with the request's options (`request_options`)."""
+    """Answers to the request's questions, by functions made with `request_options(request)`."""
     return AskResponse(functions.require("answer")(request.images, request.questions))
 
 
@@ -259,7 +259,9 @@ TASK = Task(
         images[:3], ["what color?", "how many?", "is it red?"][: len(images)])),),
     request=AskRequest,
     response=AskResponse,
-    answer=ask,
+    respond=ask,
+    example_request=lambda images: AskRequest(images[:2], ["what color?", "how many?"]),
+    request_options=request_options,
     evaluation=Evaluation("vqa", "visual question answering: VQA accuracy", VqaEvalConfig, evaluate_vqa,
                           lambda cfg: cfg.predictor_options()),
     commands=(Command("ask", "answer a question or follow an instruction about an image", AskOptions, _ask_command),),

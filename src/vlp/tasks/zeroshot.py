@@ -98,7 +98,8 @@ TASK = Task(
                                lambda f, images: f.zeroshot_classifier(["circle", "square"], ["a {}."])(images)),),
     request=ClassifyRequest,
     response=ClassifyResponse,
-    answer=classify,
+    respond=classify,
+    example_request=lambda images: ClassifyRequest(images, ["circle", "square"]),
     evaluation=Evaluation("zeroshot", "zero-shot classification", ZeroShotEvalConfig, evaluate_zeroshot),
     commands=(Command("classify", "zero-shot classify images", ClassifyOptions, _classify_command),),
 )
