@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/vlp demo --out runs/demo --data data/shapes --configs configs
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 
 # One pytest-xdist worker per core; tests/conftest.py gives each worker its share of the threads.
 XDIST := -n logical
@@ -52,6 +52,9 @@ $(INTEROP_STAMP): pyproject.toml
 	$(INTEROP)/bin/pip install --quiet -r $(INTEROP)/requirements.txt
 	# open_clip 3.3's CoCa.generate imports transformers' BeamSearchScorer, which 4.56 stopped exporting.
 	$(INTEROP)/bin/pip install --quiet "transformers>=4.45,<4.56"
+	# transformers 5 brought `kernels`, whose current release needs a newer huggingface_hub than 4.55 keeps;
+	# 4.55 imports it whenever it is installed, and then fails to import at all.
+	$(INTEROP)/bin/pip uninstall --quiet --yes kernels
 	$(INTEROP)/bin/pip install --quiet --no-deps -e .
 	@touch $(INTEROP_STAMP)
 

@@ -168,6 +168,17 @@ def test_broken_checkpoint_files_are_named(trained_run, tmp_path, capsys):
     (broken / "model.json").write_text(json.dumps(arch))
     line = _one_line_error(capsys, args)
     assert "describes a model of" in line and "this machine has" in line and "available" in line
+    # The named assets: a broken tokenizer, a preprocessing file that is not JSON, one that is missing.
+    shutil.copy(resolve_checkpoint(trained_run) / "model.json", broken / "model.json")
+    tokenizer = broken / "tokenizers" / "text" / "tokenizer.json"
+    tokenizer.write_text('{"model": ')
+    assert f"{tokenizer} is not a readable tokenizer" in _one_line_error(capsys, args)
+    shutil.copy(resolve_checkpoint(trained_run) / "tokenizers" / "text" / "tokenizer.json", tokenizer)
+    preprocess = broken / "image_processors" / "image" / "preprocess.json"
+    preprocess.write_text("{size: ")
+    assert f"{preprocess} is not valid JSON" in _one_line_error(capsys, args)
+    preprocess.unlink()
+    assert f"{broken} is incomplete: its image preprocessing is missing" in _one_line_error(capsys, args)
     assert not (tmp_path / "x.npy").exists()
 
 

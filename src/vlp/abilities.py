@@ -1,5 +1,6 @@
 """What a loaded model can do, as typed interfaces. Each family declares its abilities in
-`vlp.registry`; predictors are built from them, so nothing probes a model for methods.
+`vlp.registry`; the tasks' predict functions are built from them (`vlp.tasks`), so nothing probes a model for
+methods.
 
 Tensors: images [B, 3, H, W] preprocessed; text [B, L] token ids with text_mask [B, L] (1 = real).
 """
@@ -90,8 +91,8 @@ class AnswersQuestions(Ability, Protocol):
 
 @runtime_checkable
 class FollowsInstructions(AnswersQuestions, Protocol):
-    """InstructBLIP: the question (an instruction) is read by the image side too, tokenised by the checkpoint's
-    `qformer_tokenizer`; images may be [B, F, 3, H, W], F images read one after the other."""
+    """The question (an instruction) is read by the image side too, tokenised by the checkpoint's
+    `instruction` tokenizer (`vlp.assets`); images may be [B, F, 3, H, W], F images read one after the other."""
 
     def encode_question(
         self, images: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor,

@@ -104,6 +104,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if field.metadata.get("positional"):
             parser.add_argument(dotted, **kwargs)
             continue
+        if "choices" not in kwargs and base is not bool:
+            kwargs.setdefault("metavar", field.name.upper())  # the field's name, not its dotted path
         if _has_default(field):
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             if default not in (None, "", (), []) and base is not bool:
