@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlp.config import NonNegativeInt, PositiveInt
 from vlp.data.instructions import (
     InstructionRecord,
     coco_caption_records,
@@ -39,6 +40,7 @@ from vlp.data.instructions import (
     write_instructions,
 )
 from vlp.data.sources import DataError
+from vlp.flags import option
 from vlp.shapes.language import relation_between
 from vlp.shapes.scene import COLORS, NUMBER_WORDS, SHAPES, SIZES, ShapeObject
 
@@ -140,6 +142,16 @@ def _dialog(path: Path, objects: list[ShapeObject], rng: random.Random) -> Instr
 def _count(path: Path, objects: list[ShapeObject]) -> InstructionRecord:
     n = len(objects)
     return InstructionRecord([path], "count", answer=str(n), template="count", answers=[str(n), NUMBER_WORDS[n]])
+
+
+@dataclass
+class SuiteCommand:
+    """`vlp data instructions`: the world to read, where to write the suite, its seed and size."""
+
+    world: str = option(help="a shapes world folder (vlp data shapes)")
+    out: str = option(help="the folder to write")
+    seed: NonNegativeInt = option(0, help="the suite's seed")
+    per_task: PositiveInt = option(200, help="test records per task")
 
 
 def make_instruction_suite(world: str | Path, out: str | Path, *, seed: int = 0, per_task: int = 200) -> dict[str, Any]:

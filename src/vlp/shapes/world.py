@@ -152,6 +152,14 @@ class ShapesWorldConfig:
         return tuple((HELDOUT_COLOR[shape], shape) for shape in self.shapes)
 
 
+@dataclass
+class ShapesWorldCommand:
+    """`vlp data shapes`: where to write the world, and its settings as flags."""
+
+    out: str = option(help="the folder to write")
+    world: ShapesWorldConfig = option(default_factory=ShapesWorldConfig)
+
+
 def make_shapes_world(out: str | Path, cfg: ShapesWorldConfig) -> dict:
     """Write the shapes world under `out`; returns the manifest (also written as manifest.json)."""
     out = Path(out)

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import mannwhitneyu
 
 from vlp.abilities import EmbedsImages, EmbedsTexts, MatchesImageText
 from vlp.config import PositiveInt
@@ -148,6 +147,8 @@ def matching_metrics(scores: Sequence[float], labels: Sequence[int]) -> dict[str
     negatives = [s for s, y in zip(scores, labels, strict=True) if y == 0]
     if not positives or not negatives:
         raise DataError("matching metrics need both matching and mismatched pairs")
+    from scipy.stats import mannwhitneyu  # imported here: scipy.stats takes a second to import
+
     auc = mannwhitneyu(positives, negatives).statistic / (len(positives) * len(negatives))
     ranked = sorted(zip(scores, labels, strict=True), key=lambda x: (-x[0], x[1]))
     hits, precisions = 0, []
