@@ -2,6 +2,7 @@
 against hand-computed ones, and the command's bad input as one line."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -25,11 +26,17 @@ def test_metrics_are_the_rank_statistics_computed_by_hand():
 
 def test_a_trained_model_tells_matching_from_mismatched_pairs_by_either_method(trained_blip, shapes_world, tmp_path):
     functions = predict_functions(load_pretrained(trained_blip), device="cpu")
-    config = MatchingEvalConfig(str(shapes_world / "captions_test.json"))
+    captions = json.loads((shapes_world / "captions_test.json").read_text())
+    keep = {image["id"] for image in captions["images"][:40]}  # 200 matching and 200 mismatched pairs
+    captions["images"] = [image for image in captions["images"] if image["id"] in keep]
+    captions["annotations"] = [a for a in captions["annotations"] if a["image_id"] in keep]
+    subset = tmp_path / "captions.json"
+    subset.write_text(json.dumps(captions))
+    config = MatchingEvalConfig(str(subset), images=str(shapes_world))
     by_head = evaluate_matching(functions, config)
-    by_embeddings = evaluate_matching(functions, MatchingEvalConfig(config.data, method="cosine"))
+    by_embeddings = evaluate_matching(functions, dataclasses.replace(config, method="cosine"))
     assert by_head.protocol.startswith("the matching head") and by_embeddings.protocol.startswith("the cosine")
-    # Measured on the 400-step tiny BLIP: AUC 0.87 (head) and 0.92 (embeddings); chance is 0.5.
+    # Measured on the 400-step tiny BLIP: AUC 0.94 (head) and 0.96 (embeddings); chance is 0.5.
     for result in (by_head, by_embeddings):
         assert result.metrics["roc_auc"] > 0.7, result.metrics
         assert result.metrics["mean_score_matching"] > result.metrics["mean_score_mismatched"]
