@@ -280,6 +280,5 @@ def check_assets(family: Family, assets: Assets, where: Path) -> None:
                               "(image_processors/image/preprocess.json, or preprocess.json)")
     for name, what in family.tokenizers:
         if name not in assets.tokenizers:
-            layout = "tokenizer.json" if name == TEXT else f"tokenizers/{name}/"
             raise CheckpointError(f"{where} is incomplete: a {family.name} model needs its {what} ('{name}' "
-                                  f"tokenizer, {layout}), and this checkpoint has none")
+                                  f"tokenizer, tokenizers/{name}/), and this checkpoint has none")

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlp.assets.image import ImageConfig, ImageTransform
+from vlp.assets.image import ImageConfig
 from vlp.assets.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from vlp.config import from_dict, to_dict
 from vlp.errors import CheckpointError, ConfigError
@@ -54,9 +54,6 @@ class Assets:
         if name not in self.image_processors:
             raise CheckpointError(f"{where} has no '{name}' image processor; the model needs it")
         return self.image_processors[name]
-
-    def image_transform(self, name: str = IMAGE) -> ImageTransform:
-        return ImageTransform(self.image_config(name), train=False)
 
     def save(self, folder: str | Path) -> None:
         """Write every asset under `folder` (which exists) in the named layout."""

@@ -30,7 +30,7 @@ from vlp.assets.tokenizer import Tokenizer
 from vlp.config import ConfigError, Fraction, PositiveInt
 from vlp.data.batches import DetectionBatch
 from vlp.data.pipeline import DataConfig, GoodBatches, TrainingData, check_training_data, map_style_batches
-from vlp.data.sources import BadSamples, DataError, Skipped, _resolve_image, load_image, skipped
+from vlp.data.sources import BadSamples, DataError, Skipped, load_image, resolve_image, skipped
 
 DEFAULT_PROMPTS = ("{}", "a photo of a {}", "a picture of a {}", "there is a {}", "a {} in the picture")
 
@@ -89,7 +89,7 @@ def read_coco_instances(
     for image_id, entry in entries.items():
         try:
             images[image_id] = DetectionImage(
-                _resolve_image(str(entry["file_name"]), roots), int(entry["width"]), int(entry["height"]), [], [],
+                resolve_image(str(entry["file_name"]), roots), int(entry["width"]), int(entry["height"]), [], [],
                 [categories[c] for c in entry.get("neg_category_ids", []) if c in categories],
                 [categories[c] for c in entry.get("not_exhaustive_category_ids", []) if c in categories],
                 image_id)

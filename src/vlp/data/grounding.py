@@ -15,7 +15,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlp.data.sources import DataError, _resolve_image
+from vlp.data.sources import DataError, resolve_image
 
 
 @dataclass
@@ -75,7 +75,7 @@ def read_referring_expressions(
                 continue
             image_id, box = boxes[int(ref["ann_id"])]
             sentences = [s["sent"] for s in ref["sentences"]]
-            out += [ReferringExpression(_resolve_image(files[image_id], roots), sentence, box, by_image[image_id],
+            out += [ReferringExpression(resolve_image(files[image_id], roots), sentence, box, by_image[image_id],
                                         int(ref.get("ref_id", number)), str(ref["split"])) for sentence in sentences]
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{refs} ref {number}: needs ann_id (an annotation of {instances}), split and "

@@ -126,7 +126,7 @@ class BadSamples:
             )
 
 
-def _resolve_image(name: str, roots: list[Path]) -> Path:
+def resolve_image(name: str, roots: list[Path]) -> Path:
     candidate = Path(name)
     if candidate.is_absolute():
         return candidate
@@ -151,7 +151,7 @@ def _group(rows: list[tuple[int, str, str | Skipped]], roots: list[Path], where:
             continue
         item = grouped.get(image)
         if item is None:
-            item = grouped[image] = ImageCaptions(_resolve_image(image, roots), [], key=image)
+            item = grouped[image] = ImageCaptions(resolve_image(image, roots), [], key=image)
         item.captions.append(caption)
     bad.read(len(rows), dropped)
     return list(grouped.values())

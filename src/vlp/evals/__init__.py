@@ -27,6 +27,16 @@ def image_text_similarity(image_embeddings: torch.Tensor, text_embeddings: torch
     return images @ texts.T
 
 
+def paired_similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity [N] of aligned pairs (image i with text i): the diagonal of `image_text_similarity`,
+    without the [N, N] matrix."""
+    images = F.normalize(image_embeddings.float(), dim=-1)
+    texts = F.normalize(text_embeddings.float(), dim=-1)
+    if images.dim() == 3:
+        return torch.einsum("nqe,ne->nq", images, texts).amax(dim=-1)
+    return (images * texts).sum(dim=-1)
+
+
 @dataclass
 class EvalResult:
     """An evaluation's outcome: its named metrics (None where a metric is undefined), the protocol followed,

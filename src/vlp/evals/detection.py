@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vlp.data.detection import canonical_label
-from vlp.data.sources import _resolve_image
+from vlp.data.sources import resolve_image
 from vlp.errors import DataError
 from vlp.evals import EvalResult
 
@@ -109,7 +109,7 @@ def _category_ids(coco_gt: Any, novel: Sequence[str], where: Path) -> tuple[list
 def _image_paths(coco_gt: Any, gt_path: Path, images_dir: str | Path | None, limit: int | None) -> list[tuple[int, Path]]:
     roots = [Path(images_dir)] if images_dir else [gt_path.parent, gt_path.parent / "images"]
     ids = sorted(coco_gt.getImgIds())[:limit]
-    return [(i, _resolve_image(coco_gt.imgs[i]["file_name"], roots)) for i in ids]
+    return [(i, resolve_image(coco_gt.imgs[i]["file_name"], roots)) for i in ids]
 
 
 def evaluate_boxes(
@@ -182,7 +182,7 @@ def one_shot_queries(
                        if not a.get("iscrowd")][:shots] if category is not None else []
         if not annotations:
             raise DataError(f"{examples}: no example box of category '{name}' for its image query")
-        paths = [_resolve_image(coco.imgs[a["image_id"]]["file_name"], roots) for a in annotations]
+        paths = [resolve_image(coco.imgs[a["image_id"]]["file_name"], roots) for a in annotations]
         boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                  for a in annotations]
         out.append(embed_image_queries(paths, boxes).mean(dim=0))

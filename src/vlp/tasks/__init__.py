@@ -98,8 +98,6 @@ def predict_functions(
     return PredictFunctions(pretrained, options, **common)
 
 
-
-
 class GivenFunctions:
     """Predict functions given by hand (a baseline, a model of another library), for the evaluations: the
     named ones as attributes, the others None."""

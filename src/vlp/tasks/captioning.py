@@ -113,6 +113,7 @@ TASK = Task(
     request=CaptionRequest,
     response=CaptionResponse,
     respond=caption,
+    request_options=_options,
     example_request=lambda images: CaptionRequest(images),
     evaluation=Evaluation("captioning", "captioning: BLEU, METEOR, ROUGE-L, CIDEr", CaptioningEvalConfig,
                           evaluate_captioning, _options),

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from vlp.abilities import EmbedsImages, EmbedsTexts, MatchesImageText
 from vlp.config import PositiveInt
-from vlp.data.sources import read_captions
+from vlp.data.sources import read_captions, resolve_image
 from vlp.errors import BadQuery, DataError
-from vlp.evals import EvalResult
+from vlp.evals import EvalResult, paired_similarity
 from vlp.flags import option
 from vlp.tasks.base import Command, Evaluation, FunctionsFactory, ImageInput, PredictFunction, Task
 from vlp.tasks.embedding import EXAMPLE_TEXTS, EmbeddingPredictor
@@ -32,16 +31,12 @@ class PairSimilarityPredictor(EmbeddingPredictor):
 
     def pair_similarities(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
         """Cosine [N] of each aligned pair (images[i], texts[i]); an image of several vectors [N, Q, E] scores
-        its text by its best vector, as retrieval does (`vlp.evals.image_text_similarity`)."""
+        its text by its best vector, as retrieval does."""
         if len(images) != len(texts):
             raise BadQuery(f"{len(texts)} texts for {len(images)} images")
         if not texts:
             return torch.empty(0)
-        image = F.normalize(self.embed_images(images).float(), dim=-1)
-        text = F.normalize(self.embed_texts(texts).float(), dim=-1)
-        if image.dim() == 3:
-            return torch.einsum("nqe,ne->nq", image, text).amax(dim=1)
-        return (image * text).sum(dim=1)
+        return paired_similarity(self.embed_images(images), self.embed_texts(texts))
 
 
 def match_scores(functions: Any, images: Sequence[ImageInput], texts: Sequence[str], method: Method = "auto"
@@ -133,8 +128,7 @@ def _labelled_rows(path: Path, reader: csv.DictReader, cfg: MatchingEvalConfig) 
             raise DataError(f"{where}: a pair needs its filepath and its title")
         if label.strip() not in ("0", "1"):
             raise DataError(f"{where}: {cfg.label_key} {label!r} is not 0 or 1")
-        candidates = [Path(image) if Path(image).is_absolute() else root / image for root in roots]
-        images.append(next((c for c in candidates if c.exists()), candidates[0]))
+        images.append(resolve_image(image, roots))
         texts.append(text.strip())
         labels.append(int(label))
     return images, texts, labels

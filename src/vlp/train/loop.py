@@ -63,7 +63,6 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
 def _loop(run: Run, last: Path | None) -> Path:
     tc, is_main = run.cfg.train, rank() == 0
     metrics_path = run.out / METRICS_FILE
-    carried = run.saved_state.get("failed_samples", {})
     skipped_steps = run.saved_state.get("skipped_steps", 0)
     nonfinite_in_a_row = 0
     interval = IntervalMetrics(run)
@@ -105,7 +104,7 @@ def _loop(run: Run, last: Path | None) -> Path:
             if step == tc.steps or (step % tc.save_every == 0 and not nonfinite_in_a_row):
                 # In a run of skipped steps the model may have diverged: its checkpoint would become
                 # `latest` for resuming and evaluation, so it waits for a step that updates again.
-                last = write_checkpoint(run, step, carried=carried, skipped_steps=skipped_steps, last=last)
+                last = write_checkpoint(run, step, skipped_steps=skipped_steps, last=last)
             elif step % tc.save_every == 0:
                 log.warning("step %d: no checkpoint while steps are skipped for a non-finite loss", step)
             evaluations = due(scheduled, step, tc.steps)
@@ -116,7 +115,7 @@ def _loop(run: Run, last: Path | None) -> Path:
     bar.close()
     if last is None:
         raise CheckpointError(f"no training steps were run: train.steps is {tc.steps}")
-    totals, _ = skipped_totals(run.bad, carried)
+    totals, _ = skipped_totals(run.bad, run.carried_failures)
     if is_main:
         summary = ", ".join(f"{cause} {n}" for cause, n in totals.items()) or "none"
         if run.start_step >= tc.steps:

@@ -64,6 +64,11 @@ class Run:
     start_step: int
     saved_state: dict[str, Any]  # the resumed checkpoint's state.json ({} for a new run)
 
+    @property
+    def carried_failures(self) -> dict[str, int]:
+        """Samples that failed to load in the run's earlier legs, by cause (a resumed run carries them on)."""
+        return self.saved_state.get("failed_samples", {})
+
     def pretrained(self) -> Pretrained:
         """The model being trained with its assets, for the predict functions of evaluations."""
         return Pretrained(self.family, self.model_cfg, self.model, self.assets, self.out)

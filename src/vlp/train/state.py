@@ -37,7 +37,6 @@ class IntervalMetrics:
     def __init__(self, run: Run):
         self.run = run
         self.run_start = time.perf_counter()
-        self.carried = run.saved_state.get("failed_samples", {})  # samples that failed to load in earlier legs
         self.reset()
 
     def reset(self) -> None:
@@ -61,7 +60,7 @@ class IntervalMetrics:
             record.update({k: v / self.steps for k, v in zip(self.sums, means, strict=True)})
         record["samples_per_s"] = self.samples / max(elapsed, 1e-9)
         record["elapsed_s"] = time.perf_counter() - self.run_start
-        totals, _ = skipped_totals(self.run.bad, self.carried)
+        totals, _ = skipped_totals(self.run.bad, self.run.carried_failures)
         record["skipped_samples"] = sum(totals.values())
         record.update({f"skipped/{cause}": n for cause, n in totals.items()})
         if self.skipped:
@@ -70,14 +69,14 @@ class IntervalMetrics:
         return record
 
 
-def write_checkpoint(run: Run, step: int, *, carried: dict[str, int], skipped_steps: int, last: Path | None) -> Path:
+def write_checkpoint(run: Run, step: int, *, skipped_steps: int, last: Path | None) -> Path:
     """Gather the weights and optimiser state and write checkpoint `step` (collective; one process writes),
     keeping the newest `train.keep_checkpoints`. Weights that are not finite stop the run instead."""
     folder = run.out / CHECKPOINTS_DIR / f"step_{step:08d}"
     weights, optimizer_state = run.parallel.state_dict(), run.parallel.optimizer_state(run.optimizer)
     position = run.batches.position()
     gathered = all_gather_objects(position)
-    totals, failed = skipped_totals(run.bad, carried)
+    totals, failed = skipped_totals(run.bad, run.carried_failures)
     state = {"step": step, "run": to_dict(run.cfg), "skipped_samples": totals, "failed_samples": failed,
              "skipped_steps": skipped_steps}
     if position is not None:
