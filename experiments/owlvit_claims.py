@@ -54,9 +54,10 @@ def run_arm(name: str, overrides: list[str], seed: int, args: argparse.Namespace
                    check=True, capture_output=True)
     result = json.loads(out.read_text())
     per_class = result["per_class_AP"]
-    base = [v for k, v in per_class.items() if k != NOVEL and k not in HELDOUT]
+    # A class without ground truth in the test set has no AP (None) and stays out of the means.
+    base = [v for k, v in per_class.items() if k != NOVEL and k not in HELDOUT and v is not None]
     return {"run": str(folder), "AP": result["metrics"]["AP"], "AP_base": statistics.mean(base),
-            "AP_novel": per_class[NOVEL], "AP_heldout_pairs": statistics.mean(per_class[h] for h in HELDOUT)}
+            "AP_novel": per_class[NOVEL], "AP_heldout_pairs": statistics.mean(per_class[h] for h in HELDOUT if per_class[h] is not None)}
 
 
 def main() -> None:

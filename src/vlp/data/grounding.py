@@ -45,12 +45,22 @@ def _read_refs(path: Path) -> list[dict]:
     return refs
 
 
+def in_split(ref_split: str, split: str) -> bool:
+    """The REFER API's `getRefIds(split=...)` rule: `test` is every test split (RefCOCO's testA and testB),
+    `testA` every test split holding A (testA, testAB), other names exactly."""
+    if split == "test":
+        return "test" in ref_split
+    if split in ("testA", "testB", "testC"):
+        return ref_split.startswith("test") and split[-1] in ref_split[4:]
+    return ref_split == split
+
+
 def read_referring_expressions(
     refs: str | Path, instances: str | Path | None = None, *, images_dir: str | Path | None = None,
     split: str | None = None,
 ) -> list[ReferringExpression]:
-    """Every sentence of the refs of `split` (all splits when None), one expression each, as in RefCOCO's
-    evaluation (the unit is the sentence, not the object). `instances` defaults to the refs' folder's."""
+    """Every sentence of the refs of `split` (all splits when None; chosen as the REFER API chooses them), one
+    expression each, as in RefCOCO's evaluation (the unit is the sentence, not the object). `instances` defaults to the refs' folder's."""
     refs = Path(refs)
     instances = Path(instances) if instances else refs.parent / "instances.json"
     if not instances.is_file():
@@ -71,7 +81,7 @@ def read_referring_expressions(
     out = []
     for number, ref in enumerate(_read_refs(refs)):
         try:
-            if split is not None and ref["split"] != split:
+            if split is not None and not in_split(str(ref["split"]), split):
                 continue
             image_id, box = boxes[int(ref["ann_id"])]
             sentences = [s["sent"] for s in ref["sentences"]]

@@ -11,7 +11,12 @@ A record file is JSON Lines (or a JSON list), one record per line:
      "answer": "red",                    # the training target
      "answers": ["red", "red", ...],     # optional: every reference (VQA's annotators, captions)
      "candidates": ["yes", "no"] | [["yes", "true"], ["no", "false"]],  # optional: a closed task's labels
+     "relevance": [0.0, 1.0, 0.5],       # optional: each candidate's dense relevance (VisDial's NDCG)
      "id": "..."}                        # optional
+
+A VisDial v1.0 dialog file ({"data": {"questions", "answers", "dialogs"}}) is read as it is: one `dialog`
+record per answered round, the caption and earlier rounds as its history, its 100 answer options the
+candidates (and their dense relevance, where the dense annotations file is given).
 
 A record with a template gets one of the template's wordings each time it is drawn (seeded by run seed,
 epoch and index); templates are kept in YAML files (`templates/instructions.yaml`, and a user's own over it).
@@ -22,6 +27,7 @@ are skipped when loaded, as everywhere in vlp.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections import Counter
@@ -33,7 +39,7 @@ from typing import Any
 import yaml
 
 from vlp.data.nlvr import read_nlvr
-from vlp.data.sources import BadSamples, DataError, Skipped, read_coco_captions
+from vlp.data.sources import BadSamples, DataError, Skipped, read_coco_captions, resolve_image
 from vlp.data.vqa import read_vqa
 from vlp.data.vqa_answers import normalize_answer
 
@@ -74,6 +80,7 @@ class InstructionRecord:
     answers: list[str] = field(default_factory=list)
     # A closed task's labels, each as its words (a label and its verbalizers); `answer` is one of them.
     candidates: list[list[str]] | None = None
+    relevance: list[float] | None = None
     id: str = ""
 
     def __post_init__(self) -> None:
@@ -110,6 +117,8 @@ class InstructionRecord:
             data["answers"] = self.answers
         if self.candidates is not None:
             data["candidates"] = [words[0] if len(words) == 1 else words for words in self.candidates]
+        if self.relevance is not None:
+            data["relevance"] = self.relevance
         if self.id:
             data["id"] = self.id
         return data
@@ -166,11 +175,15 @@ def parse_record(data: Any, roots: list[Path], templates: dict[str, list[str]]) 
         raise BadRecord("'answers' must be a list of strings")
     if not answer and not answers and candidates is None:
         raise BadRecord("no answer")
+    relevance = data.get("relevance")
+    if relevance is not None and (candidates is None or not isinstance(relevance, list) or len(relevance) != len(
+            candidates) or not all(isinstance(v, int | float) and math.isfinite(v) for v in relevance)):
+        raise BadRecord("'relevance' must hold one finite number per candidate")
     instruction = _text(data["instruction"], "instruction") if "instruction" in data else None
     record = InstructionRecord(
         images=[_resolve(n, roots) for n in names], task=task, answer=answer, instruction=instruction,
         template=template, fields=fields, dataset=_text(data.get("dataset", task), "dataset"), answers=answers,
-        candidates=candidates, id=str(data.get("id", "")),
+        candidates=candidates, relevance=relevance, id=str(data.get("id", "")),
     )  # fmt: skip
     if candidates is not None and answer and record.label is None:
         raise BadRecord(f"answer {answer!r} is none of the candidates")
@@ -205,10 +218,11 @@ def _lines(path: Path) -> list[tuple[int, Any]]:
 
 def read_instructions(
     spec: str, *, images_dir: str | Path | None = None, templates: dict[str, list[str]] | None = None,
-    bad: BadSamples | None = None,
+    bad: BadSamples | None = None, dense: str | Path | None = None,
 ) -> list[InstructionRecord]:
-    """Records of one or more record files ("a.jsonl::b.jsonl"); unusable records are dropped and counted in
-    `bad` as `bad_record`, each named by file and line."""
+    """Records of one or more record files ("a.jsonl::b.jsonl"), or VisDial v1.0 dialog files (`dense`: their
+    dense annotations); unusable records are dropped and counted in `bad` as `bad_record`, each named by file
+    and line."""
     templates = templates if templates is not None else read_templates()
     bad = bad or BadSamples(max_fraction=1.0)
     records: list[InstructionRecord] = []
@@ -218,6 +232,9 @@ def read_instructions(
             raise DataError(f"instruction records file not found: {path}")
         roots = [Path(images_dir)] if images_dir else [path.parent, Path.cwd()]
         rows = _lines(path)
+        if len(rows) == 1 and is_visdial(rows[0][1]):
+            records += visdial_records(path, rows[0][1], roots, templates["dialog"][0], dense)
+            continue
         dropped = []
         for number, data in rows:
             try:
@@ -230,6 +247,52 @@ def read_instructions(
     if not records:
         raise DataError(f"{spec}: no usable instruction record")
     return records
+
+
+def is_visdial(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("data"), dict) and "dialogs" in data["data"]
+
+
+def visdial_records(path: Path, data: dict[str, Any], roots: list[Path], wording: str,
+                    dense: str | Path | None = None) -> list[InstructionRecord]:
+    """The answered rounds of a VisDial v1.0 file (test-std's last rounds have no answer and are left out),
+    each instruction written out in `wording` (of template `dialog`), so that they can be evaluated."""
+    try:
+        questions, answers, split = data["data"]["questions"], data["data"]["answers"], data.get("split", "")
+        relevance = {(d["image_id"], d["round_id"]): d["gt_relevance"] for d in _dense(dense)} if dense else {}
+        out = []
+        for dialog in data["data"]["dialogs"]:
+            image_id = dialog["image_id"]
+            names = [f"VisualDialog_{split}_{image_id:012d}.jpg", f"COCO_train2014_{image_id:012d}.jpg",
+                     f"COCO_val2014_{image_id:012d}.jpg", f"{image_id}.jpg", f"{image_id:012d}.jpg"]
+            image = next((resolve_image(n, roots) for n in names if resolve_image(n, roots).exists()),
+                         roots[0] / names[0])
+            history = [dialog["caption"].rstrip(".") + "."]
+            for number, turn in enumerate(dialog["dialog"], start=1):
+                question = questions[turn["question"]].rstrip("?") + "?"
+                if "gt_index" in turn and "answer_options" in turn:
+                    options = [answers[i] for i in turn["answer_options"]]
+                    fields = {"history": " ".join(history), "question": question}
+                    out.append(InstructionRecord(
+                        [image], "dialog", answer=options[turn["gt_index"]],
+                        instruction=fill_template(wording, fields), fields=fields,
+                        candidates=[[o] for o in options], relevance=relevance.get((image_id, number)),
+                        id=f"{image_id}_{number}"))
+                if "answer" in turn:
+                    history.append(f"Q: {question} A: {answers[turn['answer']]}.")
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise DataError(f"{path} is not a VisDial v1.0 file (data: questions, answers, dialogs): {err!r}") from err
+    return out
+
+
+def _dense(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"VisDial dense annotations file not found: {path}")
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not VisDial dense annotations JSON: {err}") from err
 
 
 def write_instructions(path: str | Path, records: Sequence[InstructionRecord]) -> Path:

@@ -1,5 +1,13 @@
-"""NLVR2-style data: a statement about a pair of images, true or false. BLIP's layout: a JSON list of
-{"images": [left, right], "sentence": ..., "label": true/false (or "True"/"False")}."""
+"""NLVR2-style data: a statement about a pair of images, true or false. Two layouts are read:
+
+- BLIP's: a JSON list of {"images": [left, right], "sentence": ..., "label": true/false (or "True"/"False")};
+- the official NLVR2 JSON Lines (nlvr2/data/{train,dev,test1}.json): {"identifier": "dev-850-0-0", "sentence",
+  "label": "True", "left_url", "right_url", "directory" (train)}; the images are the identifier without its
+  sentence number, "-img0.png" and "-img1.png", found under the images folder, its `<split>/` or
+  `<split>/<directory>/` (the official download's layout).
+
+The identifier `<split>-<set>-<pair>-<sentence>` names the statement an example belongs to: the examples of
+one statement are the pairs its sentence was written for, which NLVR2's consistency groups."""
 
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from vlp.assets.image import ImageTransform
 from vlp.assets.tokenizer import Tokenizer
 from vlp.data.batches import ImagePairBatch
 from vlp.data.pipeline import DataConfig, GoodBatches, TrainingData, map_style_batches
-from vlp.data.sources import BadSamples, DataError, load_image, skipped
+from vlp.data.sources import BadSamples, DataError, load_image, resolve_image, skipped
 
 
 @dataclass
@@ -26,6 +34,13 @@ class ImagePairStatement:
     right: Path
     sentence: str
     label: bool
+    identifier: str = ""
+
+    @property
+    def statement(self) -> str:
+        """What the official consistency groups by: the identifier without its pair number, else the sentence."""
+        parts = self.identifier.split("-")
+        return "-".join((*parts[:2], parts[3])) if len(parts) == 4 else self.sentence
 
 
 def _label(value: Any, where: str) -> bool:
@@ -36,23 +51,41 @@ def _label(value: Any, where: str) -> bool:
     raise DataError(f"{where}: label {value!r} is not true or false")
 
 
+def _entries(path: Path) -> list[Any]:
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _pair(entry: dict[str, Any], root: Path) -> tuple[Path, Path]:
+    if "images" in entry:
+        left, right = entry["images"]
+        return resolve_image(left, [root]), resolve_image(right, [root])
+    prefix = entry["identifier"].rsplit("-", 1)[0]
+    split = prefix.split("-")[0]
+    roots = [root, root / split, root / split / str(entry.get("directory", ""))]
+    return resolve_image(f"{prefix}-img0.png", roots), resolve_image(f"{prefix}-img1.png", roots)
+
+
 def read_nlvr(path: str | Path, images_dir: str | Path | None = None) -> list[ImagePairStatement]:
+    """The statements of a BLIP-layout JSON list or an official NLVR2 JSON Lines file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"NLVR file not found: {path}")
     root = Path(images_dir) if images_dir else path.parent
     try:
-        entries = json.loads(path.read_text())
+        entries = _entries(path)
         out = []
         for n, e in enumerate(entries):
             if not str(e["sentence"]).strip():
                 raise DataError(f"{path} entry {n}: empty sentence")
-            left, right = e["images"]
-            out.append(
-                ImagePairStatement(root / left, root / right, e["sentence"], _label(e["label"], f"{path} entry {n}"))
-            )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path} is not an NLVR file (list of images [left, right], sentence, label): {err}") from err
+            left, right = _pair(e, root)
+            out.append(ImagePairStatement(left, right, e["sentence"], _label(e["label"], f"{path} entry {n}"),
+                                          str(e.get("identifier", ""))))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"{path} is not an NLVR file (a list of images [left, right], sentence, label; or NLVR2 "
+                        f"JSON Lines of identifier, sentence, label): {err}") from err
     return out
 
 

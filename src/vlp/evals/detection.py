@@ -5,6 +5,8 @@ all tokens and classes (a box may carry several classes), no NMS, no score thres
 
 Per-class AP is read from `eval["precision"]` (area "all", the last maxDets), averaged over the recall
 points that exist; "novel" classes (those whose boxes training never saw) are averaged apart from the rest.
+Where COCOeval has no value (-1: no large object for APl/ARl, no non-crowd box of a class) the metric is
+undefined, reported as None and left out of every mean, as COCOeval leaves it out of its own.
 One-shot AP replaces the text queries by image queries: each class's embedding is the mean of the class
 embeddings of its first `shots` boxes in an example set.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +66,46 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], novel: Sequence[in
 
     category_ids = sorted(coco_gt.getCatIds())
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(category_ids)}
-    if not results:
-        per_class = {names[c]: 0.0 for c in category_ids}
-        summary = dict.fromkeys(SUMMARY_NAMES, 0.0)
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(results)
-            evaluation = COCOeval(coco_gt, coco_dt, iouType="bbox")
-            evaluation.evaluate()
-            evaluation.accumulate()
-            evaluation.summarize()
-        summary = {name: max(float(v), 0.0) for name, v in zip(SUMMARY_NAMES, evaluation.stats, strict=True)}
-        precision = evaluation.eval["precision"]  # [T IoUs, R recalls, K classes, A areas, M maxDets]
-        per_class = {}
-        for k, category in enumerate(evaluation.params.catIds):
-            values = precision[:, :, k, 0, -1]
-            values = values[values > -1]
-            per_class[names[category]] = float(values.mean()) if values.size else 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation = COCOeval(coco_gt, _detections(coco_gt, results), iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    summary = {name: _defined(v) for name, v in zip(SUMMARY_NAMES, evaluation.stats, strict=True)}
+    precision = evaluation.eval["precision"]  # [T IoUs, R recalls, K classes, A areas, M maxDets]
+    per_class: dict[str, float | None] = {}
+    for k, category in enumerate(evaluation.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        per_class[names[category]] = float(values.mean()) if values.size else None
     metrics: dict[str, Any] = {**summary, "per_class_AP": per_class}
     if novel:
-        novel_names = [names[c] for c in novel]
-        base_names = [names[c] for c in category_ids if c not in novel]
-        metrics["AP_novel"] = float(np.mean([per_class[n] for n in novel_names]))
-        metrics["AP_base"] = float(np.mean([per_class[n] for n in base_names])) if base_names else 0.0
+        metrics["AP_novel"] = _mean_defined(per_class[names[c]] for c in novel)
+        metrics["AP_base"] = _mean_defined(per_class[names[c]] for c in category_ids if c not in novel)
     return metrics
+
+
+def _detections(coco_gt: Any, results: list[dict[str, Any]]) -> Any:
+    """The results as a COCO object; none at all is an empty one (`loadRes` refuses an empty list), which
+    COCOeval scores 0 where a class has ground truth."""
+    from pycocotools.coco import COCO
+
+    if results:
+        return coco_gt.loadRes(results)
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.imgs.values()), "categories": coco_gt.dataset["categories"],
+                     "annotations": []}
+    empty.createIndex()
+    return empty
+
+
+def _defined(value: float) -> float | None:
+    return None if value < 0 else float(value)
+
+
+def _mean_defined(values: Iterable[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def category_names(ground_truth: str | Path) -> list[str]:

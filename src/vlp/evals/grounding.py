@@ -1,6 +1,7 @@
 """Referring-expression grounding: precision@1, the share of expressions whose one chosen box overlaps
-the referred object's at IoU >= 0.5 (plain continuous IoU on xyxy boxes; MDETR counts GIoU >= 0.5 and
-ALBEF adds a pixel to widths, both slightly stricter). The unit is the expression, as in RefCOCO.
+the referred object's at IoU >= 0.5 (the exact IoU of float xyxy boxes). MAttNet's and ALBEF's `computeIoU`
+give the same answer except on boxes 1 px thick, whose overlap theirs counts as 0; MDETR counts GIoU >= 0.5.
+The unit is the expression, as in RefCOCO.
 
 Two ways to choose a box: an open-vocabulary detector takes the expression as its query and answers with the box
 of the token that scores it highest, no proposals needed; an image-text matching model (a matching head) scores
@@ -24,6 +25,8 @@ from vlp.evals import EvalResult
 from vlp.geometry import box_iou
 
 Box = tuple[float, float, float, float]
+IOU_RULE = ("exact IoU of float xyxy boxes: as MAttNet/ALBEF computeIoU except on boxes 1 px thick, whose "
+            "overlap theirs counts as 0")
 
 
 def precision_at_1(predicted: Sequence[Box], truth: Sequence[Box], threshold: float = 0.5) -> float:
@@ -103,5 +106,5 @@ def evaluate_grounding(
         "random_proposal_precision@1": precision_at_1(random_boxes, truth),
         "largest_proposal_precision@1": precision_at_1(largest, truth),
     }
-    return EvalResult("grounding", dataset, metrics, protocol=f"precision@1 at IoU >= 0.5 (continuous IoU, xyxy); {method}",
+    return EvalResult("grounding", dataset, metrics, protocol=f"precision@1 at IoU >= 0.5 ({IOU_RULE}); {method}",
                       details={"expressions": len(expressions)})

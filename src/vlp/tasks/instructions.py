@@ -20,7 +20,8 @@ from vlp.tasks.base import EvalResult, Evaluation, PredictFunction, Predictor, T
 from vlp.tasks.vqa import VqaPredictor
 
 PROTOCOL = ("open tasks generated, closed tasks ranked by summed log-likelihood (LAVIS predict_class); CIDEr by "
-            "pycocoevalcap (PTB), VQA accuracy by the official 2021 revision")
+            "pycocoevalcap (PTB), VQA accuracy by the official 2021 revision, visual dialog by VisDial v1.0's metrics "
+            "(visdialch/metrics.py: ties ranked by index)")
 
 
 @dataclass
@@ -77,7 +78,7 @@ def evaluate_instructions(functions: Any, cfg: InstructionsEvalConfig) -> EvalRe
     predictions: dict[str, list[Any]] = {}
     primary: dict[str, list[float]] = {}
     for name, task in chosen.items():
-        records = read_instructions(task["file"])[: cfg.limit]
+        records = read_instructions(task["file"], dense=task.get("dense"))[: cfg.limit]
         unwritten = next((r for r in records if r.instruction is None), None)
         if unwritten is not None:
             raise DataError(f"{task['file']}: evaluation records need their instruction written out (record "

@@ -1,5 +1,6 @@
-"""Statements about image pairs (NLVR2): is each statement true of its (left, right) pair; evaluated by
-accuracy against the majority answer's baseline."""
+"""Statements about image pairs (NLVR2): is each statement true of its (left, right) pair; evaluated as the
+official NLVR2 evaluation (lil-lab/nlvr, nlvr2/eval/metrics.py) does, by accuracy and consistency (the share of
+statements whose every pair is judged right), with the majority answer's baseline beside them."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def judge(functions: Any, request: JudgeRequest) -> JudgeResponse:
 
 @dataclass
 class NlvrEvalConfig:
-    data: str = option(help="JSON list of {images: [left, right], sentence, label}")
+    data: str = option(help="JSON list of {images: [left, right], sentence, label}, or NLVR2's JSON Lines")
     images: str | None = option(None, help="folder the image paths resolve against (default: beside the file)")
 
 
@@ -70,8 +71,20 @@ def evaluate_nlvr(functions: Any, cfg: NlvrEvalConfig) -> EvalResult:
     probability = true_probability([i.left for i in items], [i.right for i in items], [i.sentence for i in items])
     labels = torch.tensor([i.label for i in items])
     majority = max(labels.float().mean().item(), 1 - labels.float().mean().item())
-    accuracy = ((probability >= 0.5) == labels).float().mean().item()
-    return EvalResult("nlvr", str(cfg.data), {"accuracy": accuracy, "majority_baseline": majority})
+    right = ((probability >= 0.5) == labels).tolist()
+    return EvalResult("nlvr", str(cfg.data), {**nlvr_metrics(right, [i.statement for i in items]),
+                                               "majority_baseline": majority},
+                      protocol="NLVR2 official accuracy and consistency (lil-lab/nlvr nlvr2/eval/metrics.py)",
+                      details={"statements": len({i.statement for i in items})})
+
+
+def nlvr_metrics(right: Sequence[bool], statements: Sequence[str]) -> dict[str, float]:
+    """Accuracy over examples, and consistency: the share of statements (grouped as the official evaluation
+    groups them) whose every example is right."""
+    every: dict[str, bool] = {}
+    for ok, statement in zip(right, statements, strict=True):
+        every[statement] = every.get(statement, True) and bool(ok)
+    return {"accuracy": sum(map(bool, right)) / len(right), "consistency": sum(every.values()) / len(every)}
 
 
 TASK = Task(
@@ -83,6 +96,6 @@ TASK = Task(
     response=JudgeResponse,
     respond=judge,
     example_request=lambda images: JudgeRequest(images, images[::-1], ["yes"] * len(images)),
-    evaluation=Evaluation("nlvr", "statements about image pairs (NLVR2): accuracy", NlvrEvalConfig, evaluate_nlvr),
+    evaluation=Evaluation("nlvr", "statements about image pairs (NLVR2): accuracy and consistency", NlvrEvalConfig, evaluate_nlvr),
     training=IMAGE_PAIR_STATEMENTS,
 )
