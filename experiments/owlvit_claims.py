@@ -44,7 +44,7 @@ def run_arm(name: str, overrides: list[str], seed: int, args: argparse.Namespace
         command = [VLP, "train", "--config", str(ROOT / "configs" / "owlvit-tiny.yaml"),
                    "--data", str(args.world / "instances_pairs_train.json"), "--out", str(folder),
                    "--set", f"train.init_from={args.clip}", "--set", f"train.seed={seed}",
-                   "--set", "train.progress=false"]
+                   "--set", "train.progress=false", "--set", f"data.exclude_classes=[{NOVEL}]"]
         for override in overrides:
             command += ["--set", override]
         subprocess.run(command, check=True)

@@ -199,7 +199,7 @@ def test_wrong_command_inputs_are_one_line_errors(trained_run, shapes_world, tmp
                                                   "--out", str(tmp_path / "e.npy")])
     # A task the model cannot do names the model and the task.
     line = _one_line_error(capsys, ["caption", image, *checkpoint])
-    assert "a clip model cannot caption images" in line
+    assert "clip models cannot caption images" in line
     assert "cannot answer questions" in _one_line_error(capsys, ["ask", image, "what is it?", *checkpoint])
     assert "out of range" in _one_line_error(capsys, ["data", "shapes", "--out", str(tmp_path / "w"),
                                                       "--train", "-5"])

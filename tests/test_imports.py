@@ -10,7 +10,7 @@ import vlp
 SRC = Path(vlp.__file__).parent
 # Lower layers first; a module may import its own layer and those before it, never one after.
 LAYERS = [
-    ("vlp.errors",),
+    ("vlp.errors", "vlp.outputs"),
     ("vlp.config", "vlp.distributed", "vlp.precision", "vlp.geometry", "vlp.flags"),
     ("vlp.assets",),
     ("vlp.layers", "vlp.data", "vlp.losses", "vlp.likelihood", "vlp.generation", "vlp.abilities", "vlp.model_size"),

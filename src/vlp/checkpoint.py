@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,22 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """A torch-saved file of tensors, numbers and containers (weights only: no pickled object is built, so no
+    code in it runs); a damaged file or one holding other objects is a one-line `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds Python objects besides tensors and numbers; vlp does not load it, "
+                              "since loading it could run code") from None
+    except (RuntimeError, EOFError, ValueError, AttributeError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is damaged or not a torch file ({reason})") from None
 
 
 def first_nonfinite(weights: dict[str, torch.Tensor]) -> str | None:

@@ -72,7 +72,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if base is None and not args.config:
         raise ConfigError("vlp train needs --config (or --resume of a run that has a checkpoint)")
     cfg = load_run_config(args.config, overrides, base=base)
-    last = train(cfg, args.out, resume=args.resume)
+    last = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line rather than one per process
         print(f"last checkpoint: {last}")
 
@@ -170,6 +170,8 @@ def _add_train(sub: Subparsers) -> None:
     tr.add_argument("--images", help="folder image paths resolve against (sets data.images)")
     tr.add_argument("--out", required=True)
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
+    tr.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (its checkpoints, "
+                    "metrics and evaluations are removed)")
     tr.set_defaults(func=_cmd_train)
 
 

@@ -122,6 +122,19 @@ def parse_flags(cls: type[T], args: argparse.Namespace) -> T:
     return _build(cls, vars(args), "")
 
 
+def _utf8(value: Any, name: str) -> Any:
+    """The value, refused when the command line held bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no tokenizer takes)."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                raise ConfigError(f"{name}: {shown!r} is not UTF-8 text") from None
+    return value
+
+
 def _build(cls: type[T], values: dict[str, Any], prefix: str) -> T:
     hints = get_type_hints(cls, include_extras=True)
     kwargs = {}
@@ -134,7 +147,7 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str) -> T:
                 kwargs[field.name] = _build(_base(tp), values, dotted + ".")
         elif dotted in values:
             name = dotted if field.metadata.get("positional") else _flag_name(field)
-            kwargs[field.name] = convert_value(values[dotted], tp, name)
+            kwargs[field.name] = convert_value(_utf8(values[dotted], name), tp, name)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:

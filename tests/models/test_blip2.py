@@ -474,3 +474,29 @@ def test_bad_sources_and_settings_are_named(tmp_path, capsys):
     assert code == 2 and err.splitlines() == [
         f"error: config key 'model.sources.image_encoder': checkpoint not found: {tmp_path / 'missing'}"], err
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+def test_stage_one_resumes_exactly_after_a_kill(shapes_world, tmp_path):
+    """Its ITM negatives are random draws: a run resumed from step 3 draws what the uninterrupted run drew."""
+    import shutil
+
+    from conftest import tiny_run_overrides
+    from vlp.checkpoint import load_checkpoint
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
+
+    data = str(shapes_world / "train.csv")
+    clip = tmp_path / "clip"
+    train(load_run_config(None, tiny_run_overrides(data, steps=2)), clip)
+    overrides = [o for o in tiny_run_overrides(data, steps=6, **{"train.batch_size": 16, "train.save_every": 3,
+                                                                "train.log_every": 1})
+                 if not o.startswith(("model.", "tokenizer."))]
+    overrides += [f"{k}={v}" for k, v in QFORMER_TINY.items()] + [
+        f"model.sources.image_encoder={clip}", "tokenizer.vocab_size=512", "tokenizer.context_length=24"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(load_run_config(None, overrides), straight)
+    shutil.copytree(straight, killed)
+    shutil.rmtree(killed / "checkpoints" / "step_00000006")  # as if killed after step 3's checkpoint
+    train(load_run_config(None, overrides), killed, resume="latest")
+    a, b = load_checkpoint(straight).model.state_dict(), load_checkpoint(killed).model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)

@@ -51,6 +51,8 @@ def test_a_tiny_detector_learns_the_base_shapes(detector, shapes_world, tmp_path
     assert result["metrics"]["AP_base"] > 0.15
     assert set(result["per_class_AP"]) == {"circle", "square", "triangle", "star", "cross"}
     assert "pycocotools" in result["protocol"]
+    # It evaluates with the prompts it was trained with, which its checkpoint keeps.
+    assert "the detector's own 5 prompt template(s)" in result["protocol"]
 
 
 def test_detect_writes_boxes_in_image_pixels_and_draws_them(detector, shapes_world, tmp_path, capsys):
@@ -66,11 +68,27 @@ def test_detect_writes_boxes_in_image_pixels_and_draws_them(detector, shapes_wor
         assert 0 <= x0 <= x1 <= 48 and 0 <= y0 <= y1 <= 48
         assert detection["query"] in {"circle", "square", "cross"}
     assert (tmp_path / "drawn" / f"{image.stem}.detections.png").is_file()
+    # Two inputs of one name get two drawings; a query may hold a comma; near-duplicates are suppressed.
+    twin = tmp_path / "twin" / image.name
+    twin.parent.mkdir()
+    twin.write_bytes(image.read_bytes())
+    capsys.readouterr()
+    assert main(["detect", str(image), str(twin), "--checkpoint", str(detector), "--query", "circle, or square",
+                 "--threshold", "0.0", "--out", str(out), "--draw", str(tmp_path / "drawn2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "drawn2").iterdir()) == [f"{image.stem}-2.detections.png",
+                                                                       f"{image.stem}.detections.png"]
+    found = json.loads(out.read_text())[0]["detections"]
+    assert {d["query"] for d in found} == {"circle, or square"}
+    import torch
+
+    from vlp.geometry import box_iou
+    iou = box_iou(torch.tensor([d["box"] for d in found]), torch.tensor([d["box"] for d in found]))[0]
+    assert (iou.fill_diagonal_(0) <= 0.3 + 1e-6).all()
     x, y, w, h = next(a["bbox"] for a in scenes["annotations"] if a["image_id"] == scenes["images"][0]["id"])
     capsys.readouterr()
     assert main(["detect", str(image), "--checkpoint", str(detector), "--query-image", str(image),
                  "--query-box", f"{x},{y},{x + w},{y + h}", "--threshold", "0.0", "--nms", "0.3"]) == 0
-    assert "image query 0" in capsys.readouterr().out
+    assert f"like {image.name} [" in capsys.readouterr().out
 
 
 def test_one_shot_detection_is_evaluated_with_example_boxes(detector, shapes_world, tmp_path):

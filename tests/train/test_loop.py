@@ -408,7 +408,7 @@ def test_evaluations_run_on_their_schedule_and_leave_the_training_as_it_was(shap
 
 
 @pytest.mark.parametrize(("evals", "message"), [
-    ({"cap": {"task": "captioning", "data": "x.json"}}, "'evals.cap.task': a clip model cannot be evaluated on captioning"),
+    ({"cap": {"task": "captioning", "data": "x.json"}}, "'evals.cap.task': clip models cannot be evaluated on captioning"),
     ({"z": {"task": "zeroshoot"}}, "'evals.z.task': unknown evaluation 'zeroshoot'"),
     ({"z": {"task": "zeroshot", "data": "d", "classnames": "c"}}, "missing config key 'evals.z.templates'"),
     ({"z": {"task": "retrieval", "data": "d", "rerank": 0}}, "'evals.z.rerank': 0 is out of range"),

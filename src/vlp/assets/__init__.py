@@ -6,6 +6,7 @@ image processor `image`. A checkpoint folder keeps them as
 
     tokenizers/<name>/tokenizer.json (+ tokenizer_config.json)
     image_processors/<name>/preprocess.json
+    prompts.json              the prompt templates its text queries were trained with (a detector's), if any
 
 Checkpoints written before assets had names keep `tokenizer.json` and `preprocess.json` at the top of the
 folder (the `text` tokenizer and the `image` processor) and an instruction tokenizer in its own folder;
@@ -30,18 +31,21 @@ IMAGE = "image"
 TOKENIZERS_DIR = "tokenizers"
 IMAGE_PROCESSORS_DIR = "image_processors"
 PREPROCESS_FILE = "preprocess.json"
+PROMPTS_FILE = "prompts.json"
 # The files of the layout before named assets: name -> where that asset was kept.
 UNNAMED_TOKENIZER_FOLDERS = {INSTRUCTION: "qformer_tokenizer"}
-ASSET_FILES = (TOKENIZERS_DIR, IMAGE_PROCESSORS_DIR, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, PREPROCESS_FILE,
+ASSET_FILES = (TOKENIZERS_DIR, IMAGE_PROCESSORS_DIR, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, PREPROCESS_FILE, PROMPTS_FILE,
                *UNNAMED_TOKENIZER_FOLDERS.values())
 
 
 @dataclass
 class Assets:
-    """A model's tokenizers and image processors (`ImageConfig`), by name."""
+    """A model's tokenizers and image processors (`ImageConfig`), by name, and the prompt templates (each
+    with `{}`) its text queries were trained with."""
 
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)
     image_processors: dict[str, ImageConfig] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
 
     def tokenizer(self, name: str = TEXT, *, where: str | Path = "the checkpoint") -> Tokenizer:
         """The tokenizer `name`; an error naming what is missing where when there is none."""
@@ -64,6 +68,8 @@ class Assets:
         for name, config in self.image_processors.items():
             (folder / IMAGE_PROCESSORS_DIR / name).mkdir(parents=True)
             (folder / IMAGE_PROCESSORS_DIR / name / PREPROCESS_FILE).write_text(json.dumps(to_dict(config), indent=1))
+        if self.prompts:
+            (folder / PROMPTS_FILE).write_text(json.dumps(self.prompts, indent=1))
 
     @classmethod
     def load(cls, folder: str | Path) -> Assets:
@@ -90,7 +96,19 @@ class Assets:
                 raise CheckpointError(f"{path} is not valid JSON: {err}") from err
             except ConfigError as err:
                 raise CheckpointError(f"{path}: {err}") from err
+        if (folder / PROMPTS_FILE).is_file():
+            assets.prompts = _prompts(folder / PROMPTS_FILE)
         return assets
+
+
+def _prompts(path: Path) -> list[str]:
+    try:
+        prompts = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and "{}" in p for p in prompts):
+        raise CheckpointError(f"{path}: expected a list of prompt templates, each with {{}}")
+    return prompts
 
 
 def read_tokenizer(path: str | Path, name: str = TEXT) -> Tokenizer:

@@ -69,6 +69,10 @@ def detect_format(path: str | Path, config: str | Path | None = None) -> Format:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():
+        with open(path, "rb") as handle:
+            if handle.read(4) == b"GGUF":
+                raise CheckpointError(f"{path} is a GGUF language model, not a vision-language checkpoint: `vlp lm "
+                                      "convert-gguf` makes a folder of it for model.sources.language_model")
         return "open_clip"  # a bare state dict; its model config comes with `config`
     if (path / ARCH_FILE).is_file() or list_checkpoints(path):
         return "vlp"

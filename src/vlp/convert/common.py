@@ -4,6 +4,7 @@ tokenizer saving and image-processor reading. The key rules are `keymap`'s."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from vlp.assets.tokenizer import Tokenizer
 from vlp.checkpoint import CheckpointError
 from vlp.convert.keymap import read_state_dict
 from vlp.errors import ConversionError
+
+log = logging.getLogger(__name__)
 
 # Hugging Face `hidden_act` names <-> vlp's activations.
 FROM_HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -87,13 +90,30 @@ def _side(size: int | dict[str, int], default: int) -> int:
     return int(size)
 
 
+def hf_image_processor_settings(folder: Path) -> tuple[dict[str, Any], Path]:
+    """A Hugging Face folder's image-processor settings and the file they came from: preprocessor_config.json,
+    or the `image_processor` of processor_config.json (where transformers 5.25 and later write them). A
+    folder with neither loads with the model type's defaults, and says so."""
+    for path, key in ((folder / "preprocessor_config.json", None), (folder / "processor_config.json", "image_processor")):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConversionError(f"{path} is not valid JSON: {err}") from err
+            settings = data.get(key) if key else data
+            if isinstance(settings, dict):
+                return settings, path
+    log.warning("%s has no image processor settings (preprocessor_config.json, or image_processor in "
+                "processor_config.json): preprocessing with the model type's defaults", folder)
+    return {}, folder / "preprocessor_config.json"
+
+
 def image_config_from_hf(
     folder: Path, image_size: int, *, crop: bool, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> ImageConfig:
-    """A Hugging Face image processor (preprocessor_config.json, when present) as vlp's preprocessing:
-    `crop` (whether the processor center-crops by default), `mean` and `std` are the model type's defaults."""
-    path = folder / "preprocessor_config.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
+    """A Hugging Face image processor (`hf_image_processor_settings`) as vlp's preprocessing: `crop` (whether
+    the processor center-crops by default), `mean` and `std` are the model type's defaults."""
+    settings, path = hf_image_processor_settings(folder)
     resample = settings.get("resample", 3)
     if resample not in HF_RESAMPLE:
         raise ConversionError(f"{path}: resample {resample} is not bilinear (2) or bicubic (3)")

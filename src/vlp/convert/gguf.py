@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 from pathlib import Path
 
 from vlp.convert.common import ConversionError
@@ -39,11 +40,17 @@ def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
         raise ConversionError(f"GGUF file not found: {gguf_file}")
     if out.exists():
         raise ConversionError(f"{out} exists: choose a new folder for the converted language model")
+    with open(gguf_file, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ConversionError(f"{gguf_file} is not a GGUF file (it does not start with 'GGUF')")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ConversionError(f"{gguf_file} is not a GGUF causal LM transformers can read: {err}") from err
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, trust_remote_code=False)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                         trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, struct.error, KeyError, IndexError, EOFError) as err:
+        reason = " ".join(str(err).split()).removeprefix("error: ") or type(err).__name__
+        raise ConversionError(f"{gguf_file} is not a GGUF causal LM transformers can read (truncated or damaged?): "
+                              f"{reason}") from err
     settings = quantised.config.to_dict()
     settings.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))

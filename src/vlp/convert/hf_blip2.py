@@ -232,7 +232,7 @@ def export_hf_blip2(pretrained: Pretrained, out: Path, architecture: str | None 
         raise ConversionError("Hugging Face's InstructBLIP always reads the instruction in its Q-Former; this model "
                               "was trained without (qformer.text_input: false)")
     if architecture not in (None, expected):
-        raise ConversionError(f"a {pretrained.family.name} model exports as {expected}, not {architecture}")
+        raise ConversionError(f"{pretrained.family.name} models export as {expected}, not {architecture}")
     vision = model.cfg.image.vision
     if (not isinstance(vision, VisionConfig) or vision.ln_pre or not vision.patch_bias or not vision.class_token
             or model.cfg.image.vision_feature_layer != -1 or vision.ln_post or vision.stem_channels):

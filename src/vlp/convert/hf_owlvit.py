@@ -28,6 +28,7 @@ from vlp.checkpoint import Pretrained, write_safetensors
 from vlp.convert.common import (
     ConversionError,
     activation_from_hf,
+    hf_image_processor_settings,
     read_hf_config,
     read_hf_weights,
     save_hf_tokenizer,
@@ -100,8 +101,7 @@ def hf_rules(cfg: OwlVitConfig, model_type: str) -> list:
 
 def image_config_of(folder: Path, cfg: OwlVitConfig, model_type: str) -> ImageConfig:
     """v1: squash to the input size (bicubic); v2: pad to a square, then the anti-aliased linear resize."""
-    path = folder / "preprocessor_config.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings, path = hf_image_processor_settings(folder)
     size = settings.get("size", cfg.vision.image_size)
     size = int(size.get("height", cfg.vision.image_size)) if isinstance(size, dict) else int(size)
     mean, std = tuple(settings.get("image_mean", CLIP_MEAN)), tuple(settings.get("image_std", CLIP_STD))

@@ -8,7 +8,6 @@ stored with an extra leading axis. Both directions run the same rules.
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from vlp.checkpoint import CheckpointError, read_weights
+from vlp.checkpoint import CheckpointError, read_torch_file, read_weights
 
 # unsqueeze: the foreign tensor has a leading axis of size 1 that vlp's lacks ([1] vs a scalar, [1, N, D] vs [N, D]);
 # unsqueeze2: two ([1, 1, D] vs [D], HF BLIP's class embedding).
@@ -153,13 +152,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{path} is a TorchScript archive (OpenAI's clip.load format); vlp does not run its code. "
                 "Save its state_dict() to safetensors in a session you trust, then load that with its config"
             )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
-            raise CheckpointError(
-                f"{path}: cannot be read as plain tensors ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                "vlp loads only safetensors or weights-only torch files"
-            ) from None
+        state = read_torch_file(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

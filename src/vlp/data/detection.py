@@ -17,6 +17,7 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def read_coco_instances(
     holding_excluded: set[int] = set()
     for number, ann in enumerate(annotations):
         where = f"{path} annotation {ann.get('id', number) if isinstance(ann, dict) else number}"
-        reason = _annotation_problem(ann, images, categories)
+        reason = annotation_problem(ann, {i: (image.width, image.height) for i, image in images.items()}, categories)
         if reason:
             dropped.append(Skipped("bad_annotation", f"{where}: {reason}"))
             continue
@@ -121,21 +122,23 @@ def read_coco_instances(
     return DetectionSet(kept, categories, frequency)
 
 
-def _annotation_problem(ann: Any, images: dict[int, DetectionImage], categories: dict[int, str]) -> str | None:
+def annotation_problem(ann: Any, sizes: dict[int, tuple[float, float]], categories: Container[int]) -> str | None:
+    """What is wrong with a COCO annotation given its file's image sizes (id -> width, height) and category
+    ids, or None."""
     try:
         image_id, category, box = int(ann["image_id"]), int(ann["category_id"]), [float(v) for v in ann["bbox"]]
     except (KeyError, TypeError, ValueError) as err:
         return f"needs image_id, category_id and bbox [x, y, w, h] ({err})"
-    if image_id not in images:
+    if image_id not in sizes:
         return f"image_id {image_id} is not among the file's images"
     if category not in categories:
         return f"category_id {category} is not among the file's categories"
     if len(box) != 4 or not all(np.isfinite(box)):
         return f"bbox {ann['bbox']} is not four finite numbers"
     x, y, w, h = box
-    image = images[image_id]
-    if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > image.width + 1 or y + h > image.height + 1:
-        return f"bbox {box} is empty or outside its {image.width}x{image.height} image"
+    width, height = sizes[image_id]
+    if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+        return f"bbox {box} is empty or outside its {width:g}x{height:g} image"
     return None
 
 

@@ -162,20 +162,25 @@ class InstructionCollate:
 
 
 def training_records(cfg: InstructionDataConfig, bad: BadSamples | None = None) -> list[InstructionRecord]:
-    """The run's records, refused when they mix image counts or hold no answer to train on."""
+    """The run's records, refused when they mix image counts; a record with no answer to train on (only
+    references, say) is dropped and counted as a bad record, as an unreadable one is."""
     if not cfg.train:
         raise DataError("no training data: pass --data or set data.train (instruction record files)")
+    bad = bad or BadSamples(max_fraction=1.0)
     records = read_instructions(cfg.train, images_dir=cfg.images, templates=read_templates(cfg.templates), bad=bad)
+    unanswered = [r for r in records if not r.answer]
+    if unanswered:
+        bad.read(0, [Skipped("bad_record", f"{cfg.train}: a {r.task} record ({r.id or 'no id'}) has no 'answer' to "
+                             "train on") for r in unanswered])
+        records = [r for r in records if r.answer]
+        if not records:
+            raise DataError(f"{cfg.train}: no record has an 'answer' to train on")
     counts = {}
     for record in records:
         counts.setdefault(len(record.images), record.task)
     if len(counts) > 1:
         raise DataError(f"{cfg.train}: training records must all have the same number of images; task "
                         + " and task ".join(f"{task} has {n}" for n, task in sorted(counts.items())))
-    unanswered = next((r for r in records if not r.answer), None)
-    if unanswered is not None:
-        raise DataError(f"{cfg.train}: a {unanswered.task} record ({unanswered.id or 'no id'}) has no 'answer' to "
-                        "train on")
     return records
 
 

@@ -228,7 +228,8 @@ class StreamBatches:
         rounds = min(consumed)
         stream.start_epoch, stream.epoch, stream.skip_batches = self.epoch, self.epoch - 1, rounds
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                                 persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                 generator=loader_generator())
         self.batch_size = stream.batch_size
         self.consumed = consumed
         self.iterator = self._batches(drop=sum(consumed) - rounds * workers)
@@ -318,6 +319,13 @@ def check_training_data(cfg: DataConfig) -> None:
         raise DataError(f"training data not found: {cfg.train}")
 
 
+def loader_generator() -> torch.Generator:
+    """The generator a DataLoader draws its workers' seeds from: its own, so that starting the loader takes
+    nothing from the global random state, which a resumed run restores to continue exactly (every sample's
+    randomness is seeded by run seed, epoch and index already)."""
+    return torch.Generator().manual_seed(0)
+
+
 def map_style_batches(dataset: Dataset, collate: Any, cfg: DataConfig, *, batch_size: int, seed: int,
                       start_step: int = 0, rank: int = 0, world_size: int = 1,
                       bad: BadSamples | None = None, sampler: Any = None) -> GoodBatches:
@@ -329,7 +337,7 @@ def map_style_batches(dataset: Dataset, collate: Any, cfg: DataConfig, *, batch_
                                     start_step=start_step)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), generator=loader_generator())
     return GoodBatches(iter(loader), bad or bad_samples(cfg))
 
 

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from vlp.errors import DataError
 
@@ -220,11 +221,21 @@ def read_coco_captions(
     return _group(rows, roots, f"{path} annotation", bad or BadSamples(max_fraction=1.0))
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image as it is shown, in 8-bit RGB: turned upright by its EXIF orientation, and with 16-bit (or
+    32-bit integer) greyscale scaled to 8 bits (PIL's own conversion clips it, so it would read as white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image, raising `DataError` that names the path."""
+    """Open and fully decode an image (upright, 8-bit RGB), raising `DataError` that names the path."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return as_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}", cause="unreadable_image") from err
 
@@ -248,7 +259,7 @@ def decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
         raise DataError(f"{key}: empty caption", cause="empty_caption")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB"), caption.strip()
+            return as_rgb(image), caption.strip()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{key}: cannot decode image: {err}", cause="unreadable_image") from err
 

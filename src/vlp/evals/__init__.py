@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlp.outputs import write_text
+
 # A predict function: a batch of inputs (images or texts) -> embeddings [N, E]; image embeddings may be
 # several vectors each, [N, Q, E] (a query transformer's queries).
 EmbedFn = Callable[[Sequence], torch.Tensor]
@@ -65,5 +67,4 @@ class EvalResult:
 
     def write(self, out: str | Path | None) -> None:
         if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(self.to_dict(), indent=1))
+            write_text(out, json.dumps(self.to_dict(), indent=1))

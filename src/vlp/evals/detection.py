@@ -16,31 +16,59 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from vlp.data.detection import canonical_label
+from vlp.data.detection import annotation_problem, canonical_label
 from vlp.data.sources import resolve_image
 from vlp.errors import DataError
 from vlp.evals import EvalResult
+
+CHUNK = 64  # images per call of the detector: their scores are reduced to the top detections at once
+
+log = logging.getLogger(__name__)
 
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def _load_ground_truth(path: Path) -> Any:
+    """A COCO instances file as pycocotools' COCO, its unusable boxes (empty, outside the image, not finite)
+    dropped with a warning that counts them, as training drops them; `dropped_boxes` holds their number."""
     from pycocotools.coco import COCO
 
     if not path.is_file():
         raise DataError(f"COCO instances file not found: {path}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(path))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{path} is not a COCO instances file (images, annotations, categories): {err}") from err
+        data = json.loads(path.read_bytes())
+        sizes = {int(i["id"]): (float(i["width"]), float(i["height"])) for i in data["images"]}
+        category_ids = {int(c["id"]) for c in data["categories"]}
+        annotations = data["annotations"]
+        if not isinstance(annotations, list):
+            raise TypeError("'annotations' is not a list")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path} is not a COCO instances file (images with width and height, annotations, "
+                        f"categories): {err!r}") from err
+    problems = [(a, annotation_problem(a, sizes, category_ids)) for a in annotations]
+    dropped = [f"annotation {a.get('id', n) if isinstance(a, dict) else n}: {why}"
+               for n, (a, why) in enumerate(problems) if why]
+    if dropped:
+        log.warning("%s: %d of %d boxes dropped as unusable (first: %s)", path, len(dropped), len(annotations),
+                    dropped[0])
+    data["annotations"] = [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3])}
+                           for a, why in problems if not why]
+    if not data["annotations"]:
+        raise DataError(f"{path}: no usable ground-truth box to evaluate against")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    coco.dropped_boxes = len(dropped)
     return coco
 
 
@@ -150,16 +178,19 @@ def evaluate_boxes(
         raise ValueError(f"{query_embeddings.shape[-2]} queries for {len(category_ids)} categories")
     images = _image_paths(coco_gt, ground_truth, images_dir, limit)
     results = []
-    for start in range(0, len(images), 64):
-        chunk = images[start : start + 64]
-        for (image_id, _), (boxes, scores) in zip(chunk, box_scores([p for _, p in chunk], query_embeddings),
-                                                  strict=True):
-            results += top_detections(boxes, scores, category_ids, image_id, max_detections)
+    with tqdm(total=len(images), desc="detecting", unit="image", leave=False, disable=len(images) <= CHUNK) as bar:
+        for start in range(0, len(images), CHUNK):
+            chunk = images[start : start + CHUNK]
+            for (image_id, _), (boxes, scores) in zip(chunk, box_scores([p for _, p in chunk], query_embeddings),
+                                                      strict=True):
+                results += top_detections(boxes, scores, category_ids, image_id, max_detections)
+            bar.update(len(chunk))
     metrics = coco_metrics(_restricted(coco_gt, [i for i, _ in images]), results, novel_ids)
     per_class = metrics.pop("per_class_AP")
     return EvalResult("detection", str(ground_truth), metrics,
                       protocol=f"pycocotools COCOeval bbox, top {max_detections} (box, class) pairs per image, no NMS",
-                      details={"images": len(images), "novel": list(novel), "per_class_AP": per_class})
+                      details={"images": len(images), "dropped_boxes": coco_gt.dropped_boxes, "novel": list(novel),
+                               "per_class_AP": per_class})
 
 
 def _restricted(coco_gt: Any, image_ids: list[int]) -> Any:

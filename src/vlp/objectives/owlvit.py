@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vlp.config import NonNegativeFloat, PositiveFloat, PositiveInt
+from vlp.config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt
 from vlp.losses import detection_losses, objectness_loss
 from vlp.objectives import Objective
 
 
 @dataclass
 class OwlVitObjectiveConfig:
-    focal_alpha: NonNegativeFloat = 0.3  # not Deformable DETR's 0.25
+    focal_alpha: Fraction = 0.3  # the positives' weight, 1 - it the negatives'; not Deformable DETR's 0.25
     focal_gamma: NonNegativeFloat = 2.0
     # Weights of the class, L1 and GIoU terms, in the matching cost and in the loss alike.
     class_weight: PositiveFloat = 1.0

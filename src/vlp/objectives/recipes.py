@@ -84,7 +84,7 @@ RECIPES: dict[str, Recipe] = {
 def recipe_of(family: Family) -> Recipe:
     """A registered family without a recipe loads and predicts, but does not train."""
     if family.name not in RECIPES:
-        raise ConfigError(f"config key 'model.family': vlp cannot train a {family.name} model yet")
+        raise ConfigError(f"config key 'model.family': vlp cannot train {family.name} models yet")
     return RECIPES[family.name]
 
 

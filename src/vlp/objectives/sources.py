@@ -6,6 +6,7 @@ The checkpoints it writes then hold everything: loading one never reads the sour
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -39,18 +40,39 @@ def stage1_qformer(path: str) -> Any:
     """A vlp BLIP-2 stage-1 checkpoint named as `sources.qformer` (its Q-Former, text side and tokenizer)."""
     pretrained = _pretrained(path, "qformer")
     if pretrained.family.name != "blip2_qformer":
-        raise ConfigError(f"config key 'model.sources.qformer': {path} is a {pretrained.family.name} checkpoint; a "
+        raise ConfigError(f"config key 'model.sources.qformer': {path} is a checkpoint of family {pretrained.family.name}; a "
                           "Q-Former starts from a BLIP-2 stage-1 checkpoint (blip2_qformer) or a BERT folder")
     return pretrained
 
 
 def _read_lm_config(folder: str) -> dict[str, Any]:
+    """The config of a Hugging Face language model folder, checked: a causal (or encoder-decoder) LM that
+    transformers builds from its own code. A folder that names code of its own (`auto_map`) is refused:
+    vlp never runs code from a model folder."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
-    if not (Path(folder) / "config.json").is_file():
-        raise ConfigError(f"config key 'model.sources.language_model': {folder} holds no config.json (a Hugging Face "
-                          "causal LM folder; `vlp lm convert-gguf` makes one from a GGUF file)")
-    return AutoConfig.from_pretrained(folder).to_dict()
+    where = "config key 'model.sources.language_model'"
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{where}: {folder} holds no config.json (a Hugging Face causal LM folder; `vlp lm "
+                          "convert-gguf` makes one from a GGUF file)")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}: {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {path} does not hold a JSON object")
+    if "auto_map" in data:
+        raise ConfigError(f"{where}: {path} names code of its own (auto_map); vlp never runs code from a model folder")
+    model_type = data.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{where}: {folder} holds a {model_type!r} model, not a language model transformers "
+                          "generates text with (e.g. llama, opt, t5)")
+    return AutoConfig.from_pretrained(folder, trust_remote_code=False).to_dict()
 
 
 def resolve_sources(model_cfg: Any) -> Any:
@@ -106,8 +128,8 @@ def load_sources(model: nn.Module, model_cfg: Any) -> None:
 
         from vlp.models.blip2 import freeze_language_model, language_model_class
 
-        lm = language_model_class(AutoConfig.from_pretrained(sources.language_model)).from_pretrained(
-            sources.language_model)
+        lm_config = AutoConfig.for_model(**_read_lm_config(sources.language_model))
+        lm = language_model_class(lm_config).from_pretrained(sources.language_model, trust_remote_code=False)
         model.language_model = freeze_language_model(lm, model_cfg.lm_precision)
         log.info("language model from %s (frozen)", sources.language_model)
     _pretrained.cache_clear()  # the weights are copied: the loaded source models are not kept

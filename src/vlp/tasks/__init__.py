@@ -85,7 +85,7 @@ class PredictFunctions:
             # The predictor's task when the model lacks the predictor's abilities, else the function's own.
             task = declared.predictor.task if declared.predictor.missing_ability(self.pretrained) else \
                 name.replace("_", " ")
-            raise UnsupportedTask(f"{self.pretrained.path}: a {self.pretrained.family.name} model cannot {task} "
+            raise UnsupportedTask(f"{self.pretrained.path}: {self.pretrained.family.name} models cannot {task} "
                                   f"(its family does not declare {', '.join(missing)})")
         return function
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vlp.abilities import Ability
 from vlp.checkpoint import Pretrained
 from vlp.data.pipeline import TrainingData
-from vlp.data.sources import load_image
+from vlp.data.sources import as_rgb, load_image
 from vlp.errors import UnsupportedTask
 from vlp.evals import EvalResult
 from vlp.precision import Precision, default_device, resolve_precision
@@ -35,8 +35,8 @@ ImageInput = Image.Image | str | Path
 
 
 def open_image(image: ImageInput) -> Image.Image:
-    """A PIL image as it is, or the image file a path names (RGB; an unreadable file is a `DataError`)."""
-    return image if isinstance(image, Image.Image) else load_image(Path(image))
+    """A PIL image, or the image file a path names, upright in 8-bit RGB (an unreadable file is a `DataError`)."""
+    return as_rgb(image) if isinstance(image, Image.Image) else load_image(Path(image))
 
 
 def batch_starts(total: int, batch_size: int, progress: str | None = None) -> Iterable[int]:
@@ -69,7 +69,7 @@ class Predictor:
     ):
         missing = self.missing_ability(pretrained)
         if missing:
-            raise UnsupportedTask(f"{pretrained.path}: a {pretrained.family.name} model cannot {self.task} ({missing})")
+            raise UnsupportedTask(f"{pretrained.path}: {pretrained.family.name} models cannot {self.task} ({missing})")
         self.pretrained = pretrained
         self.device = torch.device(device) if device else default_device()
         self.model = pretrained.model.to(self.device).eval()

@@ -4,6 +4,7 @@ COCO AP through pycocotools (`vlp.evals.detection`), novel classes apart. Traine
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from vlp.evals.detection import category_names, evaluate_boxes, one_shot_queries
 from vlp.evals.zeroshot import check_templates, read_lines
 from vlp.flags import option
 from vlp.geometry import box_cxcywh_to_xyxy, non_maximum_suppression
+from vlp.outputs import replacing, write_text
 from vlp.tasks.base import (
     Command,
     EvalResult,
@@ -35,6 +37,10 @@ from vlp.tasks.base import (
     open_image,
 )
 from vlp.tasks.embedding import EXAMPLE_TEXTS
+
+# OWL-ViT predicts a set, but near-duplicate boxes on one object read as two objects to a user: its demo
+# suppresses boxes overlapping a better one above IoU 0.3, as vlp detect does unless told otherwise.
+NMS_IOU = 0.3
 
 
 @dataclass
@@ -55,11 +61,17 @@ class DetectionPredictor(Predictor):
 
     default_batch_size = 8
 
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt templates the detector was trained with (its checkpoint's), else the bare text."""
+        return list(self.pretrained.assets.prompts) or ["{}"]
+
     @torch.no_grad()
-    def embed_queries(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
-        """Texts -> query embeddings [T, Q, E], one row per template."""
+    def embed_queries(self, texts: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Texts -> query embeddings [T, Q, E], one row per template (default: the detector's own prompts)."""
         if not texts:
             raise BadQuery("no queries: give at least one text (or an image query)")
+        templates = templates or self.prompts
         prompts = [template.format(text) for template in templates for text in texts]
         ids, mask = self.tokenizer(prompts)
         with self.autocast:
@@ -114,19 +126,20 @@ class DetectionPredictor(Predictor):
         queries: Sequence[str] = (),
         *,
         query_embeddings: torch.Tensor | None = None,
-        templates: Sequence[str] = ("{}",),
+        query_names: Sequence[str] = (),
+        templates: Sequence[str] | None = None,
         threshold: float = 0.1,
         top_k: int | None = None,
-        nms: float | None = None,
+        nms: float | None = NMS_IOU,
     ) -> list[list[Detection]]:
-        """Boxes for text `queries` (or `query_embeddings` [Q, E] from image queries): per image, every token
-        whose best query scores at least `threshold`, labelled with that query, best first; `nms` an IoU
-        above which lower-scoring boxes are dropped (off by default: the detector predicts a set)."""
+        """Boxes for text `queries` (or `query_embeddings` [Q, E] from image queries, labelled `query_names`):
+        per image, every token whose best query scores at least `threshold`, labelled with that query, best
+        first; lower-scoring boxes overlapping a kept one above IoU `nms` are dropped (None keeps them all)."""
         if query_embeddings is None:
             query_embeddings = self.embed_queries(queries, templates)
             names = list(queries)
         else:
-            names = [f"image query {i}" for i in range(query_embeddings.shape[-2])]
+            names = list(query_names) or [f"image query {i}" for i in range(query_embeddings.shape[-2])]
         results = []
         for boxes, scores in self.box_scores(images, query_embeddings):
             best, label = scores.max(dim=1)
@@ -143,17 +156,20 @@ class DetectionPredictor(Predictor):
 
 @dataclass
 class DetectRequest:
-    """Images and what to find in them: text queries, or one example box per query image."""
+    """Images and what to find in them: text queries, or example boxes in example images (each example its own
+    query, or, with `one_query`, all of them examples of one thing, averaged)."""
 
     images: list[str] = option(help="image files")
     queries: list[str] = option(default_factory=list, help="texts naming what to find")
     query_images: list[str] = option(default_factory=list, help="example images of what to find")
     query_boxes: list[list[float]] = option(default_factory=list, help="x0, y0, x1, y1 of the object in each "
                                             "example image, in its pixels")
-    templates: list[str] = option(default_factory=lambda: ["{}"], help="prompt templates with {} (logits averaged)")
+    one_query: bool = option(False, help="the examples all show one kind of thing: average them into one query")
+    templates: list[str] = option(default_factory=list, help="prompt templates with {} (logits averaged; default: "
+                                  "those the detector was trained with)")
     threshold: Fraction = option(0.1, help="keep boxes scoring at least this")
     top_k: PositiveInt | None = option(None, help="keep at most this many boxes per image")
-    nms: Fraction | None = option(None, help="drop boxes overlapping a better one above this IoU")
+    nms: Fraction | None = option(NMS_IOU, help="drop boxes overlapping a better one above this IoU (1: keep all)")
 
 
 @dataclass
@@ -170,30 +186,48 @@ def detect(functions: Any, request: DetectRequest) -> DetectResponse:
     options = {"threshold": request.threshold, "top_k": request.top_k, "nms": request.nms}
     if request.query_images:
         embeddings = functions.require("embed_image_queries")(request.query_images, request.query_boxes)
-        return DetectResponse(run(request.images, query_embeddings=embeddings, **options))
-    return DetectResponse(run(request.images, request.queries, templates=request.templates, **options))
+        examples = [f"{Path(image).name} {[round(v) for v in box]}"
+                    for image, box in zip(request.query_images, request.query_boxes, strict=True)]
+        names = [f"like {example}" for example in examples]
+        if request.one_query:
+            embeddings, names = embeddings.mean(dim=0, keepdim=True), [f"like {', '.join(examples)}"]
+        return DetectResponse(run(request.images, query_embeddings=embeddings, query_names=names, **options))
+    return DetectResponse(run(request.images, request.queries, templates=request.templates or None, **options))
 
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
+# Drawings of small images are enlarged to this shorter side, so that labels fit beside their boxes.
+DRAWING_MIN_SIDE = 480
+
+
 def draw_detections(images: Sequence[str | Path], detections: Sequence[Sequence[Any]], folder: str | Path
                     ) -> list[Path]:
-    """Each image with its boxes, query and score drawn, written as `<name>.detections.png` in `folder`
-    (a new name, so no input image is ever overwritten). Returns the files written."""
+    """Each image with its boxes, query and score drawn, written as `<name>.detections.png` in `folder` (a
+    new name, so no input image is ever overwritten; inputs sharing a name get `<name>-2...`). Returns the
+    files written."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     for path, found in zip(images, detections, strict=True):
         picture: Image.Image = load_image(Path(path))
+        scale = max(1, math.ceil(DRAWING_MIN_SIDE / min(picture.size)))
+        picture = picture.resize((picture.size[0] * scale, picture.size[1] * scale), Image.Resampling.NEAREST)
         pen = ImageDraw.Draw(picture)
         for detection in found:
             color = PALETTE[detection.label % len(PALETTE)]
-            pen.rectangle(detection.box, outline=color, width=max(1, round(max(picture.size) / 200)))
-            pen.text((detection.box[0] + 2, detection.box[1] + 1), f"{detection.query} {detection.score:.2f}",
-                     fill=color)
-        target = folder / f"{Path(path).stem}.detections.png"
-        picture.save(target)
+            box = [v * scale for v in detection.box]
+            pen.rectangle(box, outline=color, width=max(2, round(max(picture.size) / 300)))
+            label = f"{detection.query} {detection.score:.2f}"
+            corner = (box[0], max(0, box[1] - 12))  # above the box, on a filled strip that keeps it legible
+            pen.rectangle(pen.textbbox(corner, label), fill=color)
+            pen.text(corner, label, fill=(255, 255, 255))
+        stem, number = Path(path).stem, 1
+        while folder / f"{stem}{f'-{number}' if number > 1 else ''}.detections.png" in written:
+            number += 1
+        target = folder / f"{stem}{f'-{number}' if number > 1 else ''}.detections.png"
+        with replacing(target, "wb") as handle:
+            picture.save(handle, format="PNG")
         written.append(target)
     return written
 
@@ -202,13 +236,18 @@ def draw_detections(images: Sequence[str | Path], detections: Sequence[Sequence[
 class DetectOptions:
     image: list[str] = option(help="image files", positional=True)
     queries: str | None = option(None, help='comma-separated texts, e.g. "a red kite,a box"')
-    query_image: str | None = option(None, help="an example image of the object to find (one-shot detection)")
-    query_box: str | None = option(None, help="x0,y0,x1,y1: the object in --query-image, in its pixels")
+    query: list[str] = option(default_factory=list, repeat=True, help="one text query as written, commas and "
+                              "all (repeatable)")
+    query_image: list[str] = option(default_factory=list, repeat=True, help="an example image of the object to "
+                                    "find (one-shot detection; repeat for more examples of it)")
+    query_box: list[str] = option(default_factory=list, repeat=True, help="x0,y0,x1,y1: the object in each "
+                                  "--query-image, in its pixels")
     templates: str | None = option(None, help="prompt templates file, one per line with {} (their logits are "
-                                   "averaged)")
+                                   "averaged; default: those the detector was trained with)")
     threshold: Fraction = option(0.1, help="keep boxes scoring at least this")
     top_k: PositiveInt | None = option(None, help="keep at most this many boxes per image")
-    nms: Fraction | None = option(None, metavar="IOU", help="drop boxes overlapping a better one above this IoU")
+    nms: Fraction = option(NMS_IOU, metavar="IOU", help="drop boxes overlapping a better one above this IoU "
+                           "(1: keep all)")
     out: str | None = option(None, help="write the detections JSON here (boxes in each image's pixels)")
     draw: str | None = option(None, metavar="DIR", help="write each image with its boxes drawn into this folder")
 
@@ -224,15 +263,16 @@ def _parse_box(text: str) -> list[float]:
 
 
 def _detect_command(functions: FunctionsFactory, options: DetectOptions) -> None:
-    queries = [q.strip() for q in (options.queries or "").split(",") if q.strip()]
+    queries = [q.strip() for q in (options.queries or "").split(",") if q.strip()] + options.query
     if bool(queries) == bool(options.query_image):
-        raise ConfigError('vlp detect needs --queries "a red kite,a box" or --query-image with --query-box, not both')
-    if options.query_image and not options.query_box:
-        raise ConfigError("--query-image needs --query-box x0,y0,x1,y1: the object the example shows")
-    templates = check_templates(read_lines(options.templates), options.templates) if options.templates else ["{}"]
-    request = DetectRequest(options.image, queries, [options.query_image] if options.query_image else [],
-                            [_parse_box(options.query_box)] if options.query_box else [], templates,
-                            options.threshold, options.top_k, options.nms)
+        raise ConfigError('vlp detect needs --queries "a red kite,a box" (or --query) or --query-image with '
+                          "--query-box, not both")
+    if len(options.query_box) != len(options.query_image):
+        raise ConfigError(f"{len(options.query_image)} --query-image for {len(options.query_box)} --query-box: each "
+                          "example image needs the box x0,y0,x1,y1 of the object it shows")
+    templates = check_templates(read_lines(options.templates), options.templates) if options.templates else []
+    request = DetectRequest(options.image, queries, options.query_image, [_parse_box(b) for b in options.query_box],
+                            True, templates, options.threshold, options.top_k, options.nms)
     results = detect(functions({}), request).detections
     records = [{"image": str(path), "detections": [asdict(d) for d in found]}
                for path, found in zip(options.image, results, strict=True)]
@@ -240,8 +280,7 @@ def _detect_command(functions: FunctionsFactory, options: DetectOptions) -> None
         best = ", ".join(f"{d['query']} {d['score']:.2f} at {d['box']}" for d in record["detections"][:3])
         print(f"{record['image']}: {len(record['detections'])} boxes" + (f" ({best}...)" if best else ""))
     if options.out:
-        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(options.out).write_text(json.dumps(records, indent=1))
+        write_text(options.out, json.dumps(records, indent=1))
     if options.draw:
         for path in draw_detections(options.image, results, options.draw):
             print(f"drawn: {path}")
@@ -254,7 +293,7 @@ class DetectionEvalConfig:
     novel: list[str] = option(default_factory=list, help="classes without boxes in training: their AP is reported "
                               "apart")
     templates: str | None = option(None, help="prompt templates file, one per line with {} (their logits are "
-                                   "averaged)")
+                                   "averaged; default: those the detector was trained with)")
     max_detections: PositiveInt = option(100, help="(box, class) pairs kept per image")
     limit: PositiveInt | None = option(None, help="evaluate the first N images only")
     one_shot: str | None = option(None, metavar="INSTANCES", help="query each class by example boxes from this "
@@ -270,10 +309,13 @@ def evaluate_detection(functions: Any, cfg: DetectionEvalConfig) -> EvalResult:
         queries = one_shot_queries(functions.require("embed_image_queries"), cfg.one_shot, names,
                                    images_dir=cfg.one_shot_images, shots=cfg.shots)
     else:
-        templates = check_templates(read_lines(cfg.templates), cfg.templates) if cfg.templates else ["{}"]
+        templates = check_templates(read_lines(cfg.templates), cfg.templates) if cfg.templates else None
         queries = functions.require("embed_queries")(names, templates)
     result = evaluate_boxes(box_scores, queries, cfg.data, images_dir=cfg.images, novel=cfg.novel,
                             max_detections=cfg.max_detections, limit=cfg.limit)
+    if not cfg.one_shot:
+        result.protocol += (f"; {queries.shape[0]} prompt templates from {cfg.templates}" if cfg.templates else
+                            f"; the detector's own {queries.shape[0]} prompt template(s)")
     if cfg.one_shot:
         result.protocol += f"; one-shot image queries, {cfg.shots} example box(es) per class from {cfg.one_shot}"
     return result
@@ -297,8 +339,9 @@ TASK = Task(
     response=DetectResponse,
     respond=detect,
     example_request=lambda images: DetectRequest(images, EXAMPLE_TEXTS[:2], threshold=0.0, top_k=3),
+    # The evaluation shows one progress bar over its images, not one per detector call.
     evaluation=Evaluation("detection", "open-vocabulary detection: COCO AP (pycocotools)", DetectionEvalConfig,
-                          evaluate_detection),
+                          evaluate_detection, lambda _: {DetectionPredictor: {"progress": False}}),
     commands=(Command("detect", "detect objects named by text or shown by an example", DetectOptions,
                       _detect_command),),
     training=BOXES,

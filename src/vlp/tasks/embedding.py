@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from vlp.errors import BadQuery, ConfigError, NonFiniteOutput, UnsupportedTask
 from vlp.evals.probe import ProbeConfig, frozen_feature_probes, split_train_test
 from vlp.evals.zeroshot import read_classification_data, read_lines
 from vlp.flags import option
+from vlp.outputs import replacing
 from vlp.tasks.base import (
     Command,
     EvalResult,
@@ -66,7 +66,7 @@ class EmbeddingPredictor(Predictor):
         """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes);
         the model must also give image tokens (`GivesImageTokens`)."""
         if not self.pretrained.family.can(GivesImageTokens):
-            raise UnsupportedTask(f"{self.pretrained.path}: a {self.pretrained.family.name} model cannot give image "
+            raise UnsupportedTask(f"{self.pretrained.path}: {self.pretrained.family.name} models cannot give image "
                                   "tokens (its family does not declare GivesImageTokens)")
         return self._per_image_batch(images, self.model.image_tokens, (0, 0, 0))
 
@@ -120,7 +120,7 @@ class EmbedOptions:
 def _embed_command(functions: FunctionsFactory, options: EmbedOptions) -> None:
     texts = list(options.texts)
     if options.texts_file:
-        texts += [line.strip() for line in Path(options.texts_file).read_text().splitlines() if line.strip()]
+        texts += read_lines(options.texts_file)
     if options.images and texts:
         raise ConfigError("vlp embed writes one array: give --images, or --texts / --texts-file, not both")
     if not options.images and not texts:
@@ -128,8 +128,11 @@ def _embed_command(functions: FunctionsFactory, options: EmbedOptions) -> None:
     predict = functions({})
     predict.require("embed_images")
     embeddings = predict.embed_images(options.images) if options.images else predict.embed_texts(texts)
-    np.save(options.out, embeddings.numpy())
-    print(f"{tuple(embeddings.shape)} embeddings written to {options.out}")
+    # numpy names an array file .npy; the file written is said by its real name.
+    out = options.out if options.out.endswith(".npy") else f"{options.out}.npy"
+    with replacing(out, "wb") as handle:
+        np.save(handle, embeddings.numpy())
+    print(f"{tuple(embeddings.shape)} embeddings written to {out}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 
 from vlp.config import ConfigError, PositiveInt, convert_value, from_dict
 from vlp.distributed import barrier, rank
+from vlp.outputs import write_text
 from vlp.registry import Family
 from vlp.tasks import TASKS, get_evaluation, predict_functions
 from vlp.tasks.base import Evaluation
@@ -62,7 +63,7 @@ def parse_evals(section: dict[str, Any], family: Family, strategy: str) -> list[
         task = next(t for t in TASKS if t.evaluation is evaluation)
         if not task.can(family):
             needs = " or ".join("+".join(a.__name__ for a in needed) for needed in task.abilities)
-            raise ConfigError(f"config key '{where}.task': a {family.name} model cannot be evaluated on "
+            raise ConfigError(f"config key '{where}.task': {family.name} models cannot be evaluated on "
                               f"{evaluation.name} (it needs {needs})")
         every = convert_value(settings.pop("every", None), PositiveInt | None, f"{where}.every")
         out.append(ScheduledEval(name, evaluation, from_dict(evaluation.config, settings, prefix=where), every))
@@ -89,7 +90,7 @@ def run_evals(run: Any, scheduled: list[ScheduledEval], step: int) -> dict[str, 
                 logged.update({f"eval/{item.name}/{key}": value for key, value in result.metrics.items()})
                 folder = run.out / EVALS_DIR / item.name
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"step_{step:08d}.json").write_text(json.dumps(result.to_dict(), indent=1))
+                write_text(folder / f"step_{step:08d}.json", json.dumps(result.to_dict(), indent=1))
         finally:
             for module, training in modes.items():
                 module.training = training

@@ -17,22 +17,27 @@ from vlp.distributed import all_processes_agree, process_group, rank, world_size
 from vlp.errors import CheckpointError, ConfigError, TrainingError
 from vlp.train.config import RunConfig, find_resume
 from vlp.train.evals import due, parse_evals, run_evals
-from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock
+from vlp.train.run_folder import METRICS_FILE, RunFolderInUse, RunLock, replace_earlier_run
 from vlp.train.setup import Run, device_for, setup
 from vlp.train.state import IntervalMetrics, skipped_totals, write_checkpoint
 
 log = logging.getLogger("vlp.train")
 
 
-def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path:
+def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train as `cfg` says, writing checkpoints and metrics under `out`. Returns the last checkpoint.
 
     Everything that can be checked is checked before anything is written; the run folder is locked
-    against a second run while this one writes to it."""
+    against a second run while this one writes to it. A new run (no `resume`) into a folder that holds an
+    earlier run is refused, unless `overwrite` says to replace that run."""
     out = Path(out)
     with process_group():
         family, model_cfg, objective_cfg = cfg.family_configs()
         cfg.data.check()
+        prompt_length = getattr(objective_cfg, "prompt_length", 0)
+        if prompt_length >= cfg.tokenizer.context_length - 1:
+            raise ConfigError(f"config key 'objective.prompt_length': {prompt_length} prompt tokens leave nothing to learn "
+                              f"in a {cfg.tokenizer.context_length}-token text (tokenizer.context_length)")
         world = world_size()
         if cfg.train.batch_size % (world * cfg.train.accum_steps):
             raise ConfigError(
@@ -50,6 +55,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: str | None = None) -> Path
                     lock = RunLock(out).acquire()
                 except RunFolderInUse as err:
                     refusal = str(err)
+                if refusal is None and resume is None:
+                    refusal = replace_earlier_run(out, overwrite)
             if not all_processes_agree(refusal is None):
                 raise TrainingError(refusal or f"run folder {out} is in use by another vlp run")
             return _loop(setup(cfg, family, model_cfg, objective_cfg, out, resume_from, device), resume_from)
@@ -101,6 +108,11 @@ def _loop(run: Run, last: Path | None) -> Path:
                     _write_record(metrics_file, metrics_path, record)
                 if "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+            if step == tc.steps and nonfinite_in_a_row == step - run.start_step:
+                raise TrainingError(
+                    f"no step of this run made an update: every one (steps {run.start_step + 1} to {step}) had a "
+                    "non-finite loss or gradient norm, so no checkpoint was written. Check the objective's settings, "
+                    f"or lower train.lr ({tc.lr:g})")
             if step == tc.steps or (step % tc.save_every == 0 and not nonfinite_in_a_row):
                 # In a run of skipped steps the model may have diverged: its checkpoint would become
                 # `latest` for resuming and evaluation, so it waits for a step that updates again.

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from vlp.config import ConfigError
+
 # Parameters that never decay: biases, norms, embeddings, position tables, learned scalars, probes.
 NO_DECAY_NAMES = ("bias", "norm", "ln_", "embedding", "pos_embed", "logit_scale", "logit_bias", "probe")
 
@@ -21,6 +23,12 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str,
     """Weight matrices decay, the rest not; parameters whose names start with a prefix of `lr_scales` get
     that multiple of the learning rate (a detector's text tower at 1/100 of the image side's), kept in
     each group's `lr_scale`."""
+    names = [name for name, _ in model.named_parameters()]
+    unused = [prefix for prefix in lr_scales or {} if not any(name.startswith(prefix) for name in names)]
+    if unused:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ConfigError(f"config key 'train.lr_scales': {', '.join(map(repr, unused))} is the start of no parameter's "
+                          f"name (they start with {', '.join(tops)})")
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

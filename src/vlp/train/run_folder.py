@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -36,6 +37,20 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         return True
     return True
+
+
+# Lock files held by this process. A forked child (a data loader worker) would share the lock with its
+# parent and keep it after a kill -9 of the parent until it noticed, seconds later: children close them.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class RunLock:
@@ -82,6 +97,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def _in_use_message(self, holder: str) -> str:
@@ -108,9 +124,30 @@ class RunLock:
         try:
             self.path.unlink(missing_ok=True)
         finally:
+            _HELD.discard(self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+# What a run leaves in its folder (besides its lock).
+RUN_FILES = (METRICS_FILE, "run.yaml", "checkpoints", "evals")
+
+
+def replace_earlier_run(folder: Path, overwrite: bool) -> str | None:
+    """None when `folder` holds no earlier run, or when it did and `overwrite` removed that run's files;
+    else why a new run may not start there."""
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    if not found:
+        return None
+    if not overwrite:
+        return (f"run folder {folder} holds an earlier run ({', '.join(found)}): continue it with --resume latest, "
+                "replace it with --overwrite, or give this run another --out")
+    log.warning("--overwrite: removing the earlier run in %s (%s)", folder, ", ".join(found))
+    for name in found:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

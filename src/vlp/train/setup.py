@@ -25,6 +25,7 @@ from vlp.checkpoint import (
     build_model,
     load_weights,
     read_json,
+    read_torch_file,
     remove_unfinished,
 )
 from vlp.config import ConfigError, to_dict
@@ -123,12 +124,14 @@ def prepare_assets(cfg: RunConfig, recipe: Recipe, model_cfg: Any, out: Path, re
     if resume_from is not None:
         assets = Assets.load(resume_from)
         assets.image_processors[IMAGE] = cfg.image  # the run's own, which a resumed run may change
+        assets.prompts = list(getattr(cfg.data, "prompts", assets.prompts))
     else:
         tokenizers = {TEXT: _text_tokenizer(cfg, recipe, model_cfg, out, initial)}
         for asset in recipe.tokenizers:
             have = initial.assets.tokenizers.get(asset.name) if initial is not None else None
             tokenizers[asset.name] = have if have is not None else asset.build(model_cfg)
-        assets = Assets(tokenizers, {IMAGE: cfg.image})
+        # Data that prompts its text (a detector's queries) hands its templates on, for predictions to use.
+        assets = Assets(tokenizers, {IMAGE: cfg.image}, list(getattr(cfg.data, "prompts", ())))
     check_tokenizer_fits(assets.tokenizer(TEXT, where=resume_from or "the run"), model_cfg)
     for asset in recipe.tokenizers:
         tokenizer = assets.tokenizer(asset.name, where=resume_from or "the run")
@@ -256,9 +259,11 @@ def setup(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, ou
     schedule = warmup_cosine(optimizer, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                              min_lr_ratio=tc.min_lr_ratio)
     if resume_from is not None:
-        saved = torch.load(resume_from / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        saved = read_torch_file(resume_from / OPTIMIZER_FILE)
         parallel.load_optimizer_state(optimizer, saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
+        if "rng" in saved:  # checkpoints before the random state was saved resume from the seed
+            torch.set_rng_state(saved["rng"])
         _apply_optimizer_settings(optimizer, schedule, tc)
         if is_main:
             _report_changes(saved_state.get("run", {}), cfg, start_step)

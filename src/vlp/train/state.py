@@ -92,7 +92,9 @@ def write_checkpoint(run: Run, step: int, *, skipped_steps: int, last: Path | No
         return folder
     folder = save_checkpoint(
         folder, family=run.family, model_config=run.model_cfg, model=weights, assets=run.assets, state=state,
-        optimizer_state={"optimizer": optimizer_state, "schedule": run.schedule.state_dict()},
+        # The random state too: an objective's draws (ITM negatives) and dropout go on where they were.
+        optimizer_state={"optimizer": optimizer_state, "schedule": run.schedule.state_dict(),
+                         "rng": torch.get_rng_state()},
     )
     for old in list_checkpoints(run.out)[: -run.cfg.train.keep_checkpoints]:
         shutil.rmtree(old)
