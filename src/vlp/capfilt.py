@@ -31,6 +31,7 @@ from vlp.config import ConfigError, Fraction, NonNegativeFloat, NonNegativeInt, 
 from vlp.data.sources import DataError, detect_format, read_captions
 from vlp.distributed import barrier, process_group, rank, world_size
 from vlp.generation import GenerationConfig
+from vlp.outputs import write_text
 from vlp.precision import Precision
 
 log = logging.getLogger("vlp.capfilt")
@@ -239,7 +240,7 @@ def assemble(
     summary["pairs"] = len(records)
     if truth is not None:
         summary["filter_quality"] = filter_quality([r for r in scored_records if r["source"] == "web"], truth)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from vlp.convert import load_pretrained
 from vlp.data.sources import read_captions
 from vlp.evals import EvalResult
+from vlp.outputs import write_text
 from vlp.report import metrics_table, plot_curves, plot_recall, plot_retrieval_grid, read_metrics
 from vlp.shapes import ShapesWorldConfig, make_shapes_world
 from vlp.tasks import PredictFunctions, predict_functions
@@ -57,7 +58,7 @@ def run_demo(*, out: Path, data: Path, configs: Path, overrides: list[str] = ())
         for result in evaluated.values():
             print(f"[{name}] {result.table()}")
         results[name] = {key: result.to_dict() for key, result in evaluated.items()}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_text(out / "results.json", json.dumps(results, indent=1))
     return write_report(out, data, runs, results)
 
 
@@ -106,5 +107,5 @@ def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str
         "![retrieval grid](retrieval_grid.png)",
     ]
     report = out / "report.md"
-    report.write_text("\n\n".join(sections) + "\n")
+    write_text(report, "\n\n".join(sections) + "\n")
     return report

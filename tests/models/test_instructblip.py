@@ -131,9 +131,12 @@ def test_ranking_picks_the_candidate_of_highest_likelihood(tmp_path):
     # The evaluation's choice is the best score.
     from vlp.evals.instructions import ranked_metrics
 
-    assert ranked_metrics([[0.0, -1.0, -2.0]], [0]) == {"accuracy": 1.0, "mrr": 1.0}
+    assert ranked_metrics([[0.0, -1.0, -2.0]], [0]) == {"accuracy": 1.0, "r@5": 1.0, "r@10": 1.0, "mean_rank": 1.0,
+                                                        "mrr": 1.0}
     assert ranked_metrics([[-3.0, -1.0, -2.0]], [0])["mrr"] == pytest.approx(1 / 3)
-    assert ranked_metrics([[-1.0, -1.0]], [0])["accuracy"] == 0.0  # a tie is not a win
+    # Ties go by index, as VisDial's scores_to_ranks: the first of two tied candidates wins.
+    assert ranked_metrics([[-1.0, -1.0]], [0])["accuracy"] == 1.0
+    assert ranked_metrics([[-1.0, -1.0]], [1])["accuracy"] == 0.0
 
 
 def _checkpoint(tmp_path, qformer_tokenizer: bool = True):

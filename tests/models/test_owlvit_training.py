@@ -100,7 +100,7 @@ def test_one_shot_detection_is_evaluated_with_example_boxes(detector, shapes_wor
 
 @pytest.mark.parametrize("args, message", [
     (["--queries", " , "], "needs --queries"),
-    (["--query-image", "IMAGE"], "needs --query-box"),
+    (["--query-image", "IMAGE"], "needs the box x0,y0,x1,y1"),
     (["--query-image", "IMAGE", "--query-box", "1,2,3"], "x0,y0,x1,y1"),
     (["--query-image", "IMAGE", "--query-box", "10,10,400,20"], "not a box inside"),
     (["--queries", "circle", "--query-image", "IMAGE", "--query-box", "1,1,5,5"], "not both"),

@@ -42,6 +42,7 @@ from vlp.data.nlvr import read_nlvr
 from vlp.data.sources import BadSamples, DataError, Skipped, read_coco_captions, resolve_image
 from vlp.data.vqa import read_vqa
 from vlp.data.vqa_answers import normalize_answer
+from vlp.outputs import write_text
 
 TEMPLATES_FILE = Path(__file__).parent / "templates" / "instructions.yaml"
 
@@ -298,9 +299,7 @@ def _dense(path: str | Path) -> list[dict[str, Any]]:
 def write_instructions(path: str | Path, records: Sequence[InstructionRecord]) -> Path:
     """A JSON Lines record file; image paths are written relative to its folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r.to_dict(path.parent)) + "\n" for r in records))
-    return path
+    return write_text(path, "".join(json.dumps(r.to_dict(path.parent)) + "\n" for r in records))
 
 
 # Readers: the formats vlp already reads, as instruction records.

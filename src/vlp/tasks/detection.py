@@ -38,8 +38,8 @@ from vlp.tasks.base import (
 )
 from vlp.tasks.embedding import EXAMPLE_TEXTS
 
-# OWL-ViT predicts a set, but near-duplicate boxes on one object read as two objects to a user: its demo
-# suppresses boxes overlapping a better one above IoU 0.3, as vlp detect does unless told otherwise.
+# The detector predicts a set, but near-duplicate boxes on one object read as two objects to a user: the
+# paper's demo suppresses boxes overlapping a better one above IoU 0.3, as vlp detect does unless told otherwise.
 NMS_IOU = 0.3
 
 

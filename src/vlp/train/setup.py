@@ -35,6 +35,7 @@ from vlp.distributed import ParallelModel, barrier, is_distributed, rank, world_
 from vlp.model_size import TRAIN_BYTES_PER_PARAMETER
 from vlp.objectives.recipes import Recipe, recipe_of
 from vlp.objectives.sources import load_sources, resolve_sources
+from vlp.outputs import write_text
 from vlp.precision import default_device
 from vlp.registry import Family
 from vlp.train.config import RunConfig, TrainConfig
@@ -272,7 +273,7 @@ def setup(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, ou
                            family=family.name)
     if is_main:
         log.info("computing in %s on %s (train.precision: %s)", train_step.precision, device, tc.precision)
-        (out / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text(out / "run.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         truncate_metrics(out / METRICS_FILE, start_step)
         remove_unfinished(out)
 
