@@ -131,6 +131,13 @@ def _cmd_capfilt(args: argparse.Namespace) -> None:
               f"{summary['synthetic']['kept']}/{summary['synthetic']['total']} synthetic kept)")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from vlp.serve.command import ServeCommand
+    from vlp.serve.run import serve
+
+    serve(parse_flags(ServeCommand, args))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from vlp.demo import run_demo
 
@@ -251,11 +258,20 @@ def _add_demo(sub: Subparsers) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def _add_serve(sub: Subparsers) -> None:
+    from vlp.serve.command import ServeCommand
+
+    parser = sub.add_parser("serve", help="serve models over HTTP (every task they can do, OpenAI-compatible routes)")
+    add_flags(parser, ServeCommand)
+    parser.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_tokenizer, _add_train, _add_tasks, _add_convert, _add_lm, _add_capfilt, _add_demo):
+    for add in (_add_data, _add_tokenizer, _add_train, _add_tasks, _add_convert, _add_lm, _add_capfilt, _add_serve,
+                _add_demo):
         add(sub)
     _add_everywhere(parser, "-v", "--verbose", action="store_true", help="debug logging")
     _add_everywhere(parser, "--debug", action="store_true", help="show the traceback of an error")

@@ -30,11 +30,14 @@ def option(
     repeat: bool = False,
     metavar: str | None = None,
     default_factory: Any = dataclasses.MISSING,
+    image: bool = False,
 ) -> Any:
     """A dataclass field with what its flag needs: help text, a flag name other than `--field-name`, or a
     positional argument. A list field takes one or more values after its flag, or with `repeat` one value
-    per use of the flag (`--task a --task b`)."""
-    metadata = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "metavar": metavar}
+    per use of the flag (`--task a --task b`). `image`: the field holds images (a file name on the command
+    line; the bytes themselves in a request to the service)."""
+    metadata = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "metavar": metavar,
+                "image": image}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -37,6 +37,21 @@ ImageInput = Image.Image | str | Path
 def open_image(image: ImageInput) -> Image.Image:
     """A PIL image, or the image file a path names, upright in 8-bit RGB (an unreadable file is a `DataError`)."""
     return as_rgb(image) if isinstance(image, Image.Image) else load_image(Path(image))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def per_item(count: int) -> Callable[[F], F]:
+    """Marks a predict function whose first `count` arguments are sequences with one entry per item (images,
+    their questions) and whose output has one entry per item: calls with the same other arguments can be
+    joined into one and their outputs split again (the service's dynamic batching)."""
+
+    def mark(function: F) -> F:
+        function.per_item_args = count  # type: ignore[attr-defined]
+        return function
+
+    return mark
 
 
 def batch_starts(total: int, batch_size: int, progress: str | None = None) -> Iterable[int]:
@@ -174,6 +189,8 @@ class Task:
     response: type | None = None
     respond: Callable[[Any, Any], Any] | None = None
     request_options: Callable[[Any], dict[type[Predictor], dict[str, Any]]] = lambda request: {}
+    # The service's route for the request, a verb: POST /v1/<route>.
+    route: str | None = None
     # A request about the given image files: what the registry sweep answers for every family that can.
     example_request: Callable[[list[str]], Any] | None = None
     evaluation: Evaluation | None = None

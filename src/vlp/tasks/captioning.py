@@ -25,6 +25,7 @@ from vlp.tasks.base import (
     PredictFunction,
     Predictor,
     Task,
+    per_item,
 )
 
 
@@ -42,6 +43,7 @@ class CaptionPredictor(Predictor):
         # The prompt's own tokens: without the start token the decoder replaces, and without end-of-text.
         self.prompt = ids[0, 1 : int(mask.sum()) - 1] if prompt else ids[0, :0]
 
+    @per_item(1)
     @torch.no_grad()
     def caption(self, images: Sequence[ImageInput], *, generation: GenerationConfig | None = None) -> list[str]:
         """Captions of the images, generated as `generation` (default: the predictor's) says."""
@@ -57,7 +59,7 @@ class CaptionPredictor(Predictor):
 
 @dataclass
 class CaptionRequest:
-    images: list[str] = option(help="image files", positional=True, metavar="image")
+    images: list[str] = option(help="image files", positional=True, metavar="image", image=True)
     generation: GenerationConfig = option(default_factory=GenerationConfig, help="how captions are generated")
     prompt: str = option("", help='a caption prefix such as "a picture of"')
 
@@ -108,6 +110,7 @@ def evaluate_captioning(functions: Any, cfg: CaptioningEvalConfig) -> EvalResult
 
 TASK = Task(
     name="captioning",
+    route="caption",
     abilities=((CaptionsImages,),),
     functions=(PredictFunction("caption", CaptionPredictor, lambda f, images: f.caption(images)),),
     request=CaptionRequest,

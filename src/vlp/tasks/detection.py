@@ -35,6 +35,7 @@ from vlp.tasks.base import (
     Task,
     batch_starts,
     open_image,
+    per_item,
 )
 from vlp.tasks.embedding import EXAMPLE_TEXTS
 
@@ -82,6 +83,7 @@ class DetectionPredictor(Predictor):
         picture = open_image(image)
         return self.transform(picture), picture.size[0], picture.size[1]
 
+    @per_item(2)
     @torch.no_grad()
     def embed_image_queries(self, images: Sequence[ImageInput], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
         """Example images, each with the pixel box (x0, y0, x1, y1) of the object it shows -> [N, E]: the
@@ -120,6 +122,7 @@ class DetectionPredictor(Predictor):
                             logits[b].float().sigmoid().cpu()))
         return out
 
+    @per_item(1)
     def detect(
         self,
         images: Sequence[ImageInput],
@@ -159,9 +162,9 @@ class DetectRequest:
     """Images and what to find in them: text queries, or example boxes in example images (each example its own
     query, or, with `one_query`, all of them examples of one thing, averaged)."""
 
-    images: list[str] = option(help="image files")
+    images: list[str] = option(help="image files", image=True)
     queries: list[str] = option(default_factory=list, help="texts naming what to find")
-    query_images: list[str] = option(default_factory=list, help="example images of what to find")
+    query_images: list[str] = option(default_factory=list, help="example images of what to find", image=True)
     query_boxes: list[list[float]] = option(default_factory=list, help="x0, y0, x1, y1 of the object in each "
                                             "example image, in its pixels")
     one_query: bool = option(False, help="the examples all show one kind of thing: average them into one query")
@@ -323,6 +326,7 @@ def evaluate_detection(functions: Any, cfg: DetectionEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="detection",
+    route="detect",
     abilities=((DetectsBoxes,),),
     functions=(
         PredictFunction("detect", DetectionPredictor, lambda f, images: [

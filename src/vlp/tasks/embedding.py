@@ -29,6 +29,7 @@ from vlp.tasks.base import (
     Predictor,
     Task,
     batch_starts,
+    per_item,
 )
 
 EXAMPLE_TEXTS = ["a red circle", "two blue squares", "yes"]
@@ -58,10 +59,12 @@ class EmbeddingPredictor(Predictor):
                                   "(did its training diverge?)")
         return embeddings
 
+    @per_item(1)
     def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images (PIL or paths) -> [N, E]."""
         return self._finite(self._per_image_batch(images, self.model.encode_image, (0, 0)), "image")
 
+    @per_item(1)
     def embed_image_tokens(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> the image encoder's output tokens [N, T, D], before any pooling (for frozen-feature probes);
         the model must also give image tokens (`GivesImageTokens`)."""
@@ -70,6 +73,7 @@ class EmbeddingPredictor(Predictor):
                                   "tokens (its family does not declare GivesImageTokens)")
         return self._per_image_batch(images, self.model.image_tokens, (0, 0, 0))
 
+    @per_item(1)
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> [N, E]. Batches are cut from the texts sorted by length: a causal text tower computes
@@ -93,7 +97,7 @@ class EmbedRequest:
     """Texts or images (paths, or images decoded by the caller) to embed; one of the two."""
 
     texts: list[str] = option(default_factory=list, help="texts to embed")
-    images: list[str] = option(default_factory=list, help="image files to embed")
+    images: list[str] = option(default_factory=list, help="image files to embed", image=True)
 
 
 @dataclass
@@ -167,6 +171,7 @@ def evaluate_probe(functions: Any, cfg: ProbeEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="embedding",
+    route="embed",
     abilities=((EmbedsImages, EmbedsTexts),),
     functions=(
         PredictFunction("embed_images", EmbeddingPredictor, lambda f, images: f.embed_images(images)),

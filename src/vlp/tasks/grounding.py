@@ -35,7 +35,7 @@ def grounding_method(functions: Any) -> tuple[Any, str]:
 class GroundRequest:
     """Expressions about one image; a model that matches rather than detects chooses among `regions`."""
 
-    image: str = option(help="the image file")
+    image: str = option(help="the image file", image=True)
     expressions: list[str] = option(help="referring expressions")
     regions: list[list[float]] = option(default_factory=list, help="candidate regions, x0, y0, x1, y1 in pixels")
 
@@ -75,6 +75,7 @@ def evaluate(functions: Any, cfg: GroundingEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="grounding",
+    route="ground",
     abilities=((DetectsBoxes,), (MatchesImageText,)),
     request=GroundRequest,
     response=GroundResponse,

@@ -28,7 +28,7 @@ PROTOCOL = ("open tasks generated, closed tasks ranked by summed log-likelihood 
 class InstructRequest:
     """Instructions, each about an image or a list of images read in order."""
 
-    images: list[Any] = option(help="image files (or lists of them), one per instruction")
+    images: list[Any] = option(help="image files (or lists of them), one per instruction", image=True)
     instructions: list[str] = option(help="the instructions, written out")
 
 
@@ -104,6 +104,7 @@ def evaluate_instructions(functions: Any, cfg: InstructionsEvalConfig) -> EvalRe
 
 TASK = Task(
     name="instructions",
+    route="instruct",
     abilities=((AnswersQuestions,),),
     functions=(
         PredictFunction("score_answers", VqaPredictor, lambda f, images: f.score_answers(

@@ -20,7 +20,7 @@ from vlp.data.sources import read_captions, resolve_image
 from vlp.errors import BadQuery, DataError
 from vlp.evals import EvalResult, paired_similarity
 from vlp.flags import option
-from vlp.tasks.base import Command, Evaluation, FunctionsFactory, ImageInput, PredictFunction, Task
+from vlp.tasks.base import Command, Evaluation, FunctionsFactory, ImageInput, PredictFunction, Task, per_item
 from vlp.tasks.embedding import EXAMPLE_TEXTS, EmbeddingPredictor
 
 Method = Literal["auto", "itm", "cosine"]
@@ -29,6 +29,7 @@ Method = Literal["auto", "itm", "cosine"]
 class PairSimilarityPredictor(EmbeddingPredictor):
     task = "score image-text pairs by their embeddings"
 
+    @per_item(2)
     def pair_similarities(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
         """Cosine [N] of each aligned pair (images[i], texts[i]); an image of several vectors [N, Q, E] scores
         its text by its best vector, as retrieval does."""
@@ -52,7 +53,7 @@ def match_scores(functions: Any, images: Sequence[ImageInput], texts: Sequence[s
 class MatchRequest:
     """Image-text pairs, `images[i]` with `texts[i]`."""
 
-    images: list[str] = option(help="image files")
+    images: list[str] = option(help="image files", image=True)
     texts: list[str] = option(help="one text per image")
     method: Method = option("auto", help="itm: the matching head; cosine: the embeddings; auto: the head if any")
 
@@ -166,6 +167,7 @@ def evaluate_matching(functions: Any, cfg: MatchingEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="matching",
+    route="match",
     abilities=((MatchesImageText,), (EmbedsImages, EmbedsTexts)),
     functions=(PredictFunction("pair_similarities", PairSimilarityPredictor,
                                lambda f, images: f.pair_similarities(images, EXAMPLE_TEXTS[: len(images)])),),

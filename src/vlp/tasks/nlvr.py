@@ -14,7 +14,7 @@ from vlp.abilities import JudgesImagePairs
 from vlp.data.nlvr import IMAGE_PAIR_STATEMENTS, read_nlvr
 from vlp.errors import BadQuery
 from vlp.flags import option
-from vlp.tasks.base import EvalResult, Evaluation, ImageInput, PredictFunction, Predictor, Task
+from vlp.tasks.base import EvalResult, Evaluation, ImageInput, PredictFunction, Predictor, Task, per_item
 
 
 class NlvrPredictor(Predictor):
@@ -23,6 +23,7 @@ class NlvrPredictor(Predictor):
     abilities = (JudgesImagePairs,)
     task = "judge statements about image pairs"
 
+    @per_item(3)
     @torch.no_grad()
     def true_probability(
         self, lefts: Sequence[ImageInput], rights: Sequence[ImageInput], sentences: Sequence[str]
@@ -44,8 +45,8 @@ class NlvrPredictor(Predictor):
 class JudgeRequest:
     """Statements, each about a pair of images."""
 
-    lefts: list[str] = option(help="the left image of each pair")
-    rights: list[str] = option(help="the right image of each pair")
+    lefts: list[str] = option(help="the left image of each pair", image=True)
+    rights: list[str] = option(help="the right image of each pair", image=True)
     sentences: list[str] = option(help="the statements")
 
 
@@ -89,6 +90,7 @@ def nlvr_metrics(right: Sequence[bool], statements: Sequence[str]) -> dict[str, 
 
 TASK = Task(
     name="nlvr",
+    route="judge",
     abilities=((JudgesImagePairs,),),
     functions=(PredictFunction("true_probability", NlvrPredictor, lambda f, images: f.true_probability(
         images, images[::-1], ["a red circle", "two blue squares", "yes"][: len(images)])),),

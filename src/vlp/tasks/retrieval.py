@@ -17,7 +17,7 @@ from vlp.errors import BadQuery
 from vlp.evals import image_text_similarity
 from vlp.evals.retrieval import reranked_retrieval, zeroshot_retrieval
 from vlp.flags import option
-from vlp.tasks.base import EvalResult, Evaluation, ImageInput, PredictFunction, Task, batch_starts
+from vlp.tasks.base import EvalResult, Evaluation, ImageInput, PredictFunction, Task, batch_starts, per_item
 from vlp.tasks.embedding import EXAMPLE_TEXTS, EmbeddingPredictor
 
 
@@ -27,6 +27,7 @@ class MatchingPredictor(EmbeddingPredictor):
     abilities = (EmbedsImages, EmbedsTexts, MatchesImageText)
     task = "match images and texts (an image-text matching head re-ranks)"
 
+    @per_item(2)
     @torch.no_grad()
     def match_probabilities(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
         """p(match) [N] of each aligned pair (images[i], texts[i]) from the matching head's two-way softmax."""
@@ -76,7 +77,7 @@ class RetrieveRequest:
     """Text queries against a set of images: each query's `k` most similar images."""
 
     queries: list[str] = option(help="texts to search with")
-    images: list[str] = option(help="the images to search")
+    images: list[str] = option(help="the images to search", image=True)
     k: PositiveInt = option(5, help="images returned per query")
 
 
@@ -122,6 +123,7 @@ def evaluate_retrieval(functions: Any, cfg: RetrievalEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="retrieval",
+    route="retrieve",
     abilities=((EmbedsImages, EmbedsTexts),),
     functions=(
         PredictFunction("match_probabilities", MatchingPredictor,

@@ -31,6 +31,7 @@ from vlp.tasks.base import (
     Predictor,
     Task,
     batch_starts,
+    per_item,
 )
 
 
@@ -98,9 +99,11 @@ class VqaPredictor(Predictor):
             yield (self.pixels(images[start : start + self.batch_size]), ids.to(self.device), mask.to(self.device),
                    instruction)
 
+    @per_item(2)
     def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
         return self._answer(images, questions)
 
+    @per_item(2)
     def follow_instructions(self, images: Sequence[Any], instructions: Sequence[str]) -> list[str]:
         """Each instruction given as written (no question template), the answer generated or
         ranked as `method` says."""
@@ -133,6 +136,7 @@ class VqaPredictor(Predictor):
         best = top.gather(1, loglik.argmax(dim=1, keepdim=True)).squeeze(1)
         return [self.answer_list[i] for i in best.tolist()]
 
+    @per_item(3)
     @torch.no_grad()
     def score_answers(
         self, images: Sequence[Any], questions: Sequence[str], candidates: Sequence[Sequence[str | Sequence[str]]]
@@ -170,7 +174,7 @@ class VqaPredictor(Predictor):
 class AskRequest:
     """Questions, each about an image (or a list of images read in order)."""
 
-    images: list[Any] = option(help="image files, one per question")
+    images: list[Any] = option(help="image files, one per question", image=True)
     questions: list[str] = option(help="the questions")
     method: Literal["generate", "rank"] = option("generate", help="generate with beam search, or rank `answer_list`")
     answer_list: list[str] = option(default_factory=list, help="candidate answers for method rank")
@@ -254,6 +258,7 @@ def evaluate_vqa(functions: Any, cfg: VqaEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="vqa",
+    route="ask",
     abilities=((AnswersQuestions,),),
     functions=(PredictFunction("answer", VqaPredictor, lambda f, images: f.answer(
         images[:3], ["what color?", "how many?", "is it red?"][: len(images)])),),

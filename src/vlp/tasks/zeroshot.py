@@ -37,7 +37,7 @@ class ZeroShotPredictor(EmbeddingPredictor):
 
 @dataclass
 class ClassifyRequest:
-    images: list[str] = option(help="image files")
+    images: list[str] = option(help="image files", image=True)
     labels: list[str] = option(help="class names")
     templates: list[str] = option(default_factory=lambda: list(DEFAULT_TEMPLATES),
                                   help="prompt templates, {} for the class name (their embeddings averaged)")
@@ -93,6 +93,7 @@ def evaluate_zeroshot(functions: Any, cfg: ZeroShotEvalConfig) -> EvalResult:
 
 TASK = Task(
     name="zeroshot",
+    route="classify",
     abilities=((EmbedsImages, EmbedsTexts),),
     functions=(PredictFunction("zeroshot_classifier", ZeroShotPredictor,
                                lambda f, images: f.zeroshot_classifier(["circle", "square"], ["a {}."])(images)),),

@@ -1,0 +1,8 @@
+"""The HTTP service (`vlp serve`): `create_app(models, settings)` gives a FastAPI app that tests and users
+can mount or run under any ASGI server."""
+
+from vlp.serve.app import ServeSettings, create_app
+from vlp.serve.batching import BatchSettings
+from vlp.serve.images import ImageLimits
+
+__all__ = ["BatchSettings", "ImageLimits", "ServeSettings", "create_app"]

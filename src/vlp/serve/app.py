@@ -1,0 +1,330 @@
+"""The HTTP service: every task a loaded model can do, as a route of the task table, with dynamic batching,
+limits, health and metrics (`create_app`; `vlp serve` runs it under uvicorn).
+
+Routes: `POST /v1/<route>` for each task (the body is the task's request, with `model` naming the model
+when several are loaded), the OpenAI-compatible `/v1/models`, `/v1/embeddings` and `/v1/chat/completions`
+(`vlp.serve.openai`), `/livez`, `/readyz`, `/metrics` and the OpenAPI docs at `/docs`. Every error is a
+JSON body {"error": "..."} with a 4xx status that names the problem (5xx only for the service's own faults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from vlp.checkpoint import Pretrained
+from vlp.config import ConfigError, from_dict
+from vlp.errors import USER_ERRORS, BadQuery, UnsupportedTask
+from vlp.serve.batching import BatchSettings, DeadlineExceeded, ModelQueue, QueuedFunctions, QueueFull
+from vlp.serve.images import ImageLimits, PayloadTooLarge, decode_image
+from vlp.serve.metrics import ServiceMetrics
+from vlp.tasks import TASKS, PredictFunctions
+from vlp.tasks.base import Task
+
+log = logging.getLogger("vlp.serve")
+access_log = logging.getLogger("vlp.serve.access")
+
+OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    images: ImageLimits = field(default_factory=ImageLimits)
+    max_body_bytes: int = 64 * 2**20
+    max_items: int = 256  # images, texts, labels or queries in one request
+    max_text_chars: int = 4096  # one text
+    timeout_s: float = 120.0  # a request not computed by then is dropped
+    device: str | None = None
+    precision: str = "fp32"
+
+
+class ServedModel:
+    """A loaded model, its queue, and its predict functions per set of predictor options (made once each)."""
+
+    def __init__(self, name: str, pretrained: Pretrained, settings: ServeSettings, metrics: ServiceMetrics):
+        self.name, self.pretrained, self.settings = name, pretrained, settings
+        self.queue = ModelQueue(name, settings.batch, observe=metrics.batch_observer(name),
+                                depth=metrics.depth_setter(name))
+        self._functions: dict[str, PredictFunctions] = {}
+        self._lock = threading.Lock()
+
+    def tasks(self) -> list[Task]:
+        return [task for task in TASKS if task.route and task.can(self.pretrained.family)]
+
+    def functions(self, options: dict[type, dict[str, Any]], deadline: float) -> QueuedFunctions:
+        key = repr(sorted((cls.__name__, sorted(o.items())) for cls, o in options.items()))
+        with self._lock:
+            if key not in self._functions:
+                self._functions[key] = PredictFunctions(self.pretrained, options, device=self.settings.device,
+                                                        precision=self.settings.precision)
+        return QueuedFunctions(self._functions[key], self.queue, deadline)
+
+
+class Service:
+    """The models of an app and its state: loading, ready, draining (after SIGTERM: new requests get 503)."""
+
+    def __init__(self, sources: Mapping[str, str | Path | Pretrained], settings: ServeSettings):
+        self.sources, self.settings = dict(sources), settings
+        self.metrics = ServiceMetrics()
+        self.models: dict[str, ServedModel] = {}
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.draining = False
+
+    def load(self) -> None:
+        from vlp.convert import load_pretrained
+
+        try:
+            for name, source in self.sources.items():
+                pretrained = source if isinstance(source, Pretrained) else load_pretrained(source)
+                self.models[name] = ServedModel(name, pretrained, self.settings, self.metrics)
+                log.info("model %s loaded (%s) from %s", name, pretrained.family.name, pretrained.path)
+            self.ready.set()
+        except USER_ERRORS as err:
+            self.load_error = str(err)
+            log.error("cannot load the models: %s", err)
+
+    def model_for(self, task: Task, name: str | None) -> ServedModel:
+        """The model a request names, or the only one that can do `task`."""
+        if name is not None:
+            if name not in self.models:
+                raise UnknownModel(f"no model {name!r} (models: {', '.join(self.models)})")
+            model = self.models[name]
+            if not task.can(model.pretrained.family):
+                raise UnsupportedTask(f"model {name!r} ({model.pretrained.family.name}) cannot {task.route}")
+            return model
+        able = [m for m in self.models.values() if task.can(m.pretrained.family)]
+        if len(able) != 1:
+            which = f"name one with 'model' ({', '.join(m.name for m in able)})" if able else "none can"
+            raise BadQuery(f"{len(able)} of the loaded models can {task.route}: {which}")
+        return able[0]
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.queue.close()
+
+
+class UnknownModel(BadQuery):
+    """A request names a model the service has not loaded (404)."""
+
+
+def _status(err: BaseException) -> int:
+    if isinstance(err, PayloadTooLarge):
+        return 413
+    if isinstance(err, QueueFull):
+        return 429
+    if isinstance(err, UnknownModel):
+        return 404
+    if isinstance(err, ConfigError):
+        return 422
+    return 400
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def limit_values(value: Any, where: str, settings: ServeSettings) -> None:
+    """Lists no longer than `max_items`, texts no longer than `max_text_chars` (images are checked apart)."""
+    if isinstance(value, str) and len(value) > settings.max_text_chars:
+        raise PayloadTooLarge(f"{where}: {len(value):,} characters, over the limit of {settings.max_text_chars:,}")
+    if isinstance(value, list):
+        if len(value) > settings.max_items:
+            raise PayloadTooLarge(f"{where}: {len(value)} entries, over the limit of {settings.max_items}")
+        for index, item in enumerate(value):
+            limit_values(item, f"{where}[{index}]", settings)
+
+
+def _decode_images(value: Any, where: str, limits: ImageLimits) -> Any:
+    if isinstance(value, list):
+        return [_decode_images(item, f"{where}[{index}]", limits) for index, item in enumerate(value)]
+    return decode_image(value, where, limits)
+
+
+def parse_request(task: Task, body: dict[str, Any], settings: ServeSettings) -> Any:
+    """The task's typed request from a JSON body: fields checked by type and range, limits applied, images
+    decoded."""
+    image_fields = [f.name for f in dataclasses.fields(task.request) if f.metadata.get("image")]
+    for name, value in body.items():
+        if name not in image_fields:
+            limit_values(value, name, settings)
+        elif isinstance(value, list) and len(value) > settings.max_items:
+            raise PayloadTooLarge(f"{name}: {len(value)} images, over the limit of {settings.max_items}")
+    images = {name: body.pop(name) for name in image_fields if name in body}
+    # The fields' own types say file names; the images are checked and decoded apart, below.
+    request = from_dict(task.request, {**body, **{name: [] if isinstance(v, list) else "" for name, v in images.items()}})
+    for name, value in images.items():
+        setattr(request, name, _decode_images(value, name, settings.images))
+    missing = [f.name for f in dataclasses.fields(task.request) if f.name in image_fields and f.name not in images
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing field '{missing[0]}'")
+    return request
+
+
+async def read_body(request: Request, settings: ServeSettings) -> dict[str, Any]:
+    """A request's JSON object, or a multipart form: its `request` part (JSON) with each file part added to
+    the image field it is named after."""
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        raw = form.get("request")
+        try:
+            body = json.loads(raw) if isinstance(raw, str) else {}
+        except json.JSONDecodeError as err:
+            raise BadQuery(f"the form's 'request' part is not JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise BadQuery("the form's 'request' part must be a JSON object")
+        for name, part in form.multi_items():
+            if name != "request" and hasattr(part, "read"):
+                body.setdefault(name, []).append(await part.read())
+        return body
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > settings.max_body_bytes:
+            raise PayloadTooLarge(f"the request body is over the limit of {settings.max_body_bytes:,} bytes")
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadQuery(f"the body is not JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise BadQuery(f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _to_json(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _task_route(app: FastAPI, service: Service, task: Task) -> None:
+    schema = TypeAdapter(task.request).json_schema()
+    schema.setdefault("properties", {})["model"] = {"type": "string", "description": "the model to use"}
+
+    async def answer(request: Request) -> JSONResponse:
+        settings = service.settings
+        deadline = time.monotonic() + settings.timeout_s
+        body = await read_body(request, settings)
+        name = body.pop("model", None)
+        model = service.model_for(task, name if isinstance(name, str) or name is None else str(name))
+        request.state.model = model.name
+        typed = parse_request(task, body, settings)
+        functions = model.functions(task.request_options(typed), deadline)
+        response = await run_in_threadpool(task.respond, functions, typed)
+        return JSONResponse(_to_json(response))
+
+    app.add_api_route(f"/v1/{task.route}", answer, methods=["POST"], name=task.name, summary=task.route,
+                      openapi_extra={"requestBody": {"required": True,
+                                                     "content": {"application/json": {"schema": schema}}}})
+
+
+def create_app(models: Mapping[str, str | Path | Pretrained], settings: ServeSettings | None = None, *,
+               load: bool = True) -> FastAPI:
+    """The service for `models` (name -> checkpoint folder or a loaded `Pretrained`). The models load in a
+    background thread when the app starts (`/readyz` answers 503 until then); `load=False` leaves loading
+    to the caller (`app.state.service.load()`)."""
+    from contextlib import asynccontextmanager
+
+    from vlp.serve.openai import add_openai_routes
+
+    service = Service(models, settings or ServeSettings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load:
+            threading.Thread(target=service.load, name="vlp-load", daemon=True).start()
+        yield
+        service.close()
+
+    app = FastAPI(title="vlp", summary="vision-language models over HTTP", lifespan=lifespan)
+    app.state.service = service
+    for task in TASKS:
+        if task.route and task.request is not None and task.respond is not None:
+            _task_route(app, service, task)
+    add_openai_routes(app, service)
+    _add_operations(app, service)
+    return app
+
+
+def _add_operations(app: FastAPI, service: Service) -> None:
+    metrics = service.metrics
+
+    @app.get("/livez")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        if service.load_error:
+            return error_response(503, f"the models could not be loaded: {service.load_error}")
+        if not service.ready.is_set():
+            return error_response(503, "loading the models")
+        return JSONResponse({"status": "ready", "models": {n: m.pretrained.family.name for n, m in service.models.items()}})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def gate_and_log(request: Request, call_next: Any) -> Response:
+        start = time.monotonic()
+        path = request.url.path
+        length = request.headers.get("content-length")
+        if service.draining and path not in OPEN_PATHS:
+            response: Response = error_response(503, "the service is shutting down", {"Connection": "close"})
+        elif not service.ready.is_set() and path not in OPEN_PATHS:
+            response = error_response(503, "the models are still loading; see /readyz", {"Retry-After": "5"})
+        elif length is not None and (not length.isdigit() or int(length) > service.settings.max_body_bytes):
+            response = error_response(413, f"the request body is over the limit of {service.settings.max_body_bytes:,} bytes")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # a fault of the service itself: logged with its traceback, answered 500
+                log.exception("request to %s failed", path)
+                response = error_response(500, "internal error (logged by the service)")
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        elapsed = time.monotonic() - start
+        metrics.request(label, response.status_code, elapsed)
+        access_log.info(json.dumps({"method": request.method, "path": path, "status": response.status_code,
+                                    "ms": round(elapsed * 1000, 1), "model": getattr(request.state, "model", None)}))
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg")))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(err.status_code, str(err.detail))
+        return error_response(err.status_code, message, getattr(err, "headers", None))
+
+    @app.exception_handler(DeadlineExceeded)
+    async def late(request: Request, err: DeadlineExceeded) -> JSONResponse:
+        return error_response(503, str(err))
+
+    for kind in USER_ERRORS:
+        @app.exception_handler(kind)
+        async def user_error(request: Request, err: Exception) -> JSONResponse:
+            headers = {"Retry-After": "1"} if isinstance(err, QueueFull) else None
+            # A request's fields are no config keys: the field's name says where.
+            return error_response(_status(err), str(err).replace("config key ", "field "), headers)
