@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from vlp.data.grounding import ReferringExpression
-from vlp.data.sources import load_image
+from vlp.data.sources import as_rgb, load_image
 from vlp.evals import EvalResult
 from vlp.geometry import box_iou
 
@@ -43,21 +43,30 @@ def detector_grounding(box_scores: Callable[..., list[tuple[torch.Tensor, torch.
 
     def ground(expressions: Sequence[ReferringExpression]) -> list[Box]:
         by_image: dict[Any, list[int]] = {}
+        images: dict[Any, Any] = {}
         for index, expression in enumerate(expressions):
-            by_image.setdefault(expression.image, []).append(index)
-        images = list(by_image)
+            by_image.setdefault(_key(expression.image), []).append(index)
+            images[_key(expression.image)] = expression.image
         answers: list[Box] = [(0.0, 0.0, 0.0, 0.0)] * len(expressions)
-        for start in range(0, len(images), images_per_call):
-            chunk = images[start : start + images_per_call]
-            sentences = sorted({expressions[i].sentence for image in chunk for i in by_image[image]})
+        keys = list(by_image)
+        for start in range(0, len(keys), images_per_call):
+            chunk = keys[start : start + images_per_call]
+            sentences = sorted({expressions[i].sentence for key in chunk for i in by_image[key]})
             column = {s: c for c, s in enumerate(sentences)}
-            for image, (boxes, scores) in zip(chunk, box_scores(chunk, embed_queries(sentences)), strict=True):
-                for index in by_image[image]:
+            found = box_scores([images[key] for key in chunk], embed_queries(sentences))
+            for key, (boxes, scores) in zip(chunk, found, strict=True):
+                for index in by_image[key]:
                     token = int(scores[:, column[expressions[index].sentence]].argmax())
                     answers[index] = tuple(boxes[token].tolist())
         return answers
 
     return ground
+
+
+def _key(image: Any) -> Any:
+    """What identifies an image: its path, or the object itself for an image already decoded (PIL images
+    are not hashable)."""
+    return ("decoded", id(image)) if isinstance(image, Image.Image) else image
 
 
 def _crop(image: Image.Image, box: Box, margin: float) -> Image.Image:
@@ -75,10 +84,11 @@ def region_scoring_grounding(match_probabilities: Callable[[Sequence[Any], Seque
         crops, texts = [], []
         loaded: dict[Any, Image.Image] = {}
         for expression in expressions:
-            if expression.image not in loaded:
-                loaded[expression.image] = load_image(expression.image)
+            image, key = expression.image, _key(expression.image)
+            if key not in loaded:
+                loaded[key] = as_rgb(image) if isinstance(image, Image.Image) else load_image(image)
             for box in expression.candidates:
-                crops.append(_crop(loaded[expression.image], box, margin))
+                crops.append(_crop(loaded[key], box, margin))
                 texts.append(expression.sentence)
         scores = match_probabilities(crops, texts)
         answers: list[Box] = []

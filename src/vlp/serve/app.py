@@ -137,7 +137,10 @@ def _status(err: BaseException) -> int:
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """An error in OpenAI's shape, which its client and most others read: {"error": {"message", "type", "code"}}."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
 
 
 def limit_values(value: Any, where: str, settings: ServeSettings) -> None:
@@ -148,6 +151,8 @@ def limit_values(value: Any, where: str, settings: ServeSettings) -> None:
         if len(value) > settings.max_items:
             raise PayloadTooLarge(f"{where}: {len(value)} entries, over the limit of {settings.max_items}")
         for index, item in enumerate(value):
+            if isinstance(item, str) and not item.strip():
+                raise BadQuery(f"{where}[{index}]: empty text")
             limit_values(item, f"{where}[{index}]", settings)
 
 
@@ -264,6 +269,7 @@ def create_app(models: Mapping[str, str | Path | Pretrained], settings: ServeSet
 
 def _add_operations(app: FastAPI, service: Service) -> None:
     metrics = service.metrics
+    paths = {getattr(route, "path", "") for route in app.routes}  # a request refused before routing counts by its path
 
     @app.get("/livez")
     def livez() -> dict[str, str]:
@@ -299,7 +305,7 @@ def _add_operations(app: FastAPI, service: Service) -> None:
                 log.exception("request to %s failed", path)
                 response = error_response(500, "internal error (logged by the service)")
         route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
+        label = getattr(route, "path", None) or (path if path in paths else "unmatched")
         elapsed = time.monotonic() - start
         metrics.request(label, response.status_code, elapsed)
         access_log.info(json.dumps({"method": request.method, "path": path, "status": response.status_code,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from vlp.abilities import DetectsBoxes, MatchesImageText
 from vlp.config import PositiveInt
 from vlp.data.grounding import ReferringExpression, read_referring_expressions
@@ -52,7 +54,9 @@ def ground(functions: Any, request: GroundRequest) -> GroundResponse:
     if functions.box_scores is None and not request.regions:
         raise BadQuery("this model grounds by choosing among candidate regions: give regions")
     regions: list[Box] = [tuple(r) for r in request.regions]
-    expressions = [ReferringExpression(Path(request.image), sentence, (0.0, 0.0, 0.0, 0.0), regions, index, "")
+    # The image as given: a file name, or an image a caller decoded (the service's).
+    image = request.image if isinstance(request.image, Image.Image) else Path(request.image)
+    expressions = [ReferringExpression(image, sentence, (0.0, 0.0, 0.0, 0.0), regions, index, "")
                    for index, sentence in enumerate(request.expressions)]
     return GroundResponse([list(box) for box in method(expressions)])
 
