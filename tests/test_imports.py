@@ -21,7 +21,7 @@ LAYERS = [
     ("vlp.convert", "vlp.evals", "vlp.objectives"),
     ("vlp.tasks",),
     ("vlp.train",),
-    ("vlp.capfilt", "vlp.demo", "vlp.report"),
+    ("vlp.capfilt", "vlp.demo", "vlp.report", "vlp.serve"),
     ("vlp.cli", "vlp.__main__"),
 ]
 

@@ -276,3 +276,29 @@ def test_sigterm_lets_the_request_in_flight_finish(models, tmp_path, files):
         proc.kill()
     log = proc.stdout.read().decode()
     assert '"path": "/v1/embed", "status": 200' in log
+
+
+def test_a_full_queue_gets_429_and_a_late_request_is_dropped(models):
+    slow = ServeSettings(batch=BatchSettings(max_wait_ms=400, max_queue=1))
+    with TestClient(create_app({"clip": models["clip"]}, slow)) as client:
+        _ready(client)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v1/embed", json={"texts": ["red"]})
+            time.sleep(0.1)
+            second = client.post("/v1/embed", json={"texts": ["blue"]})
+            assert first.result().status_code == 200
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        assert "requests waiting" in second.json()["error"]["message"]
+    late = ServeSettings(batch=BatchSettings(max_wait_ms=300), timeout_s=0.1)
+    with TestClient(create_app({"clip": models["clip"]}, late)) as client:
+        _ready(client)
+        response = client.post("/v1/embed", json={"texts": ["red"]})
+        assert response.status_code == 503 and "deadline passed" in response.json()["error"]["message"]
+
+
+def test_only_the_tasks_the_loaded_models_can_do_have_routes(models):
+    with TestClient(create_app({"clip": models["clip"]})) as client:
+        _ready(client)
+        paths = set(client.get("/openapi.json").json()["paths"])
+    assert {"/v1/embed", "/v1/classify", "/v1/retrieve", "/v1/match"} <= paths
+    assert "/v1/caption" not in paths and "/v1/detect" not in paths

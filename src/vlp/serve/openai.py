@@ -30,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from vlp.abilities import AnswersQuestions, EmbedsImages, EmbedsTexts
 from vlp.errors import BadQuery
 from vlp.generation import GenerationConfig
-from vlp.serve.app import ServedModel, Service, UnknownModel, limit_values, read_body
 from vlp.serve.images import decode_image
+from vlp.serve.service import ServedModel, Service, UnknownModel, limit_values, read_body
 from vlp.tasks.vqa import VqaPredictor
 
 

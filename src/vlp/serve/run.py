@@ -8,10 +8,11 @@ from typing import Any
 
 import uvicorn
 
-from vlp.serve.app import ServeSettings, create_app
+from vlp.serve.app import create_app
 from vlp.serve.batching import BatchSettings
 from vlp.serve.command import ServeCommand, models_of
 from vlp.serve.images import ImageLimits
+from vlp.serve.service import ServeSettings
 
 
 class DrainingServer(uvicorn.Server):
