@@ -264,12 +264,13 @@ def test_sigterm_lets_the_request_in_flight_finish(models, tmp_path, files):
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        with ThreadPoolExecutor(1) as pool:
-            # The call waits 1.5 s for others to join it: it is in flight when SIGTERM comes.
-            pending = pool.submit(httpx.post, f"{url}/v1/embed", json={"texts": ["a red circle"]}, timeout=30)
+        with ThreadPoolExecutor(2) as pool:
+            # Two requests at once: their call waits 1.5 s for more to join, so both are in flight at SIGTERM.
+            pending = [pool.submit(httpx.post, f"{url}/v1/embed", json={"texts": [text]}, timeout=30)
+                       for text in ("a red circle", "a blue square")]
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
-            assert pending.result().status_code == 200
+            assert [p.result().status_code for p in pending] == [200, 200]
         # uvicorn ends by re-raising the signal it handled, as a process killed by it would
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
@@ -279,10 +280,12 @@ def test_sigterm_lets_the_request_in_flight_finish(models, tmp_path, files):
 
 
 def test_a_full_queue_gets_429_and_a_late_request_is_dropped(models):
+    # Another request in flight (held open here) makes each call wait max_wait_ms for company.
     slow = ServeSettings(batch=BatchSettings(max_wait_ms=400, max_queue=1))
-    with TestClient(create_app({"clip": models["clip"]}, slow)) as client:
+    app = create_app({"clip": models["clip"]}, slow)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
         _ready(client)
-        with ThreadPoolExecutor(2) as pool:
+        with app.state.service.models["clip"].queue.request():
             first = pool.submit(client.post, "/v1/embed", json={"texts": ["red"]})
             time.sleep(0.1)
             second = client.post("/v1/embed", json={"texts": ["blue"]})
@@ -290,9 +293,11 @@ def test_a_full_queue_gets_429_and_a_late_request_is_dropped(models):
         assert second.status_code == 429 and second.headers["retry-after"] == "1"
         assert "requests waiting" in second.json()["error"]["message"]
     late = ServeSettings(batch=BatchSettings(max_wait_ms=300), timeout_s=0.1)
-    with TestClient(create_app({"clip": models["clip"]}, late)) as client:
+    app = create_app({"clip": models["clip"]}, late)
+    with TestClient(app) as client:
         _ready(client)
-        response = client.post("/v1/embed", json={"texts": ["red"]})
+        with app.state.service.models["clip"].queue.request():
+            response = client.post("/v1/embed", json={"texts": ["red"]})
         assert response.status_code == 503 and "deadline passed" in response.json()["error"]["message"]
 
 

@@ -98,7 +98,8 @@ def _task_route(app: FastAPI, service: Service, task: Task) -> None:
         request.state.model = model.name
         typed = parse_request(task, body, settings)
         functions = model.functions(task.request_options(typed), deadline)
-        response = await run_in_threadpool(task.respond, functions, typed)
+        with model.queue.request():
+            response = await run_in_threadpool(task.respond, functions, typed)
         return JSONResponse(_to_json(response))
 
     app.add_api_route(f"/v1/{task.route}", answer, methods=["POST"], name=task.name, summary=task.route,

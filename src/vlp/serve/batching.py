@@ -5,16 +5,19 @@ its model's queue, and one thread per model runs the jobs. A function marked `pe
 arguments hold one entry per item) is joined with the jobs that call it with the same other arguments
 and whose texts are of a like length, that arrive within `max_wait_ms`, up to `max_batch_size` items; the
 joined output is split back. Any other call runs alone, on the same thread, so a model only ever runs one
-call at a time. A job whose deadline passes before it runs is dropped, not computed.
+call at a time. A job whose deadline passes before it runs is dropped, not computed. The first job of a
+batch waits for others only while other requests to the model are in flight: a lone client is not made to
+wait for company that cannot come.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +80,7 @@ class ModelQueue:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._held: list[_Job] = []  # taken from the queue, of another key: they go first next time
         self._pending = 0
+        self._requests = 0  # requests to this model in flight, from their start to their answer
         self._lock = threading.Lock()
         self._unique = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"vlp-model-{name}", daemon=True)
@@ -107,6 +111,17 @@ class ModelQueue:
             raise job.error
         return job.result
 
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around a request's answer: while more than one is in flight, calls wait to be joined."""
+        with self._lock:
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._requests -= 1
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
@@ -125,7 +140,8 @@ class ModelQueue:
             if first is None:
                 return
             batch, items, others = [first], first.count, []
-            closes = first.enqueued + self.settings.max_wait_ms / 1000
+            alone = self._requests <= 1 and not self._held and self._queue.empty()
+            closes = first.enqueued + (0.0 if alone else self.settings.max_wait_ms / 1000)
             while items < self.settings.max_batch_size and first.key[0] != "alone":
                 job = self._next(closes - time.monotonic())
                 if job is None:

@@ -163,7 +163,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         request.state.model = model.name
         functions = model.functions({}, deadline)
         embed = functions.require("embed_images" if parsed.modality == "image" else "embed_texts")
-        vectors = (await run_in_threadpool(embed, inputs)).float()
+        with model.queue.request():
+            vectors = (await run_in_threadpool(embed, inputs)).float()
         if vectors.dim() == 3:  # several vectors an image (a query transformer's): their mean
             vectors = vectors.mean(dim=1)
         if parsed.dimensions is not None:
@@ -194,7 +195,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         functions = model.functions({VqaPredictor: {"generation": generation}}, deadline)
         ask = functions.follow_instructions or functions.require("answer")
         image: Any = images[0] if len(images) == 1 else images
-        (answer,) = await run_in_threadpool(ask, [image], [question])
+        with model.queue.request():
+            (answer,) = await run_in_threadpool(ask, [image], [question])
         completion, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if parsed.stream:
             return StreamingResponse(_chunks(answer, completion, created, parsed.model),
