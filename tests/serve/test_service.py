@@ -307,3 +307,19 @@ def test_only_the_tasks_the_loaded_models_can_do_have_routes(models):
         paths = set(client.get("/openapi.json").json()["paths"])
     assert {"/v1/embed", "/v1/classify", "/v1/retrieve", "/v1/match"} <= paths
     assert "/v1/caption" not in paths and "/v1/detect" not in paths
+
+
+def test_an_image_and_a_text_embed_together_with_weights(models, files):
+    from vlp.tasks.embedding import EmbedRequest, embed
+
+    functions = predict_functions(models["clip"], device="cpu")
+    image_only = torch.tensor(embed(functions, EmbedRequest(images=files[:1])).embeddings)
+    both = embed(functions, EmbedRequest(texts=["a red circle"], images=files[:1], weights=[1.0, 0.0])).embeddings
+    torch.testing.assert_close(torch.tensor(both), torch.nn.functional.normalize(image_only, dim=-1))
+    with TestClient(create_app({"clip": models["clip"]})) as client:
+        _ready(client)
+        image = _b64(Path(files[0]).read_bytes())
+        mixed = client.post("/v1/embed", json={"images": [image], "texts": ["a red circle"], "weights": [0.5, 0.5]})
+        assert mixed.status_code == 200 and len(mixed.json()["embeddings"]) == 1
+        unweighted = client.post("/v1/embed", json={"images": [image], "texts": ["a red circle"]})
+        assert unweighted.status_code == 400 and "give weights" in unweighted.json()["error"]["message"]

@@ -4,7 +4,8 @@ limits, health and metrics (`create_app`; `vlp serve` runs it under uvicorn).
 Routes: `POST /v1/<route>` for each task (the body is the task's request, with `model` naming the model
 when several are loaded), the OpenAI-compatible `/v1/models`, `/v1/embeddings` and `/v1/chat/completions`
 (`vlp.serve.openai`), `/livez`, `/readyz`, `/metrics` and the OpenAPI docs at `/docs`. Every error is a
-JSON body {"error": "..."} with a 4xx status that names the problem (5xx only for the service's own faults).
+JSON body in OpenAI's shape, {"error": {"message", "type", "code"}}, with a 4xx status for a request's
+problem, which the message names (a 5xx only for the service's own faults).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ from starlette.exceptions import HTTPException
 
 from vlp.checkpoint import Pretrained
 from vlp.config import ConfigError, from_dict
-from vlp.errors import USER_ERRORS
+from vlp.errors import USER_ERRORS, BadQuery
 from vlp.serve.batching import DeadlineExceeded, QueueFull
 from vlp.serve.images import ImageLimits, PayloadTooLarge, decode_image
 from vlp.serve.openai import add_openai_routes
-from vlp.serve.service import ServeSettings, Service, UnknownModel, error_response, limit_values, read_body
+from vlp.serve.service import (
+    ServedModel,
+    ServeSettings,
+    Service,
+    UnknownModel,
+    error_response,
+    limit_values,
+    read_body,
+)
 from vlp.tasks import TASKS
 from vlp.tasks.base import Task
 
@@ -74,10 +83,6 @@ def parse_request(task: Task, body: dict[str, Any], settings: ServeSettings) -> 
     request = from_dict(task.request, {**body, **{name: [] if isinstance(v, list) else "" for name, v in images.items()}})
     for name, value in images.items():
         setattr(request, name, _decode_images(value, name, settings.images))
-    missing = [f.name for f in dataclasses.fields(task.request) if f.name in image_fields and f.name not in images
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing field '{missing[0]}'")
     return request
 
 
@@ -89,18 +94,21 @@ def _task_route(app: FastAPI, service: Service, task: Task) -> None:
     schema = TypeAdapter(task.request).json_schema()
     schema.setdefault("properties", {})["model"] = {"type": "string", "description": "the model to use"}
 
-    async def answer(request: Request) -> JSONResponse:
-        settings = service.settings
-        deadline = time.monotonic() + settings.timeout_s
-        body = await read_body(request, settings)
-        name = body.pop("model", None)
-        model = service.model_for(task, name if isinstance(name, str) or name is None else str(name))
-        request.state.model = model.name
-        typed = parse_request(task, body, settings)
-        functions = model.functions(task.request_options(typed), deadline)
+    def respond(body: dict[str, Any], model: ServedModel, deadline: float) -> Any:
+        # In a worker thread: decoding images and computing must not hold up the event loop.
+        typed = parse_request(task, body, service.settings)
         with model.queue.request():
-            response = await run_in_threadpool(task.respond, functions, typed)
-        return JSONResponse(_to_json(response))
+            return task.respond(model.functions(task.request_options(typed), deadline), typed)
+
+    async def answer(request: Request) -> JSONResponse:
+        deadline = time.monotonic() + service.settings.timeout_s
+        body = await read_body(request, service.settings)
+        name = body.pop("model", None)
+        if name is not None and not isinstance(name, str):
+            raise BadQuery(f"model: expected a model's name, got {name!r}")
+        model = service.model_for(task, name)
+        request.state.model = model.name
+        return JSONResponse(_to_json(await run_in_threadpool(respond, body, model, deadline)))
 
     app.add_api_route(f"/v1/{task.route}", answer, methods=["POST"], name=task.name, summary=task.route,
                       openapi_extra={"requestBody": {"required": True,

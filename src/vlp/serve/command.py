@@ -24,6 +24,7 @@ class ServeCommand:
     timeout: PositiveFloat = option(120.0, help="seconds after which a request not yet computed is dropped")
     max_image_bytes: PositiveInt = option(20 * 2**20, help="largest encoded image")
     max_image_pixels: PositiveInt = option(40_000_000, help="largest image, width x height")
+    max_body_bytes: PositiveInt = option(64 * 2**20, help="largest request body")
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: the best there is)")
     precision: Literal["fp32", "bf16", "auto"] = option("fp32", help="compute in fp32, bf16, or bf16 where the "
                                                          "hardware has it")

@@ -159,7 +159,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
         deadline = time.monotonic() + service.settings.timeout_s
-        model, parsed, inputs = _embeddings(service, await read_body(request, service.settings))
+        body = await read_body(request, service.settings)
+        model, parsed, inputs = await run_in_threadpool(_embeddings, service, body)  # decodes images
         request.state.model = model.name
         functions = model.functions({}, deadline)
         embed = functions.require("embed_images" if parsed.modality == "image" else "embed_texts")
@@ -186,7 +187,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         request.state.model = model.name
         urls, question = _messages(parsed)
         limit_values(question, "messages", service.settings)
-        images = [decode_image(url, "image_url", service.settings.images) for url in urls]
+        images = await run_in_threadpool(lambda: [decode_image(url, "image_url", service.settings.images)
+                                                  for url in urls])
         tokens = parsed.max_completion_tokens or parsed.max_tokens or 64
         sampled = bool(parsed.temperature)
         generation = GenerationConfig(method="nucleus" if sampled else "greedy", max_new_tokens=tokens,

@@ -25,7 +25,8 @@ def serve(command: ServeCommand) -> None:
     settings = ServeSettings(
         batch=BatchSettings(command.max_batch_size, command.max_wait_ms, command.max_queue),
         images=ImageLimits(command.max_image_bytes, command.max_image_pixels),
-        timeout_s=command.timeout, device=command.device, precision=command.precision,
+        max_body_bytes=command.max_body_bytes, timeout_s=command.timeout, device=command.device,
+        precision=command.precision,
     )
     app = create_app(models_of(command.checkpoint), settings)
     logging.getLogger("vlp.serve.access").setLevel(logging.INFO)

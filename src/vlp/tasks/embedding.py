@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vlp.abilities import EmbedsImages, EmbedsTexts, GivesImageTokens
 from vlp.config import NonNegativeFloat, PositiveInt, Range
@@ -94,10 +95,13 @@ class EmbeddingPredictor(Predictor):
 
 @dataclass
 class EmbedRequest:
-    """Texts or images (paths, or images decoded by the caller) to embed; one of the two."""
+    """Texts or images (paths, or images decoded by the caller) to embed; or both, with `weights`: one
+    embedding per (image, text) pair, the weighted sum of the two (a combined image-and-text search query)."""
 
     texts: list[str] = option(default_factory=list, help="texts to embed")
     images: list[str] = option(default_factory=list, help="image files to embed", image=True)
+    weights: list[float] = option(default_factory=list, help="with texts and images: the image's weight and the "
+                                  "text's, e.g. 0.5 0.5 (each embedding is normalised, then summed and normalised)")
 
 
 @dataclass
@@ -106,11 +110,30 @@ class EmbedResponse:
 
 
 def embed(functions: Any, request: EmbedRequest) -> EmbedResponse:
-    if bool(request.texts) == bool(request.images):
-        raise BadQuery("give texts or images to embed, one of the two")
+    if request.texts and request.images:
+        return EmbedResponse(_combined(functions, request).tolist())
+    if request.weights:
+        raise BadQuery("weights combine an image with a text: give both images and texts")
+    if not request.texts and not request.images:
+        raise BadQuery("give texts or images to embed (or both, with weights)")
     found = functions.require("embed_images")(request.images) if request.images else \
         functions.require("embed_texts")(request.texts)
     return EmbedResponse(found.tolist())
+
+
+def _combined(functions: Any, request: EmbedRequest) -> torch.Tensor:
+    """[N, E]: normalise(w_image x image_i + w_text x text_i), each embedding normalised first; an image of
+    several vectors (a query transformer's) counts as their mean."""
+    if len(request.weights) != 2:
+        raise BadQuery("with both images and texts, give weights: the image's and the text's (e.g. [0.5, 0.5])")
+    if len(request.images) != len(request.texts):
+        raise BadQuery(f"{len(request.images)} images and {len(request.texts)} texts: give one text per image")
+    images = functions.require("embed_images")(request.images).float()
+    images = images.mean(dim=1) if images.dim() == 3 else images
+    texts = functions.require("embed_texts")(request.texts).float()
+    w_image, w_text = request.weights
+    mixed = w_image * F.normalize(images, dim=-1) + w_text * F.normalize(texts, dim=-1)
+    return F.normalize(mixed, dim=-1)
 
 
 @dataclass
