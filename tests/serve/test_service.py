@@ -203,6 +203,18 @@ def test_readiness_waits_for_the_models_and_metrics_count_requests(models):
     assert "vlp_request_duration_seconds_bucket" in metrics and "vlp_queue_depth" in metrics
 
 
+def _wait_until_ready(url: str) -> None:
+    """Polls /readyz of a server on a port for up to a minute."""
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} was not ready within a minute")
+
+
 @pytest.fixture(scope="module")
 def server(models):
     """The service on a loopback port under uvicorn, for the clients that speak HTTP themselves."""
@@ -213,13 +225,7 @@ def server(models):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    _wait_until_ready(f"http://127.0.0.1:{port}")
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=30)
@@ -257,13 +263,7 @@ def test_sigterm_lets_the_request_in_flight_finish(models, tmp_path, files):
                              str(port), "--max-wait-ms", "1500"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        _wait_until_ready(url)
         with ThreadPoolExecutor(2) as pool:
             # Two requests at once: their call waits 1.5 s for more to join, so both are in flight at SIGTERM.
             pending = [pool.submit(httpx.post, f"{url}/v1/embed", json={"texts": [text]}, timeout=30)
