@@ -244,10 +244,10 @@ def drill(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _throughput(models: dict[str, Path], path: str, bodies: list[Any], clients: int) -> dict[str, Any]:
+def _throughput(models: dict[str, Path], path: str, bodies: list[Any], clients: int, precision: str) -> dict[str, Any]:
     out = {}
     for label, extra in (("batched", ()), ("batch_size_1", ("--max-batch-size", "1"))):
-        server = Server(models, *extra)
+        server = Server(models, "--precision", precision, *extra)
         try:
             run_load(server.url, [(path, b, {}) for b in bodies[: 2 * clients]], clients)
             measured = run_load(server.url, [(path, b, {}) for b in bodies], clients)
@@ -280,7 +280,8 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 '''
 
 
-def _peer_embeddings(python: str | None, hf_folder: Path, bodies: list[Any], clients: int) -> dict[str, Any]:
+def _peer_embeddings(python: str | None, hf_folder: Path, bodies: list[Any], clients: int,
+                     precision: str) -> dict[str, Any]:
     """The same image embeddings from infinity (when `python` has it) or a plain transformers route."""
     import socket
 
@@ -289,7 +290,8 @@ def _peer_embeddings(python: str | None, hf_folder: Path, bodies: list[Any], cli
         port = s.getsockname()[1]
     if python:
         command = [str(Path(python).with_name("infinity_emb")), "v2", "--model-id", str(hf_folder), "--port", str(port),
-                   "--device", "cpu", "--engine", "torch", "--url-prefix", "/v1", "--served-model-name", "clip"]
+                   "--device", "cpu", "--engine", "torch", "--url-prefix", "/v1", "--served-model-name", "clip",
+                   "--dtype", "bfloat16" if precision == "bf16" else "float32"]
         name, health = "infinity", "/health"
     else:
         script = Path(tempfile.mkdtemp()) / "plain.py"
@@ -321,15 +323,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     clip = checkpoint(config, folder)
     blip = checkpoint(ROOT / "configs" / "blip-tiny.yaml", folder)
     images = [b64(png(c, 224)) for c in SEED_IMAGES]
-    report: dict[str, Any] = {"machine": machine(), "clients": args.clients, "requests": args.requests}
+    report: dict[str, Any] = {"machine": machine(), "clients": args.clients, "requests": args.requests,
+                              "precision": args.precision}
     embed = [{"model": "clip", "images": [images[i % 4]]} for i in range(args.requests)]
-    report["clip_image_embedding"] = _throughput({"clip": clip}, "/v1/embed", embed, args.clients)
+    report["clip_image_embedding"] = _throughput({"clip": clip}, "/v1/embed", embed, args.clients, args.precision)
     captions = [{"model": "blip", "images": [images[i % 4]], "generation": {"method": "greedy", "max_new_tokens": 20}}
                 for i in range(args.requests // 2)]
-    report["blip_captioning"] = _throughput({"blip": blip}, "/v1/caption", captions, args.clients)
+    report["blip_captioning"] = _throughput({"blip": blip}, "/v1/caption", captions, args.clients, args.precision)
 
     # One client: the service's p50 against the same call in process.
-    functions = predict_functions(load_pretrained(clip), device="cpu")
+    functions = predict_functions(load_pretrained(clip), device="cpu", precision=args.precision)
     picture = Image.open(io.BytesIO(base64.b64decode(images[0]))).convert("RGB")
     for _ in range(5):
         functions.embed_images([picture])
@@ -338,7 +341,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         functions.embed_images([picture])
         timings.append(time.perf_counter() - start)
-    server = Server({"clip": clip})
+    server = Server({"clip": clip}, "--precision", args.precision)
     try:
         run_load(server.url, [("/v1/embed", embed[0], {})] * 5, 1)
         single = run_load(server.url, [("/v1/embed", embed[0], {})] * 50, 1)
@@ -352,7 +355,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     # /v1/embeddings against a peer serving the same weights.
     hf = export_pretrained(load_pretrained(clip), "hf", folder / "clip-hf", overwrite=True)
     uris = [{"input": [f"data:image/png;base64,{images[i % 4]}"], "modality": "image"} for i in range(args.requests)]
-    server = Server({"clip": clip})
+    server = Server({"clip": clip}, "--precision", args.precision)
     try:
         body = [("/v1/embeddings", {**u, "model": "clip"}, {}) for u in uris]
         run_load(server.url, body[: 2 * args.clients], args.clients)
@@ -361,7 +364,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
     ours = latency_summary(measured["results"], measured["wall_s"])
-    peer = _peer_embeddings(args.infinity, hf, uris, args.clients)
+    peer = _peer_embeddings(args.infinity, hf, uris, args.clients, args.precision)
     theirs = peer.pop("first_embedding")
     report["embeddings_vs_peer"] = {"vlp": ours, "peer": peer,
                                     "ratio": ours["requests_per_s"] / peer["requests_per_s"],
@@ -376,11 +379,14 @@ def main() -> None:
     parser.add_argument("--speed-requests", type=int, default=2000, help="good requests timed per arm (drill)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--infinity", help="a Python where infinity-emb is installed (bench)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both servers compute in this (bench; bf16 only where the CPU has it natively)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.requests = args.requests or (10_000 if args.what == "drill" else 400)
     report = drill(args) if args.what == "drill" else bench(args)
-    out = args.out or HERE / f"results-serving-{args.what}.json"
+    suffix = "-bf16" if args.what == "bench" and args.precision == "bf16" else ""
+    out = args.out or HERE / f"results-serving-{args.what}{suffix}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=1))
     if args.what == "drill" and not report["passed"]:

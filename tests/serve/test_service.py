@@ -128,7 +128,8 @@ def test_concurrent_requests_are_batched_and_answer_as_single_ones(models, files
                                        atol=1e-5, rtol=0)
         elif route == "detect":
             for a, b in zip(together["detections"][0], single["detections"][0], strict=True):
-                assert a["label"] == b["label"] and a["box"] == pytest.approx(b["box"], abs=0.02)
+                # Boxes are rounded to 0.01 px: a last-bit difference may cross a rounding boundary, no more.
+                assert a["label"] == b["label"] and a["box"] == pytest.approx(b["box"], abs=0.0101)
         else:
             assert together == single
     # Calls were joined: the batch-size histogram saw more items than calls.
