@@ -20,7 +20,7 @@ LAYERS = [
     ("vlp.checkpoint",),
     ("vlp.convert", "vlp.evals", "vlp.objectives"),
     ("vlp.tasks",),
-    ("vlp.train",),
+    ("vlp.train", "vlp.index"),
     ("vlp.capfilt", "vlp.demo", "vlp.report", "vlp.serve"),
     ("vlp.cli", "vlp.__main__"),
 ]

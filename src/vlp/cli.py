@@ -258,6 +258,17 @@ def _add_demo(sub: Subparsers) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def _add_index(sub: Subparsers) -> None:
+    from vlp.index.command import COMMANDS
+
+    index = sub.add_parser("index", help="a searchable index of a collection (faiss + SQLite)")
+    commands = index.add_subparsers(dest="what", required=True)
+    for name, (options, run, help) in COMMANDS.items():
+        parser = commands.add_parser(name, help=help)
+        add_flags(parser, options)
+        parser.set_defaults(func=lambda args, options=options, run=run: run(parse_flags(options, args)))
+
+
 def _add_serve(sub: Subparsers) -> None:
     from vlp.serve.command import ServeCommand
 
@@ -270,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     parser.add_argument("--version", action="version", version=f"vlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_tokenizer, _add_train, _add_tasks, _add_convert, _add_lm, _add_capfilt, _add_serve,
-                _add_demo):
+    for add in (_add_data, _add_tokenizer, _add_train, _add_tasks, _add_convert, _add_lm, _add_capfilt, _add_index,
+                _add_serve, _add_demo):
         add(sub)
     _add_everywhere(parser, "-v", "--verbose", action="store_true", help="debug logging")
     _add_everywhere(parser, "--debug", action="store_true", help="show the traceback of an error")
