@@ -155,3 +155,49 @@ def test_the_command_line_builds_and_searches(clip, tmp_path, capsys):
     assert "no column 'nope'" in capsys.readouterr().err
     assert main(["index", "remove", str(out), "--key", "images/000.png"]) == 0
     assert "1 items removed" in capsys.readouterr().out
+
+
+def test_the_service_searches_its_indices_and_serves_their_images(clip, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from vlp.serve import create_app
+
+    collection = _collection(tmp_path, count=20)
+    functions = predict_functions(vlp.load(clip), device="cpu")
+    out = build_index(functions, collection, tmp_path / "index", checkpoint=str(clip), progress=False)
+    offline = CollectionIndex(out).search(query_vector(functions, text="a red circle"), k=5, filters=("shape=circle",))
+    with TestClient(create_app({"clip": str(clip)}, indices={"shapes": str(out)})) as client:
+        for _ in range(600):
+            if client.get("/readyz").status_code == 200:
+                break
+        found = client.post("/v1/search", json={"text": "a red circle", "k": 5, "filter": ["shape=circle"]}).json()
+        assert [r["id"] for r in found["results"]] == [h.id for h in offline]
+        assert all(r["shape"] == "circle" for r in found["results"])
+        image = client.get(f"/v1/indices/shapes/items/{found['results'][0]['id']}/image")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert client.get("/v1/indices").json()["shapes"]["model"] == "clip"
+        bad = client.post("/v1/search", json={"text": "x", "filter": ["nope=1"]})
+        assert bad.status_code == 400 and "no column 'nope'" in bad.json()["error"]["message"]
+        assert client.post("/v1/search", json={"index": "other", "text": "x"}).status_code == 404
+        assert client.get("/v1/indices/shapes/items/999/image").status_code == 404
+
+
+def test_a_build_on_two_processes_equals_one_on_one(clip, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    collection = _collection(tmp_path, count=30, bad=(7,))
+    args = ["index", "build", "--checkpoint", str(clip), "--images", str(collection), "--part-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "vlp", *args, "--out", str(tmp_path / "one")], check=False, env=env,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "vlp", *args, "--out", str(tmp_path / "two")], check=False, env=env,
+                         capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = CollectionIndex(tmp_path / "one"), CollectionIndex(tmp_path / "two")
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(np.asarray(a.vectors), np.asarray(b.vectors))
+    assert a.manifest["bad_images"] == b.manifest["bad_images"] == 1
+    assert a.metadata.rows(a.ids.tolist()) == b.metadata.rows(b.ids.tolist())

@@ -3,7 +3,9 @@
 A collection is a folder of images (searched recursively), a CSV (`filepath`, `title` and any other
 columns, which become metadata) or a COCO captions JSON. Images are embedded in parts of `part_size`;
 each finished part is kept in `parts/`, so a killed build, run again, embeds only what is missing and ends
-with the same index. Images that cannot be read are skipped, counted and named in the manifest.
+with the same index. Under `torchrun` each process embeds every world-size-th part and process 0 merges
+them: the same parts, so the same index as one process builds. Images that cannot be read are skipped,
+counted and named in the manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from vlp.data.sources import IMAGE_EXTENSIONS, DataError, detect_format, load_image, read_coco_captions, resolve_image
+from vlp.distributed import barrier, rank, world_size
 from vlp.errors import BadQuery
 from vlp.index import MANIFEST, CollectionIndex, save_vectors
 from vlp.index.store import Item, Metadata
@@ -80,13 +83,15 @@ def _embed_part(embed_images: Callable[[list[Any]], torch.Tensor], items: Sequen
 
 def embed_collection(embed_images: Callable[[list[Any]], torch.Tensor], items: Sequence[Item], parts: Path,
                      *, first_id: int = 0, part_size: int = 256, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Vectors and ids of the readable items, embedded part by part; finished parts in `parts` are reused."""
+    """Vectors and ids of the readable items, embedded part by part; finished parts in `parts` are reused.
+    Each process of a distributed run embeds its share of the parts; all return the whole (after a barrier)."""
     parts.mkdir(parents=True, exist_ok=True)
     count = (len(items) + part_size - 1) // part_size
-    vectors, ids, bad = [], [], []
+    mine = {number for number in range(count) if number % world_size() == rank()}
     start_time, done = time.perf_counter(), 0
-    with tqdm(total=len(items), unit="image", disable=not progress, desc="embedding") as bar:
-        for number in range(count):
+    share = sum(len(items[n * part_size : (n + 1) * part_size]) for n in mine)
+    with tqdm(total=share, unit="image", disable=not progress or rank() != 0, desc="embedding") as bar:
+        for number in sorted(mine):
             chunk = items[number * part_size : (number + 1) * part_size]
             path = parts / f"part-{number:05d}.npz"
             if not path.is_file():
@@ -95,14 +100,17 @@ def embed_collection(embed_images: Callable[[list[Any]], torch.Tensor], items: S
                     np.savez(handle, vectors=part_vectors, kept=np.array(kept, dtype=np.int64),
                              bad=np.array(json.dumps(part_bad)))
                 done += len(chunk)
-            stored = np.load(path)
-            if len(stored["kept"]):
-                vectors.append(stored["vectors"])
-                ids.append(first_id + number * part_size + stored["kept"])
-            bad += json.loads(str(stored["bad"]))
             bar.update(len(chunk))
             elapsed = time.perf_counter() - start_time
             bar.set_postfix(images_s=f"{done / elapsed:.1f}" if elapsed > 0 else "-")
+    barrier()
+    vectors, ids, bad = [], [], []
+    for number in range(count):
+        stored = np.load(parts / f"part-{number:05d}.npz")
+        if len(stored["kept"]):
+            vectors.append(stored["vectors"])
+            ids.append(first_id + number * part_size + stored["kept"])
+        bad += json.loads(str(stored["bad"]))
     if not vectors:
         raise DataError(f"none of the {len(items)} images could be read (first: {bad[0] if bad else 'none'})")
     return np.concatenate(vectors).astype(np.float32), np.concatenate(ids).astype(np.int64), bad
@@ -119,6 +127,9 @@ def build_index(functions: Any, collection: str | Path, out: str | Path, *, chec
         raise DataError(f"{collection}: no images")
     embed_images = functions.require("embed_images")
     vectors, ids, bad = embed_collection(embed_images, items, out / "parts", part_size=part_size, progress=progress)
+    if rank() != 0:  # process 0 writes the index
+        barrier()
+        return out
     index, settings = build_faiss(vectors, ids, index_type)
     store_path = out / "metadata.sqlite"
     store_path.unlink(missing_ok=True)  # a build killed while writing it: it is made again from the items
@@ -129,6 +140,7 @@ def build_index(functions: Any, collection: str | Path, out: str | Path, *, chec
     shutil.rmtree(out / "parts")
     if bad:
         log.warning("%d of %d images could not be read and were skipped (first: %s)", len(bad), len(items), bad[0])
+    barrier()
     return out
 
 

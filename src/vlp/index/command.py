@@ -63,19 +63,23 @@ class SearchCommand:
     json: bool = option(False, help="print the results as JSON")
 
 
-def _functions(checkpoint: str, precision: str) -> Any:
+def _functions(checkpoint: str, precision: str, batch_size: int | None = None) -> Any:
     from vlp.convert import load_pretrained
     from vlp.tasks import predict_functions
 
-    return predict_functions(load_pretrained(checkpoint), precision=precision, progress=False)
+    return predict_functions(load_pretrained(checkpoint), precision=precision, batch_size=batch_size, progress=False)
 
 
 def run_build(command: BuildCommand) -> None:
+    from vlp.distributed import process_group, rank
     from vlp.index.build import build_index
 
-    functions = _functions(command.checkpoint, command.precision)
-    out = build_index(functions, command.images, command.out, checkpoint=command.checkpoint,
-                      images_dir=command.images_dir, part_size=command.part_size, index_type=command.index_type)
+    with process_group():  # under torchrun, each process embeds its share
+        functions = _functions(command.checkpoint, command.precision, command.batch_size)
+        out = build_index(functions, command.images, command.out, checkpoint=command.checkpoint,
+                          images_dir=command.images_dir, part_size=command.part_size, index_type=command.index_type)
+        if rank() != 0:
+            return
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"index of {manifest['count']} images written to {out} ({manifest['index']['type']}, recall@10 "
           f"{manifest['index']['recall_at_10']:.3f}; {manifest['bad_images']} unreadable images skipped)")

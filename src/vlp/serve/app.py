@@ -33,6 +33,7 @@ from vlp.errors import USER_ERRORS, BadQuery
 from vlp.serve.batching import DeadlineExceeded, QueueFull
 from vlp.serve.images import ImageLimits, PayloadTooLarge, decode_image
 from vlp.serve.openai import add_openai_routes
+from vlp.serve.search import add_search_routes
 from vlp.serve.service import (
     ServedModel,
     ServeSettings,
@@ -116,13 +117,13 @@ def _task_route(app: FastAPI, service: Service, task: Task) -> None:
 
 
 def create_app(models: Mapping[str, str | Path | Pretrained], settings: ServeSettings | None = None, *,
-               load: bool = True) -> FastAPI:
-    """The service for `models` (name -> checkpoint folder or a loaded `Pretrained`). The models load in a
-    background thread when the app starts (`/readyz` answers 503 until then); `load=False` leaves loading
-    to the caller (`app.state.service.load()`)."""
+               indices: Mapping[str, str | Path] | None = None, load: bool = True) -> FastAPI:
+    """The service for `models` (name -> checkpoint folder or a loaded `Pretrained`) and `indices` (name ->
+    `vlp index` folder). They load in a background thread when the app starts (`/readyz` answers 503 until
+    then); `load=False` leaves loading to the caller (`app.state.service.load()`)."""
     from contextlib import asynccontextmanager
 
-    service = Service(models, settings or ServeSettings())
+    service = Service(models, settings or ServeSettings(), indices)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -143,6 +144,7 @@ def create_app(models: Mapping[str, str | Path | Pretrained], settings: ServeSet
 
     service.on_ready.append(add_task_routes)
     add_openai_routes(app, service)
+    add_search_routes(app, service)
     _add_operations(app, service)
     return app
 

@@ -14,8 +14,10 @@ from vlp.flags import option
 
 @dataclass
 class ServeCommand:
-    checkpoint: list[str] = option(repeat=True, help="NAME=DIR: a model to serve under NAME (repeatable; a bare DIR "
+    checkpoint: list[str] = option(default_factory=list, repeat=True, help="NAME=DIR: a model to serve under NAME (repeatable; a bare DIR "
                                    "is named after its folder)")
+    index: list[str] = option(default_factory=list, repeat=True, help="NAME=DIR: a `vlp index` folder to search "
+                              "(repeatable; its checkpoint is loaded when no --checkpoint is)")
     host: str = option("127.0.0.1", help="address to listen on")
     port: int = option(8000, help="port to listen on")
     max_batch_size: PositiveInt = option(32, help="items joined into one model call")
@@ -30,14 +32,14 @@ class ServeCommand:
                                                          "hardware has it")
 
 
-def models_of(specs: list[str]) -> dict[str, str]:
+def models_of(specs: list[str], flag: str = "--checkpoint") -> dict[str, str]:
     """NAME=DIR (or DIR) specs -> {name: folder}; a name given twice is an error."""
     models: dict[str, str] = {}
     for spec in specs:
         name, _, folder = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
         if not name or not folder:
-            raise ConfigError(f"--checkpoint {spec!r}: expected NAME=DIR")
+            raise ConfigError(f"{flag} {spec!r}: expected NAME=DIR")
         if name in models:
-            raise ConfigError(f"--checkpoint: two models named {name!r}")
+            raise ConfigError(f"{flag}: two named {name!r}")
         models[name] = folder
     return models

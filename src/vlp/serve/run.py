@@ -8,6 +8,7 @@ from typing import Any
 
 import uvicorn
 
+from vlp.errors import ConfigError
 from vlp.serve.app import create_app
 from vlp.serve.batching import BatchSettings
 from vlp.serve.command import ServeCommand, models_of
@@ -28,7 +29,9 @@ def serve(command: ServeCommand) -> None:
         max_body_bytes=command.max_body_bytes, timeout_s=command.timeout, device=command.device,
         precision=command.precision,
     )
-    app = create_app(models_of(command.checkpoint), settings)
+    if not command.checkpoint and not command.index:
+        raise ConfigError("vlp serve needs a model (--checkpoint NAME=DIR) or an index (--index NAME=DIR)")
+    app = create_app(models_of(command.checkpoint), settings, indices=models_of(command.index, "--index"))
     logging.getLogger("vlp.serve.access").setLevel(logging.INFO)
     server = DrainingServer(uvicorn.Config(app, host=command.host, port=command.port, log_level="info",
                                            access_log=False, timeout_graceful_shutdown=command.timeout))

@@ -62,10 +62,13 @@ class ServedModel:
 class Service:
     """The models of an app and its state: loading, ready, draining (after SIGTERM: new requests get 503)."""
 
-    def __init__(self, sources: Mapping[str, str | Path | Pretrained], settings: ServeSettings):
+    def __init__(self, sources: Mapping[str, str | Path | Pretrained], settings: ServeSettings,
+                 indices: Mapping[str, str | Path] | None = None):
         self.sources, self.settings = dict(sources), settings
+        self.index_folders = dict(indices or {})
         self.metrics = ServiceMetrics()
         self.models: dict[str, ServedModel] = {}
+        self.indices: dict[str, tuple[Any, ServedModel]] = {}  # name -> (CollectionIndex, the model embedding queries)
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.draining = False
@@ -79,12 +82,30 @@ class Service:
                 pretrained = source if isinstance(source, Pretrained) else load_pretrained(source)
                 self.models[name] = ServedModel(name, pretrained, self.settings, self.metrics)
                 log.info("model %s loaded (%s) from %s", name, pretrained.family.name, pretrained.path)
+            for name, folder in self.index_folders.items():
+                self._open_index(name, folder)
             for callback in self.on_ready:
                 callback()
             self.ready.set()
         except USER_ERRORS as err:
             self.load_error = str(err)
             log.error("cannot load the models: %s", err)
+
+    def _open_index(self, name: str, folder: str | Path) -> None:
+        """An index and the model that embeds its queries: the loaded model of its checkpoint, else that
+        checkpoint loaded under the index's name."""
+        from vlp.convert import load_pretrained
+        from vlp.index import CollectionIndex
+
+        index = CollectionIndex(folder)
+        checkpoint = Path(index.manifest["checkpoint"]).resolve()
+        model = next((m for m in self.models.values() if Path(m.pretrained.path).resolve() == checkpoint), None)
+        if model is None:
+            if name in self.models:
+                raise BadQuery(f"index {name}: its checkpoint {checkpoint} is not loaded, and a model is named {name!r}")
+            model = self.models[name] = ServedModel(name, load_pretrained(checkpoint), self.settings, self.metrics)
+        self.indices[name] = (index, model)
+        log.info("index %s opened: %d items, embedded by model %s", name, index.manifest["count"], model.name)
 
     def model_for(self, task: Task, name: str | None) -> ServedModel:
         """The model a request names, or the only one that can do `task`."""
