@@ -3,15 +3,12 @@ upload that is captioned and gets boxes drawn, and a bad upload, checked as a pe
 error is allowed, and a screenshot is kept in test-artifacts/."""
 
 import shutil
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from servers import running
 from tiny_models import CONFIGS, random_pretrained
 from vlp.index.build import build_index
 from vlp.serve import create_app
@@ -37,8 +34,6 @@ def _chrome():
 def site(tmp_path_factory):
     """Tiny random models (a dual encoder, a captioner, a detector) and an index of a few images, served on a
     loopback port."""
-    import uvicorn
-
     folder = tmp_path_factory.mktemp("page")
     models = {}
     for stem, name in (("clip-tiny", "clip"), ("blip-tiny", "blip"), ("owlvit-tiny", "owlvit")):
@@ -54,22 +49,8 @@ def site(tmp_path_factory):
                            model=models["clip"].model, assets=models["clip"].assets)
     index = build_index(predict_functions(models["clip"], device="cpu"), folder / "images", folder / "index",
                         checkpoint=str(clip), progress=False)
-    app = create_app({**models, "clip": str(clip)}, indices={"shapes": str(index)})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    yield url, folder
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running(create_app({**models, "clip": str(clip)}, indices={"shapes": str(index)})) as url:
+        yield url, folder
 
 
 def _wait(driver, condition, timeout=60):

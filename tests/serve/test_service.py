@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import free_port
+from servers import running, wait_until_ready
 from tiny_models import CONFIGS, random_pretrained
 from vlp.config import read_mapping
 from vlp.registry import parse_model_config
@@ -204,32 +204,11 @@ def test_readiness_waits_for_the_models_and_metrics_count_requests(models):
     assert "vlp_request_duration_seconds_bucket" in metrics and "vlp_queue_depth" in metrics
 
 
-def _wait_until_ready(url: str) -> None:
-    """Polls /readyz of a server on a port for up to a minute."""
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} was not ready within a minute")
-
-
 @pytest.fixture(scope="module")
 def server(models):
     """The service on a loopback port under uvicorn, for the clients that speak HTTP themselves."""
-    import uvicorn
-
-    app = create_app({"clip": models["clip"], "instructblip": models["instructblip"]})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    _wait_until_ready(f"http://127.0.0.1:{port}")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running(create_app({"clip": models["clip"], "instructblip": models["instructblip"]})) as url:
+        yield url
 
 
 def test_the_openai_client_embeds_and_chats_streaming_included(server, files):
@@ -264,7 +243,7 @@ def test_sigterm_lets_the_request_in_flight_finish(models, tmp_path, files):
                              str(port), "--max-wait-ms", "1500"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_ready(url)
+        wait_until_ready(url)
         with ThreadPoolExecutor(2) as pool:
             # Two requests at once: their call waits 1.5 s for more to join, so both are in flight at SIGTERM.
             pending = [pool.submit(httpx.post, f"{url}/v1/embed", json={"texts": [text]}, timeout=30)
