@@ -134,7 +134,9 @@ def build_index(functions: Any, collection: str | Path, out: str | Path, *, chec
     store_path = out / "metadata.sqlite"
     store_path.unlink(missing_ok=True)  # a build killed while writing it: it is made again from the items
     Metadata.create(store_path, [items[i] for i in ids], ids.tolist()).close()
-    manifest = {"checkpoint": checkpoint, "collection": str(collection), "count": len(ids), "dim": int(vectors.shape[1]),
+    # Absolute: the index is searched (and served) from anywhere.
+    where = Path(checkpoint)
+    manifest = {"checkpoint": str(where.resolve()) if where.exists() else checkpoint, "collection": str(collection), "count": len(ids), "dim": int(vectors.shape[1]),
                 "index": settings, "bad_images": len(bad), "bad_examples": bad[:20]}
     save_vectors(out, vectors, ids, index, manifest)
     shutil.rmtree(out / "parts")

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from vlp.checkpoint import Pretrained
-from vlp.errors import USER_ERRORS, BadQuery, UnsupportedTask
+from vlp.errors import USER_ERRORS, BadQuery, CheckpointError, UnsupportedTask
 from vlp.serve.batching import BatchSettings, ModelQueue, QueuedFunctions
 from vlp.serve.images import ImageLimits, PayloadTooLarge
 from vlp.serve.metrics import ServiceMetrics
@@ -98,8 +98,8 @@ class Service:
         from vlp.index import CollectionIndex
 
         index = CollectionIndex(folder)
-        checkpoint = Path(index.manifest["checkpoint"]).resolve()
-        model = next((m for m in self.models.values() if Path(m.pretrained.path).resolve() == checkpoint), None)
+        checkpoint = _weights_folder(index.manifest["checkpoint"])
+        model = next((m for m in self.models.values() if _weights_folder(m.pretrained.path) == checkpoint), None)
         if model is None:
             if name in self.models:
                 raise BadQuery(f"index {name}: its checkpoint {checkpoint} is not loaded, and a model is named {name!r}")
@@ -125,6 +125,16 @@ class Service:
     def close(self) -> None:
         for model in self.models.values():
             model.queue.close()
+
+
+def _weights_folder(path: str | Path) -> Path:
+    """Where a checkpoint's weights are: a run folder names its latest checkpoint (so that the two match)."""
+    from vlp.checkpoint import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path).resolve()
+    except CheckpointError:  # another library's folder
+        return Path(path).resolve()
 
 
 class UnknownModel(BadQuery):
