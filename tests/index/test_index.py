@@ -201,3 +201,23 @@ def test_a_build_on_two_processes_equals_one_on_one(clip, tmp_path):
     assert np.array_equal(a.ids, b.ids) and np.array_equal(np.asarray(a.vectors), np.asarray(b.vectors))
     assert a.manifest["bad_images"] == b.manifest["bad_images"] == 1
     assert a.metadata.rows(a.ids.tolist()) == b.metadata.rows(b.ids.tolist())
+
+
+def test_webdataset_shards_are_a_collection_too(clip, shapes_world, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from vlp.serve import create_app
+
+    shards = str(shapes_world / "shards" / "web-{000000..000003}.tar")
+    functions = predict_functions(vlp.load(clip), device="cpu")
+    out = build_index(functions, shards, tmp_path / "index", checkpoint=str(clip), progress=False)
+    index = CollectionIndex(out)
+    assert index.manifest["count"] == 100
+    hit = index.search(query_vector(functions, text="a red circle"), k=1)[0]
+    assert "#" in hit.item["path"] and hit.item["caption"]
+    with TestClient(create_app({"clip": str(clip)}, indices={"web": str(out)})) as client:
+        for _ in range(600):
+            if client.get("/readyz").status_code == 200:
+                break
+        image = client.get(f"/v1/indices/web/items/{hit.id}/image")
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")

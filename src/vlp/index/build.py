@@ -1,7 +1,9 @@
 """Building an index of a collection, adding to it and removing from it (`vlp index build | add | remove`).
 
 A collection is a folder of images (searched recursively), a CSV (`filepath`, `title` and any other
-columns, which become metadata) or a COCO captions JSON. Images are embedded in parts of `part_size`;
+columns, which become metadata), a COCO captions JSON, or WebDataset shards ("a-{000..009}.tar"; an item
+is a sample's image, its `txt` the caption and its `json`'s plain fields the metadata; its path is
+`shard.tar#member`). Images are embedded in parts of `part_size`;
 each finished part is kept in `parts/`, so a killed build, run again, embeds only what is missing and ends
 with the same index. Under `torchrun` each process embeds every world-size-th part and process 0 merges
 them: the same parts, so the same index as one process builds. Images that cannot be read are skipped,
@@ -15,6 +17,7 @@ import io
 import json
 import logging
 import shutil
+import tarfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,9 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from vlp.data.sources import IMAGE_EXTENSIONS, DataError, detect_format, load_image, read_coco_captions, resolve_image
+from vlp.data.pipeline import expand_shards
+from vlp.data.sources import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    as_rgb,
+    detect_format,
+    load_image,
+    read_coco_captions,
+    resolve_image,
+)
 from vlp.distributed import barrier, rank, world_size
 from vlp.errors import BadQuery
 from vlp.index import MANIFEST, CollectionIndex, save_vectors
@@ -36,13 +49,15 @@ log = logging.getLogger("vlp.index")
 
 
 def read_collection(spec: str | Path, images_dir: str | Path | None = None) -> list[Item]:
-    """The items of a folder of images, a CSV or a COCO captions JSON, in a fixed order."""
+    """The items of a folder of images, a CSV, a COCO captions JSON or WebDataset shards, in a fixed order."""
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
         return [Item(str(p.resolve()), key=str(p.relative_to(path))) for p in files]
+    if detect_format(str(spec)) == "webdataset":
+        return [item for shard in expand_shards(str(spec)) for item in _shard_items(Path(shard))]
     if not path.is_file():
-        raise DataError(f"collection not found: {path} (a folder of images, a CSV or a COCO captions JSON)")
+        raise DataError(f"collection not found: {path} (a folder of images, a CSV, a COCO captions JSON or shards)")
     if detect_format(str(path)) == "coco":
         return [Item(str(entry.path.resolve()), entry.captions[0] if entry.captions else "", str(entry.path.name))
                 for entry in read_coco_captions(path, images_dir=images_dir)]
@@ -64,13 +79,54 @@ def read_collection(spec: str | Path, images_dir: str | Path | None = None) -> l
     return items
 
 
+def _shard_items(shard: Path) -> list[Item]:
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and "." in Path(member.name).name:
+                    key, extension = member.name.split(".", 1)
+                    members.setdefault(key, {})[extension.lower()] = member
+            items = []
+            for key, files in members.items():
+                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                if image is None:
+                    continue
+                caption = tar.extractfile(files["txt"]).read().decode("utf-8", "replace").strip() if "txt" in files else ""
+                extra: dict[str, str] = {}
+                if "json" in files:
+                    try:
+                        data = json.loads(tar.extractfile(files["json"]).read())
+                        extra = {k: str(v) for k, v in data.items() if isinstance(v, str | int | float) and k.isidentifier()}
+                    except (json.JSONDecodeError, AttributeError):
+                        pass
+                items.append(Item(f"{shard.resolve()}#{image.name}", caption, f"{shard.name}/{key}", extra))
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"{shard} is not a readable WebDataset shard: {err}") from err
+    return items
+
+
+def load_item_image(path: str) -> Image.Image:
+    """An item's image: a file, or a member of a WebDataset shard (`shard.tar#member`)."""
+    shard, _, member = path.partition("#")
+    if not member or not shard.endswith(".tar"):
+        return load_image(Path(path))
+    try:
+        with tarfile.open(shard) as tar:
+            data = tar.extractfile(member).read()
+        with Image.open(io.BytesIO(data)) as image:
+            return as_rgb(image)
+    except (tarfile.TarError, OSError, KeyError, AttributeError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}", cause="unreadable_image") from err
+
+
 def _embed_part(embed_images: Callable[[list[Any]], torch.Tensor], items: Sequence[Item]
                 ) -> tuple[np.ndarray, list[int], list[str]]:
     """The embeddings of a part's readable images, their positions in the part, and the unreadable ones."""
     images, kept, bad = [], [], []
     for position, item in enumerate(items):
         try:
-            images.append(load_image(Path(item.path)))
+            images.append(load_item_image(item.path))
             kept.append(position)
         except DataError as err:
             bad.append(str(err))

@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -85,9 +86,16 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
         return {name: {**index.manifest, "model": model.name} for name, (index, model) in service.indices.items()}
 
     @app.get("/v1/indices/{name}/items/{item}/image")
-    def item_image(name: str, item: int) -> FileResponse:
+    def item_image(name: str, item: int) -> Response:
         _, index, _ = index_named(name)
         rows = index.metadata.rows([item])
         if item not in rows or rows[item]["removed"]:
             raise UnknownModel(f"index {name!r} has no item {item}")
-        return FileResponse(rows[item]["path"])
+        path = rows[item]["path"]
+        if "#" not in path:
+            return FileResponse(path)
+        from vlp.index.build import load_item_image  # a shard's member, sent as PNG
+
+        out = io.BytesIO()
+        load_item_image(path).save(out, "PNG")
+        return Response(out.getvalue(), media_type="image/png")
