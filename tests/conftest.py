@@ -59,6 +59,30 @@ def tiny_run_overrides(data: str, steps: int, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# The demo's image tower at 48 px: enough to learn shape, not only colour. Zero-shot shape acc1 after 300 steps,
+# fp32, 2 cores: 0.93 at batch 128 (200 s), 0.85 at batch 96 (150 s); 0.64 after 200 steps at 128.
+CONVNET_48 = {
+    "model.vision": "{kind: convnet, image_size: 48, channels: [32, 64, 128, 128]}",
+    "image.size": 48,
+    "train.batch_size": 96,
+    "train.lr": 1e-3,
+}
+CLIP_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def trained_clip(shapes_world, tmp_path_factory):
+    """A tiny CLIP trained 300 steps on the shapes world (~100 s), shared by the training test that checks it
+    learned and the search tests; their tests carry the xdist group `trained_clip`, so one worker trains it."""
+    from vlp.train.config import load_run_config
+    from vlp.train.loop import train
+
+    run = tmp_path_factory.mktemp("trained-clip") / "clip"
+    train(load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=CLIP_STEPS, **CONVNET_48)),
+          run)
+    return run
+
+
 BLIP_TINY = {
     "model.family": "blip",
     "model.embed_dim": 64,

@@ -12,8 +12,10 @@ def test_demo_writes_a_report_with_tables_and_plots(shapes_world, tmp_path):
     for heading in ("Zero-shot classification: shape", "held-out colour-shape pairs", "Retrieval, test split"):
         assert heading in text
     assert "| clip |" in text and "| siglip |" in text
-    for image in ("curves.png", "recall_at_k.png", "retrieval_grid.png"):
+    for image in ("curves.png", "recall_at_k.png", "retrieval_grid.png", "page.png"):
         assert (tmp_path / "demo" / image).stat().st_size > 1000
+    assert "Searching the test images" in text and "![the page](page.png)" in text
+    assert (tmp_path / "demo" / "index" / "manifest.json").is_file()
     again = run_demo(out=tmp_path / "demo", data=shapes_world, configs=Path("configs"),
                      overrides=overrides)  # a re-run reuses the finished runs
     assert again == report

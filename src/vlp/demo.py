@@ -1,4 +1,6 @@
-"""`make demo`: make the shapes world, train a tiny CLIP and a tiny SigLIP, evaluate, write a report."""
+"""`make demo`: make the shapes world, train a tiny CLIP and a tiny SigLIP, evaluate, index the test images
+for search, write a report (with a screenshot of the service's page answering a search), and say how to
+open that page."""
 
 from __future__ import annotations
 
@@ -59,10 +61,40 @@ def run_demo(*, out: Path, data: Path, configs: Path, overrides: list[str] = ())
             print(f"[{name}] {result.table()}")
         results[name] = {key: result.to_dict() for key, result in evaluated.items()}
     write_text(out / "results.json", json.dumps(results, indent=1))
-    return write_report(out, data, runs, results)
+    search = index_and_page(out, data, runs["clip"])
+    report = write_report(out, data, runs, results, search)
+    models = " ".join(f"--checkpoint {name}={run}" for name, run in runs.items())
+    print(f"to search the test images and try the models in a browser: vlp serve {models} --index "
+          f"test={out / 'index'}  (then open http://127.0.0.1:8000/)")
+    return report
 
 
-def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str, dict[str, dict]]) -> Path:
+SEARCH_QUERY = "a red circle"
+
+
+def index_and_page(out: Path, data: Path, clip: Path) -> dict[str, object]:
+    """An index of the test images by the CLIP (kept: a re-run reuses it) and, where Chromium is installed, a
+    screenshot of the service's page answering a text search."""
+    from vlp.index import CollectionIndex
+    from vlp.index.build import build_index
+    from vlp.report import page_screenshot
+    from vlp.serve import create_app
+    from vlp.serve.run import in_background
+
+    index = out / "index"
+    if not (index / "manifest.json").is_file():
+        build_index(predict_functions(load_pretrained(clip)), data / "captions_test.json", index, checkpoint=str(clip),
+                    progress=False)
+    manifest = CollectionIndex(index).manifest
+    with in_background(create_app({"clip": str(clip)}, indices={"test": str(index)})) as url:
+        shot = page_screenshot(url, SEARCH_QUERY, out / "page.png")
+    if not shot:
+        log.warning("no screenshot of the page: Debian's chromium and chromium-driver (and selenium) are needed")
+    return {"count": manifest["count"], "index": manifest["index"]["type"], "screenshot": shot}
+
+
+def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str, dict[str, dict]],
+                 search: dict[str, object] | None = None) -> Path:
     plot_curves(runs, out / "curves.png")
     plot_recall(results, "retrieval_test", out / "recall_at_k.png")
     all_items = read_captions(str(data / "captions_test.json"))
@@ -106,6 +138,12 @@ def write_report(out: Path, data: Path, runs: dict[str, Path], results: dict[str
         "## Test images and the CLIP model's top-3 captions (✓ = written for this image)",
         "![retrieval grid](retrieval_grid.png)",
     ]
+    if search:
+        sections += ["## Searching the test images",
+                     (f"The CLIP's index of the {search['count']} test images ({search['index']}, `vlp index`), "
+                     f"searched through `vlp serve`'s page for \"{SEARCH_QUERY}\":")]
+        sections.append("![the page](page.png)" if search["screenshot"] else
+                        "(no screenshot: Debian's chromium and chromium-driver are not installed)")
     report = out / "report.md"
     write_text(report, "\n\n".join(sections) + "\n")
     return report

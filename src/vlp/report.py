@@ -119,3 +119,37 @@ def mean_range(values: list[float]) -> str:
     if len(values) == 1:
         return f"{mean:.3f}"
     return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def page_screenshot(url: str, query: str, path: Path, results: int = 12) -> bool:
+    """The service's page at `url` answering a text search, as headless Chromium shows it, saved to `path`;
+    False (and nothing written) where Debian's chromium and chromedriver, or selenium, are not installed."""
+    import shutil
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        return False
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return False
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        driver.get(url)
+        WebDriverWait(driver, 60).until(lambda d: "models:" in d.find_element(By.ID, "status").text)
+        driver.find_element(By.ID, "k").clear()
+        driver.find_element(By.ID, "k").send_keys(str(results))
+        driver.find_element(By.ID, "query").send_keys(query)
+        driver.find_element(By.ID, "search").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(path))
+    finally:
+        driver.quit()
+    return True
+

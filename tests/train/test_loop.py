@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import TINY_VIT, tiny_run_overrides
+from conftest import CLIP_STEPS, CONVNET_48, TINY_VIT, tiny_run_overrides
 from vlp.assets import IMAGE, Assets
 from vlp.checkpoint import (
     CheckpointError,
@@ -47,19 +47,10 @@ SIGLIP = {
     "tokenizer.bos_token": "null",
     "tokenizer.pad_token": "<end_of_text>",
 }
-# The CLIP variant is the demo's image tower at 48 px: enough to learn shape, not only colour. Zero-shot shape
-# acc1 after 300 steps, fp32, 2 cores: 0.93 at batch 128 (200 s), 0.85 at batch 96 (150 s); 0.64 after 200
-# steps at 128.
-CONVNET_48 = {
-    "model.vision": "{kind: convnet, image_size: 48, channels: [32, 64, 128, 128]}",
-    "image.size": 48,
-    "train.batch_size": 96,
-    "train.lr": 1e-3,
-}
 VARIANTS = {"clip": CONVNET_48, "siglip": SIGLIP, "clip-vit": {"model.vision": TINY_VIT}}
 # Colour + shape zero-shot acc1 measured (bar 0.15): the tiny ViT 0.27 after 150 steps; SigLIP 0.10 after 150,
 # so it keeps 300.
-STEPS = {"clip": 300, "siglip": 300, "clip-vit": 150}
+STEPS = {"clip": CLIP_STEPS, "siglip": 300, "clip-vit": 150}
 
 
 def zeroshot_acc(functions, world, task):
@@ -68,12 +59,17 @@ def zeroshot_acc(functions, world, task):
     return evaluate_zeroshot(functions, config).metrics["acc1"]
 
 
+@pytest.mark.xdist_group("trained_clip")  # the CLIP run is the session's `trained_clip`, shared with search tests
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_training_learns_zero_shot_classification(shapes_world, tmp_path, variant):
+def test_training_learns_zero_shot_classification(shapes_world, tmp_path, variant, request):
     steps = STEPS[variant]
     cfg = load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=steps, **VARIANTS[variant]))
-    run = tmp_path / variant
-    last = train(cfg, run)
+    if variant == "clip":
+        run = request.getfixturevalue("trained_clip")
+        last = list_checkpoints(run)[-1]
+    else:
+        run = tmp_path / variant
+        last = train(cfg, run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == steps
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]

@@ -3,7 +3,12 @@ flight finish before the process ends."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -36,3 +41,36 @@ def serve(command: ServeCommand) -> None:
     server = DrainingServer(uvicorn.Config(app, host=command.host, port=command.port, log_level="info",
                                            access_log=False, timeout_graceful_shutdown=command.timeout))
     server.run()
+
+
+@contextlib.contextmanager
+def in_background(app: Any, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """`app` under uvicorn in a thread of this process until the block ends; yields its URL once it is ready
+    (for a page's screenshot, and tests with clients that speak HTTP themselves)."""
+    import httpx
+
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="vlp-serve", daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    try:
+        for _ in range(3000):  # a minute for the port and the models
+            try:
+                if thread.is_alive() and httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if not thread.is_alive():
+                raise RuntimeError(f"the service did not start on {url}")
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"the service on {url} was not ready within a minute")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
