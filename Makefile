@@ -32,9 +32,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks experiments
 
-# One pytest-xdist worker per core; tests/conftest.py gives each worker its share of the threads. Tests of one
-# xdist group run on one worker, so that a session fixture they share (a trained model) is made once.
-XDIST := -n logical --dist loadgroup
+# One pytest-xdist worker per core; tests/conftest.py gives each worker its share of the threads.
+XDIST := -n logical
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST)

@@ -73,13 +73,24 @@ CLIP_STEPS = 300
 @pytest.fixture(scope="session")
 def trained_clip(shapes_world, tmp_path_factory):
     """A tiny CLIP trained 300 steps on the shapes world (~100 s), shared by the training test that checks it
-    learned and the search tests; their tests carry the xdist group `trained_clip`, so one worker trains it."""
+    learned and the search tests. Trained once for the whole run: under pytest-xdist the first worker to ask
+    trains it in the run's shared temporary folder, under a lock, and the others wait for it and read it."""
+    import fcntl
+
+    from vlp.checkpoint import list_checkpoints
     from vlp.train.config import load_run_config
     from vlp.train.loop import train
 
-    run = tmp_path_factory.mktemp("trained-clip") / "clip"
-    train(load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=CLIP_STEPS, **CONVNET_48)),
-          run)
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    run = shared / "trained-clip" / "clip"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not list_checkpoints(run):
+            # The world is the same on every worker (same seed and sizes): any worker's copy trains it.
+            train(load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=CLIP_STEPS,
+                                                           **CONVNET_48)), run)
     return run
 
 

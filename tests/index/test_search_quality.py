@@ -16,8 +16,6 @@ from vlp.serve import create_app
 from vlp.tasks import predict_functions
 from vlp.tasks.retrieval import RetrievalEvalConfig, evaluate_retrieval
 
-pytestmark = pytest.mark.xdist_group("trained_clip")  # one worker trains the shared CLIP
-
 
 def test_recall_through_the_service_equals_the_offline_evaluation(trained_clip, shapes_world, tmp_path):
     functions = predict_functions(vlp.load(trained_clip), device="cpu")

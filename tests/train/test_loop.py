@@ -59,8 +59,7 @@ def zeroshot_acc(functions, world, task):
     return evaluate_zeroshot(functions, config).metrics["acc1"]
 
 
-@pytest.mark.xdist_group("trained_clip")  # the CLIP run is the session's `trained_clip`, shared with search tests
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(VARIANTS))  # the CLIP run is `trained_clip`, shared with the search tests
 def test_training_learns_zero_shot_classification(shapes_world, tmp_path, variant, request):
     steps = STEPS[variant]
     cfg = load_run_config(None, tiny_run_overrides(str(shapes_world / "train.csv"), steps=steps, **VARIANTS[variant]))
