@@ -303,3 +303,17 @@ def test_an_image_and_a_text_embed_together_with_weights(models, files):
         assert mixed.status_code == 200 and len(mixed.json()["embeddings"]) == 1
         unweighted = client.post("/v1/embed", json={"images": [image], "texts": ["a red circle"]})
         assert unweighted.status_code == 400 and "give weights" in unweighted.json()["error"]["message"]
+
+
+def test_the_predict_functions_kept_per_model_are_bounded(models):
+    from vlp.serve.metrics import ServiceMetrics
+    from vlp.serve.service import MAX_OPTION_SETS, ServedModel
+    from vlp.tasks.captioning import CaptionPredictor
+
+    model = ServedModel("blip", models["blip"], ServeSettings(), ServiceMetrics())
+    try:
+        for tokens in range(1, MAX_OPTION_SETS + 20):  # each request's own generation settings
+            model.functions({CaptionPredictor: {"max_new_tokens": tokens}}, time.monotonic() + 60)
+        assert len(model._functions) == MAX_OPTION_SETS
+    finally:
+        model.queue.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from vlp.tasks import TASKS, PredictFunctions
 from vlp.tasks.base import Task
 
 log = logging.getLogger("vlp.serve")
+MAX_OPTION_SETS = 64  # predict functions kept per model, one per distinct set of predictor options
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class ServedModel:
         self.name, self.pretrained, self.settings = name, pretrained, settings
         self.queue = ModelQueue(name, settings.batch, observe=metrics.batch_observer(name),
                                 depth=metrics.depth_setter(name))
-        self._functions: dict[str, PredictFunctions] = {}
+        self._functions: OrderedDict[str, PredictFunctions] = OrderedDict()
         self._lock = threading.Lock()
 
     def tasks(self) -> list[Task]:
@@ -56,7 +58,12 @@ class ServedModel:
             if key not in self._functions:
                 self._functions[key] = PredictFunctions(self.pretrained, options, device=self.settings.device,
                                                         precision=self.settings.precision)
-        return QueuedFunctions(self._functions[key], self.queue, deadline)
+                # Requests choose their options (generation settings...): the sets kept are bounded.
+                while len(self._functions) > MAX_OPTION_SETS:
+                    self._functions.popitem(last=False)
+            self._functions.move_to_end(key)
+            functions = self._functions[key]
+        return QueuedFunctions(functions, self.queue, deadline)
 
 
 class Service:
