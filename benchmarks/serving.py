@@ -99,16 +99,10 @@ class Server:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, path: str = "/readyz") -> None:
-    for _ in range(2400):
-        if proc.poll() is not None:
-            raise SystemExit(f"the server at {url} ended (exit {proc.returncode}) before it was ready")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"the server at {url} was not ready within two minutes")
+    """`vlp.serve.run.wait_ready` for a server in a subprocess."""
+    from vlp.serve.run import wait_ready as wait
+
+    wait(url, alive=lambda: proc.poll() is None, path=path)
 
 
 def run_load(url: str, requests: list[tuple[str, Any, dict[str, str]]], clients: int,

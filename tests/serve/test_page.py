@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from servers import running
 from tiny_models import CONFIGS, random_pretrained
 from vlp.index.build import build_index
 from vlp.serve import create_app
+from vlp.serve.run import in_background as running
 from vlp.tasks import predict_functions
 
 ARTIFACTS = Path(__file__).parent.parent.parent / "test-artifacts"

@@ -20,11 +20,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import free_port
-from servers import running, wait_until_ready
 from tiny_models import CONFIGS, random_pretrained
 from vlp.config import read_mapping
 from vlp.registry import parse_model_config
 from vlp.serve import BatchSettings, ServeSettings, create_app
+from vlp.serve.run import in_background as running
+from vlp.serve.run import wait_ready as wait_until_ready
 from vlp.tasks import TASKS, predict_functions
 
 COLORS = [(200, 30, 30), (30, 30, 200), (30, 160, 60), (220, 200, 40)]

@@ -266,8 +266,8 @@ def visdial_records(path: Path, data: dict[str, Any], roots: list[Path], wording
             image_id = dialog["image_id"]
             names = [f"VisualDialog_{split}_{image_id:012d}.jpg", f"COCO_train2014_{image_id:012d}.jpg",
                      f"COCO_val2014_{image_id:012d}.jpg", f"{image_id}.jpg", f"{image_id:012d}.jpg"]
-            image = next((resolve_image(n, roots) for n in names if resolve_image(n, roots).exists()),
-                         roots[0] / names[0])
+            found = [resolve_image(n, roots) for n in names]
+            image = next((p for p in found if p.exists()), found[0])
             history = [dialog["caption"].rstrip(".") + "."]
             for number, turn in enumerate(dialog["dialog"], start=1):
                 question = questions[turn["question"]].rstrip("?") + "?"

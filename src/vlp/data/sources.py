@@ -163,6 +163,16 @@ def _has_undecodable(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+def csv_reader(path: Path) -> csv.DictReader:
+    """The rows of a CSV/TSV by column, its separator detected from the header. Bytes that are not UTF-8 are
+    kept as surrogates, so that the rows holding them can be skipped by name."""
+    if not path.is_file():
+        raise DataError(f"CSV file not found: {path}")
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    header = text.splitlines()[0] if text else ""
+    return csv.DictReader(io.StringIO(text), delimiter=max(",\t;|", key=header.count) if header else ",")
+
+
 def read_csv(
     path: str | Path,
     *,
@@ -173,13 +183,7 @@ def read_csv(
 ) -> list[ImageCaptions]:
     """A CSV/TSV with an image path column and a caption column; the separator is detected."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"CSV file not found: {path}")
-    # Bytes that are not UTF-8 are kept as surrogates, so the rows that hold them can be skipped by name.
-    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
-    header = text.splitlines()[0] if text else ""
-    delimiter = max(",\t;|", key=header.count) if header else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    reader = csv_reader(path)
     columns = reader.fieldnames or []
     for column in (image_key, caption_key):
         if column not in columns:

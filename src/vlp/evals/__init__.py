@@ -29,6 +29,13 @@ def image_text_similarity(image_embeddings: torch.Tensor, text_embeddings: torch
     return images @ texts.T
 
 
+def one_vector_each(embeddings: torch.Tensor) -> torch.Tensor:
+    """[N, E] unit vectors from embeddings [N, E], or [N, Q, E] (a query transformer's several vectors an
+    image, which count as their mean): what an index stores and a combined query mixes."""
+    embeddings = embeddings.float()
+    return F.normalize(embeddings.mean(dim=1) if embeddings.dim() == 3 else embeddings, dim=-1)
+
+
 def paired_similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
     """Cosine similarity [N] of aligned pairs (image i with text i): the diagonal of `image_text_similarity`,
     without the [N, N] matrix."""

@@ -26,6 +26,7 @@ import numpy as np
 from vlp.errors import BadQuery, DataError
 from vlp.index.store import Metadata
 from vlp.index.vectors import apply_settings, read_faiss, save_faiss
+from vlp.outputs import replacing, write_text
 
 MANIFEST = "manifest.json"
 
@@ -112,8 +113,6 @@ class CollectionIndex:
 def save_vectors(folder: Path, vectors: np.ndarray, ids: np.ndarray, settings_index: Any, manifest: dict[str, Any]
                  ) -> None:
     """vectors.npy, ids.npy, index.faiss and manifest.json, each written whole or not at all."""
-    from vlp.outputs import replacing, write_text
-
     with replacing(folder / "vectors.npy", "wb") as handle:
         np.save(handle, vectors)
     with replacing(folder / "ids.npy", "wb") as handle:

@@ -12,7 +12,6 @@ counted and named in the manifest.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from vlp.data.sources import (
     IMAGE_EXTENSIONS,
     DataError,
     as_rgb,
+    csv_reader,
     detect_format,
     load_image,
     read_coco_captions,
@@ -40,6 +40,7 @@ from vlp.data.sources import (
 )
 from vlp.distributed import barrier, rank, world_size
 from vlp.errors import BadQuery
+from vlp.evals import one_vector_each
 from vlp.index import MANIFEST, CollectionIndex, save_vectors
 from vlp.index.store import Item, Metadata
 from vlp.index.vectors import build_faiss
@@ -61,21 +62,20 @@ def read_collection(spec: str | Path, images_dir: str | Path | None = None) -> l
     if detect_format(str(path)) == "coco":
         return [Item(str(entry.path.resolve()), entry.captions[0] if entry.captions else "", str(entry.path.name))
                 for entry in read_coco_captions(path, images_dir=images_dir)]
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    header = text.splitlines()[0] if text else ""
-    reader = csv.DictReader(io.StringIO(text), delimiter=max(",\t;|", key=header.count) if header else ",")
+    reader = csv_reader(path)
     if "filepath" not in (reader.fieldnames or []):
         raise DataError(f"{path}: no column 'filepath' (columns: {', '.join(reader.fieldnames or []) or 'none'})")
     roots = [Path(images_dir)] if images_dir else [path.parent, Path.cwd()]
     items, seen = [], set()
-    for row in reader:
-        name = row.pop("filepath") or ""
+    for raw in reader:
+        # Bytes that are not UTF-8 become replacement characters: SQLite takes no surrogates.
+        row = {k: (v or "").encode("utf-8", "replace").decode("utf-8") for k, v in raw.items() if k}
+        name = row.pop("filepath")
         if name in seen:  # a collection item is an image: its first row holds its metadata
             continue
         seen.add(name)
-        caption = row.pop("title", "") or ""
-        items.append(Item(str(resolve_image(name, roots).resolve()), caption, name,
-                          {k: v or "" for k, v in row.items() if k}))
+        caption = row.pop("title", "")
+        items.append(Item(str(resolve_image(name, roots).resolve()), caption, name, row))
     return items
 
 
@@ -132,9 +132,7 @@ def _embed_part(embed_images: Callable[[list[Any]], torch.Tensor], items: Sequen
             bad.append(str(err))
     if not images:
         return np.zeros((0, 0), np.float32), [], bad
-    vectors = embed_images(images).float()
-    vectors = vectors.mean(dim=1) if vectors.dim() == 3 else vectors  # a query transformer's several vectors
-    return torch.nn.functional.normalize(vectors, dim=-1).numpy(), kept, bad
+    return one_vector_each(embed_images(images)).numpy(), kept, bad
 
 
 def embed_collection(embed_images: Callable[[list[Any]], torch.Tensor], items: Sequence[Item], parts: Path,
@@ -233,8 +231,7 @@ def remove_from_index(folder: str | Path, *, keys: Sequence[str] = (), filters: 
     index = CollectionIndex(folder)
     ids = set(index.metadata.matching(filters)) if filters else set()
     if keys:
-        found = {row[0] for row in index.metadata.db.execute(
-            f"SELECT id FROM items WHERE removed = 0 AND key IN ({', '.join('?' * len(keys))})", list(keys))}
+        found = index.metadata.with_keys(keys)
         ids = ids & found if filters else found
     index.metadata.remove(sorted(ids))
     manifest = {**index.manifest, "count": int(index.metadata.count())}

@@ -106,7 +106,9 @@ def query_vector(functions: Any, *, text: str | None = None, image: Any = None, 
                  embedding: str | None = None) -> Any:
     """The query of a search: a text's or an image's embedding, both combined with weights, or a given one."""
     import numpy as np
+    import torch
 
+    from vlp.evals import one_vector_each
     from vlp.tasks.embedding import EmbedRequest, embed
 
     if embedding is not None:
@@ -124,8 +126,7 @@ def query_vector(functions: Any, *, text: str | None = None, image: Any = None, 
         raise BadQuery("--weights combine an image with a text: give both")
     else:
         request = EmbedRequest(texts=[text] if text is not None else [], images=[image] if image is not None else [])
-    vector = np.asarray(embed(functions, request).embeddings[0], dtype=np.float32)
-    return vector.mean(axis=0) if vector.ndim == 2 else vector
+    return one_vector_each(torch.tensor(embed(functions, request).embeddings)).numpy()[0]
 
 
 def run_search(command: SearchCommand) -> None:

@@ -116,6 +116,15 @@ class Metadata:
                 values.append(_value(value, columns[column]))
         return " AND ".join(clauses), values
 
+    def with_keys(self, keys: Sequence[str]) -> set[int]:
+        """The ids of the items (not removed) with these keys."""
+        found: set[int] = set()
+        for start in range(0, len(keys), 900):  # SQLite's limit on bound parameters
+            chunk = list(keys[start : start + 900])
+            query = f"SELECT id FROM items WHERE removed = 0 AND key IN ({', '.join('?' * len(chunk))})"
+            found.update(row[0] for row in self.db.execute(query, chunk))
+        return found
+
     def remove(self, ids: Sequence[int]) -> None:
         with self.db:
             self.db.executemany("UPDATE items SET removed = 1 WHERE id = ?", [(i,) for i in ids])

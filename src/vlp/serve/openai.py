@@ -29,9 +29,10 @@ from starlette.concurrency import run_in_threadpool
 
 from vlp.abilities import AnswersQuestions, EmbedsImages, EmbedsTexts
 from vlp.errors import BadQuery
+from vlp.evals import one_vector_each
 from vlp.generation import GenerationConfig
 from vlp.serve.images import decode_image
-from vlp.serve.service import ServedModel, Service, UnknownModel, limit_values, read_body
+from vlp.serve.service import ServedModel, Service, UnknownModel, limit_values, read_body, validated
 from vlp.tasks.vqa import VqaPredictor
 
 
@@ -68,19 +69,8 @@ def _model(service: Service, name: str, ability: type, what: str) -> ServedModel
     return model
 
 
-def _validated(cls: type[BaseModel], body: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BadQuery(f"{where}: {first['msg']}") from None
-
-
 def _embeddings(service: Service, body: dict[str, Any]) -> tuple[ServedModel, EmbeddingsRequest, list[Any]]:
-    request = _validated(EmbeddingsRequest, body)
+    request = validated(EmbeddingsRequest, body)
     inputs = [request.input] if isinstance(request.input, str) else list(request.input)
     if not inputs or any(not isinstance(i, str) or not i for i in inputs):
         raise BadQuery("input: give a non-empty text (or list of them)")
@@ -165,9 +155,7 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         functions = model.functions({}, deadline)
         embed = functions.require("embed_images" if parsed.modality == "image" else "embed_texts")
         with model.queue.request():
-            vectors = (await run_in_threadpool(embed, inputs)).float()
-        if vectors.dim() == 3:  # several vectors an image (a query transformer's): their mean
-            vectors = vectors.mean(dim=1)
+            vectors = one_vector_each(await run_in_threadpool(embed, inputs))
         if parsed.dimensions is not None:
             if parsed.dimensions > vectors.shape[1]:
                 raise BadQuery(f"dimensions: {parsed.dimensions} is more than the model's {vectors.shape[1]}")
@@ -182,7 +170,7 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         deadline = time.monotonic() + service.settings.timeout_s
-        parsed = _validated(ChatRequest, await read_body(request, service.settings))
+        parsed = validated(ChatRequest, await read_body(request, service.settings))
         model = _model(service, parsed.model, AnswersQuestions, "answer questions")
         request.state.model = model.name
         urls, question = _messages(parsed)

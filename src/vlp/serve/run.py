@@ -8,7 +8,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -43,12 +43,29 @@ def serve(command: ServeCommand) -> None:
     server.run()
 
 
+def wait_ready(url: str, *, alive: Callable[[], bool] = lambda: True, path: str = "/readyz",
+               timeout_s: float = 120.0) -> None:
+    """Polls `url + path` until it answers 200; an error when `alive()` turns false (the server ended) or the
+    time is out."""
+    import httpx
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if not alive():
+            raise RuntimeError(f"the service at {url} ended before it was ready")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"the service at {url} was not ready within {timeout_s:.0f} s")
+
+
 @contextlib.contextmanager
 def in_background(app: Any, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
     """`app` under uvicorn in a thread of this process until the block ends; yields its URL once it is ready
     (for a page's screenshot, and tests with clients that speak HTTP themselves)."""
-    import httpx
-
     if port is None:
         with socket.socket() as probe:
             probe.bind((host, 0))
@@ -58,17 +75,7 @@ def in_background(app: Any, host: str = "127.0.0.1", port: int | None = None) ->
     thread.start()
     url = f"http://{host}:{port}"
     try:
-        for _ in range(3000):  # a minute for the port and the models
-            try:
-                if thread.is_alive() and httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if not thread.is_alive():
-                raise RuntimeError(f"the service did not start on {url}")
-            time.sleep(0.02)
-        else:
-            raise RuntimeError(f"the service on {url} was not ready within a minute")
+        wait_ready(url, alive=thread.is_alive)
         yield url
     finally:
         server.should_exit = True

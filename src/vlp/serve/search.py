@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vlp.errors import BadQuery
 from vlp.serve.images import decode_image
-from vlp.serve.service import Service, UnknownModel, limit_values, read_body
+from vlp.serve.service import Service, UnknownModel, limit_values, read_body, validated
 
 
 class SearchRequest(BaseModel):
@@ -35,16 +35,6 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=100_000)
     dedup: float | None = Field(None, ge=-1, le=1)
-
-
-def _parse(body: dict[str, Any]) -> SearchRequest:
-    from pydantic import ValidationError
-
-    try:
-        return SearchRequest.model_validate(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise BadQuery(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
 def add_search_routes(app: FastAPI, service: Service) -> None:
@@ -78,7 +68,7 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/search")
     async def search_route(request: Request) -> JSONResponse:
         deadline = time.monotonic() + service.settings.timeout_s
-        parsed = _parse(await read_body(request, service.settings))
+        parsed = validated(SearchRequest, await read_body(request, service.settings))
         return JSONResponse(await run_in_threadpool(search, parsed, deadline))
 
     @app.get("/v1/indices")

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from vlp.checkpoint import Pretrained
 from vlp.errors import USER_ERRORS, BadQuery, CheckpointError, UnsupportedTask
@@ -148,6 +149,17 @@ class UnknownModel(BadQuery):
     """A request names a model the service has not loaded (404)."""
 
 
+def validated(cls: type[Any], body: dict[str, Any]) -> Any:
+    """A pydantic model of a request body; the first problem, named by its field, as a 400."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise BadQuery(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
 def limit_values(value: Any, where: str, settings: ServeSettings) -> None:
     """Lists no longer than `max_items`, texts no longer than `max_text_chars` (images are checked apart)."""
     if isinstance(value, str) and len(value) > settings.max_text_chars:
@@ -175,7 +187,7 @@ async def read_body(request: Request, settings: ServeSettings) -> dict[str, Any]
         if not isinstance(body, dict):
             raise BadQuery("the form's 'request' part must be a JSON object")
         for name, part in form.multi_items():
-            if name != "request" and hasattr(part, "read"):
+            if name != "request" and isinstance(part, UploadFile):
                 body.setdefault(name, []).append(await part.read())
         return body
     data = bytearray()

@@ -274,8 +274,10 @@ def _detect_command(functions: FunctionsFactory, options: DetectOptions) -> None
         raise ConfigError(f"{len(options.query_image)} --query-image for {len(options.query_box)} --query-box: each "
                           "example image needs the box x0,y0,x1,y1 of the object it shows")
     templates = check_templates(read_lines(options.templates), options.templates) if options.templates else []
+    # Repeated --query-image/--query-box pairs are examples of one thing: one query, their mean.
     request = DetectRequest(options.image, queries, options.query_image, [_parse_box(b) for b in options.query_box],
-                            True, templates, options.threshold, options.top_k, options.nms)
+                            one_query=True, templates=templates, threshold=options.threshold, top_k=options.top_k,
+                            nms=options.nms)
     results = detect(functions({}), request).detections
     records = [{"image": str(path), "detections": [asdict(d) for d in found]}
                for path, found in zip(options.image, results, strict=True)]

@@ -16,6 +16,7 @@ from vlp.abilities import EmbedsImages, EmbedsTexts, GivesImageTokens
 from vlp.config import NonNegativeFloat, PositiveInt, Range
 from vlp.data.pipeline import IMAGE_TEXT_PAIRS
 from vlp.errors import BadQuery, ConfigError, NonFiniteOutput, UnsupportedTask
+from vlp.evals import one_vector_each
 from vlp.evals.probe import ProbeConfig, frozen_feature_probes, split_train_test
 from vlp.evals.zeroshot import read_classification_data, read_lines
 from vlp.flags import option
@@ -128,12 +129,10 @@ def _combined(functions: Any, request: EmbedRequest) -> torch.Tensor:
         raise BadQuery("with both images and texts, give weights: the image's and the text's (e.g. [0.5, 0.5])")
     if len(request.images) != len(request.texts):
         raise BadQuery(f"{len(request.images)} images and {len(request.texts)} texts: give one text per image")
-    images = functions.require("embed_images")(request.images).float()
-    images = images.mean(dim=1) if images.dim() == 3 else images
-    texts = functions.require("embed_texts")(request.texts).float()
+    images = one_vector_each(functions.require("embed_images")(request.images))
+    texts = one_vector_each(functions.require("embed_texts")(request.texts))
     w_image, w_text = request.weights
-    mixed = w_image * F.normalize(images, dim=-1) + w_text * F.normalize(texts, dim=-1)
-    return F.normalize(mixed, dim=-1)
+    return F.normalize(w_image * images + w_text * texts, dim=-1)
 
 
 @dataclass

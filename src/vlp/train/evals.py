@@ -29,8 +29,7 @@ from vlp.outputs import write_text
 from vlp.registry import Family
 from vlp.tasks import TASKS, get_evaluation, predict_functions
 from vlp.tasks.base import Evaluation
-
-EVALS_DIR = "evals"
+from vlp.train.run_folder import EVALS_DIR
 
 
 @dataclass

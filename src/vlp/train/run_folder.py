@@ -4,6 +4,7 @@
     OUT/run.yaml        the run's configuration
     OUT/metrics.jsonl   one JSON record per log step
     OUT/checkpoints/    step_N/ checkpoint folders
+    OUT/evals/          evaluations during training: <name>/step_N.json
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlp.checkpoint import CHECKPOINTS_DIR
+
 log = logging.getLogger("vlp.train")
 
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "run.yaml"
+EVALS_DIR = "evals"
 
 
 class RunFolderInUse(RuntimeError):
@@ -131,7 +136,7 @@ class RunLock:
 
 
 # What a run leaves in its folder (besides its lock).
-RUN_FILES = (METRICS_FILE, "run.yaml", "checkpoints", "evals")
+RUN_FILES = (METRICS_FILE, RUN_CONFIG_FILE, CHECKPOINTS_DIR, EVALS_DIR)
 
 
 def replace_earlier_run(folder: Path, overwrite: bool) -> str | None:

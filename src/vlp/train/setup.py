@@ -40,7 +40,7 @@ from vlp.precision import default_device
 from vlp.registry import Family
 from vlp.train.config import RunConfig, TrainConfig
 from vlp.train.optim import make_optimizer, warmup_cosine
-from vlp.train.run_folder import METRICS_FILE, truncate_metrics
+from vlp.train.run_folder import METRICS_FILE, RUN_CONFIG_FILE, truncate_metrics
 from vlp.train.step import TrainStep
 
 log = logging.getLogger("vlp.train")
@@ -273,7 +273,7 @@ def setup(cfg: RunConfig, family: Family, model_cfg: Any, objective_cfg: Any, ou
                            family=family.name)
     if is_main:
         log.info("computing in %s on %s (train.precision: %s)", train_step.precision, device, tc.precision)
-        write_text(out / "run.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text(out / RUN_CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         truncate_metrics(out / METRICS_FILE, start_step)
         remove_unfinished(out)
 
