@@ -221,3 +221,13 @@ def test_webdataset_shards_are_a_collection_too(clip, shapes_world, tmp_path):
                 break
         image = client.get(f"/v1/indices/web/items/{hit.id}/image")
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
+def test_a_csv_with_bytes_that_are_not_utf8_is_indexed_with_replacement_characters(clip, tmp_path):
+    _collection(tmp_path, count=4)
+    (tmp_path / "odd.csv").write_bytes(b"filepath,title,place\nimages/000.png,a red circle,caf\xe9\n"
+                                       b"images/001.png,a blue square,home\n")
+    functions = predict_functions(vlp.load(clip), device="cpu")
+    out = build_index(functions, tmp_path / "odd.csv", tmp_path / "index", checkpoint=str(clip), progress=False)
+    rows = CollectionIndex(out).metadata.rows([0, 1])
+    assert rows[0]["place"] == "caf\ufffd" and rows[1]["place"] == "home"

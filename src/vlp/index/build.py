@@ -69,7 +69,7 @@ def read_collection(spec: str | Path, images_dir: str | Path | None = None) -> l
     items, seen = [], set()
     for raw in reader:
         # Bytes that are not UTF-8 become replacement characters: SQLite takes no surrogates.
-        row = {k: (v or "").encode("utf-8", "replace").decode("utf-8") for k, v in raw.items() if k}
+        row = {k: (v or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace") for k, v in raw.items() if k}
         name = row.pop("filepath")
         if name in seen:  # a collection item is an image: its first row holds its metadata
             continue
